@@ -1,0 +1,48 @@
+# Every target that needs Python depends on $(STAMP), so `make demo` and
+# `make test` each work alone on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+SOURCES := pyproject.toml setup.py protos_build.py $(wildcard protos/*/v1/*.proto) $(wildcard hotpath/*.pyx hotpath/*.pxd)
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench soak protos clean install debug-test
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip>=25.1"
+	$(PY) -m pip install -q --disable-pip-version-check -e . --group test --group lint
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hongbao demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+	HONGBAO_HOTPATH=pure $(PY) -m pytest -q tests/test_hotpath.py
+
+# The hot path with its internal assertions compiled in (asyncpg's debug build).
+debug-test: $(STAMP)
+	HONGBAO_DEBUG=1 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+	$(PY) -m pytest -q tests/test_hotpath.py
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+
+soak: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gateway hotpath banksim tests bench
+	cd protos && npx --yes @bufbuild/buf@1.47.2 lint
+
+bench: $(STAMP)
+	$(VENV)/bin/hongbao bench
+
+protos: $(STAMP)
+	$(PY) protos_build.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info hongbao banksim/v1 hotpath/*.c hotpath/*.so hotpath/*.html
+	find . -name __pycache__ -prune -exec rm -rf {} +

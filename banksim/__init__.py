@@ -1,0 +1,1 @@
+"""Bank simulator: a separate process with its own LMDB ledger."""

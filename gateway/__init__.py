@@ -1,0 +1,1 @@
+"""The hongbao gateway."""

@@ -1,0 +1,116 @@
+"""One error hierarchy for the gateway and the one boundary that maps it to gRPC.
+
+Domain code (ledger, services, tickets) raises a ``GatewayError`` subclass; it
+knows nothing about gRPC. Servicers and interceptors turn one into a status
+with a ``google.rpc.ErrorInfo`` detail through :func:`abort`, so every client
+gets a machine-readable reason as well as a code. Each class carries its code
+as a class attribute (the asyncpg way); the reason is per instance.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "hongbao.gateway"
+
+
+class GatewayError(Exception):
+    """An operating error reported to the caller; never a programmer error."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+    def __init__(self, reason: str, message: str = "", **metadata: str) -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+        self.message = message or reason
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+
+class InvalidArgument(GatewayError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Unauthenticated(GatewayError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(GatewayError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotFound(GatewayError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(GatewayError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(GatewayError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(GatewayError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, reason: str, message: str = "", retry_after_ms: int = 0,
+                 **metadata: str) -> None:
+        super().__init__(reason, message, **metadata)
+        self.retry_after_ms = retry_after_ms
+
+
+class Unavailable(GatewayError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unimplemented(GatewayError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(GatewayError):
+    code = grpc.StatusCode.INTERNAL
+
+
+def to_status(err: GatewayError) -> grpc.Status:
+    """The rich status for ``err``: code, message and one ErrorInfo detail."""
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, err.code.name), message=err.message, details=[detail]
+    )
+    return rpc_status.to_status(status)
+
+
+def trailing_metadata(err: GatewayError) -> tuple[tuple[str, str], ...]:
+    """Extra trailers: the standard retry pushback for shed requests."""
+    if isinstance(err, ResourceExhausted) and err.retry_after_ms > 0:
+        return (("grpc-retry-pushback-ms", str(err.retry_after_ms)),)
+    return ()
+
+
+async def abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoReturn:
+    """Ends the call with ``err`` mapped to its status (raises, never returns)."""
+    extra = trailing_metadata(err)
+    if extra:
+        context.set_trailing_metadata(extra)
+    await context.abort_with_status(to_status(err))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def reason_of(rpc_error: grpc.RpcError) -> str | None:
+    """The ErrorInfo reason of a failed call, for clients and tests."""
+    status = rpc_status.from_call(rpc_error)  # type: ignore[arg-type]
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return None
