@@ -1,0 +1,532 @@
+"""The LMDB ledger: an embedded, durable implementation of :class:`Ledger`.
+
+Layout (named databases; keys are bytes, numbers little-endian fixed width
+unless said otherwise, packed by ``hotpath``):
+
+==============  ===========================================  =====================
+database        key                                          value
+==============  ===========================================  =====================
+accounts        ``w:`` wallet / ``p:`` pending credit /      int64 balance
+                ``e:`` envelope escrow / ``c:`` bank clearing
+transfers       transfer id (unique, never overwritten)      amount, time, kind,
+                                                             debit, credit, ref
+envelopes       envelope id                                  header + pre-split shares
+env_meta        envelope id                                  JSON: sender, greeting,
+                                                             best luck, payment
+grabs           envelope id ``/`` user id                    amount, time, share
+                                                             index, flags, digest
+idem            ``send\\0`` user ``\\0`` request id            fingerprint + result
+payments        payment id                                   JSON payment intent
+wallet_tx       user ``\\0`` big-endian seq                   kind, amount, time, ids
+bus:credit      big-endian seq                               grab key (outbox)
+expiry          big-endian expiry ms + envelope id           empty
+meta            name                                         counters
+==============  ===========================================  =====================
+
+Every write goes through the process's one :class:`GroupCommitWriter`; the
+operations below (``_op_*``) run on its thread inside a shared transaction,
+check everything first and only then write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import struct
+from pathlib import Path
+
+import lmdb
+import structlog
+
+import hotpath
+from gateway import errors
+from gateway.ledger._base import (
+    ENV_ACTIVE,
+    ENV_EXPIRED,
+    ENV_SOLD_OUT,
+    EnvelopeView,
+    GrabOutcome,
+    GrabResult,
+    GrabView,
+    Ledger,
+    Payment,
+    PaymentStatus,
+    SendResult,
+    TxKind,
+    WalletEntry,
+)
+from gateway.ledger._writer import GroupCommitWriter
+
+log = structlog.get_logger(__name__)
+
+_DBS = (
+    "accounts", "transfers", "envelopes", "env_meta", "grabs", "idem", "payments",
+    "wallet_tx", "bus:credit", "expiry", "meta",
+)
+_SEQ = b"seq"
+_BE64 = struct.Struct(">Q")
+_WTX = struct.Struct("<Bqq")  # kind, signed amount, created_at_ms
+_CREDITED = 1
+PAY_BALANCE = 2  # hongbao.v1.PayMethod numbers
+PAY_CARD = 3
+
+
+def wallet_account(user: bytes) -> bytes:
+    return b"w:" + user
+
+
+def pending_account(user: bytes) -> bytes:
+    return b"p:" + user
+
+
+def escrow_account(env: bytes) -> bytes:
+    return b"e:" + env
+
+
+def clearing_account(bank: bytes) -> bytes:
+    return b"c:" + bank
+
+
+def new_envelope_id() -> str:
+    """80 random bits: unguessable, so nobody can grab an envelope not shared with them."""
+    return "env_" + secrets.token_hex(10)
+
+
+def payment_id_for(user_id: str, kind: str, request_id: str) -> str:
+    """Deterministic, so a retry after a crash reuses the bank order id (the bank dedups it)."""
+    digest = hashlib.blake2b(f"{kind}\0{user_id}\0{request_id}".encode(), digest_size=10)
+    return "pay_" + digest.hexdigest()
+
+
+def request_digest(request_id: str) -> bytes:
+    return hashlib.blake2b(request_id.encode(), digest_size=16).digest()
+
+
+class _Batch:
+    """The state of one group commit: the transaction plus write-back caches.
+
+    Accounts and envelopes touched by several requests of a batch are read
+    once and written once, at :meth:`flush`.
+    """
+
+    __slots__ = ("accounts", "best_luck", "dbs", "envelopes", "now_ms", "seq", "seq0", "txn")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict, now_ms: int) -> None:
+        self.txn = txn
+        self.dbs = dbs
+        self.now_ms = now_ms
+        self.accounts: dict[bytes, int] = {}
+        self.envelopes: dict[bytes, bytes] = {}
+        self.best_luck: list[bytes] = []
+        self.seq = -1
+        self.seq0 = -1
+
+    def account(self, acct: bytes) -> int:
+        bal = self.accounts.get(acct)
+        if bal is None:
+            raw = self.txn.get(acct, db=self.dbs["accounts"])
+            bal = 0 if raw is None else hotpath.unpack_i64(raw)
+        return bal
+
+    def envelope(self, env: bytes) -> bytes | None:
+        buf = self.envelopes.get(env)
+        if buf is None:
+            buf = self.txn.get(env, db=self.dbs["envelopes"])
+        return buf
+
+    def next_seq(self) -> int:
+        if self.seq < 0:
+            raw = self.txn.get(_SEQ, db=self.dbs["meta"])
+            self.seq = self.seq0 = 0 if raw is None else hotpath.unpack_i64(raw)
+        self.seq += 1
+        return self.seq
+
+    def move(self, tid: bytes, debit: bytes, credit: bytes, amount: int, kind: int,
+             ref: bytes) -> None:
+        """One double-entry transfer. Callers have checked funds: a shortfall is a bug."""
+        assert amount > 0, amount
+        debit_bal = self.account(debit) - amount
+        assert debit_bal >= 0 or debit.startswith(b"c:"), (debit, debit_bal)
+        credit_bal = hotpath.add_fen(self.account(credit), amount)
+        record = hotpath.pack_transfer(amount, self.now_ms, kind, debit, credit, ref)
+        fresh = self.txn.put(tid, record, db=self.dbs["transfers"], overwrite=False)
+        assert fresh, f"transfer {tid!r} applied twice"
+        self.accounts[debit] = debit_bal
+        self.accounts[credit] = credit_bal
+
+    def wallet_entry(self, user: bytes, kind: int, signed_fen: int, tid: bytes,
+                     ref: bytes) -> None:
+        key = user + b"\0" + _BE64.pack(self.next_seq())
+        value = _WTX.pack(kind, signed_fen, self.now_ms) + bytes([len(tid)]) + tid + ref
+        self.txn.put(key, value, db=self.dbs["wallet_tx"])
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.txn.put(_BE64.pack(self.next_seq()), payload, db=self.dbs["bus:" + topic])
+
+    def flush(self) -> None:
+        accounts_db = self.dbs["accounts"]
+        for acct, bal in self.accounts.items():
+            self.txn.put(acct, hotpath.pack_i64(bal), db=accounts_db)
+        envelopes_db = self.dbs["envelopes"]
+        for env, buf in self.envelopes.items():
+            self.txn.put(env, buf, db=envelopes_db)
+        for env in self.best_luck:
+            _name_best_luck(self, env)
+        if self.seq != self.seq0:
+            self.txn.put(_SEQ, hotpath.pack_i64(self.seq), db=self.dbs["meta"])
+
+
+def _name_best_luck(b: _Batch, env: bytes) -> None:
+    """Names the sold-out envelope's best luck: the largest share, earliest on ties."""
+    best = None
+    prefix = env + b"/"
+    cur = b.txn.cursor(db=b.dbs["grabs"])
+    if cur.set_range(prefix):
+        for key, raw in cur:
+            if not key.startswith(prefix):
+                break
+            amount, _at, index, _flags, _digest = hotpath.unpack_grab(raw)
+            rank = (amount, -index)
+            if best is None or rank > best[0]:
+                best = (rank, key[len(prefix):])
+    assert best is not None, env
+    meta_db = b.dbs["env_meta"]
+    meta = json.loads(b.txn.get(env, db=meta_db))
+    meta["b"] = best[1].decode()
+    b.txn.put(env, json.dumps(meta, separators=(",", ":")).encode(), db=meta_db)
+
+
+# -- operations (run on the writer thread) ------------------------------------
+
+def _op_send(b: _Batch, user: bytes, rid: bytes, fingerprint: bytes, env_id: bytes,
+             total_fen: int, count: int, kind: int, greeting: str, expires_in_s: int,
+             shares: list[int]) -> SendResult:
+    idem_key = b"send\0" + user + b"\0" + rid
+    raw = b.txn.get(idem_key, db=b.dbs["idem"])
+    if raw is not None:
+        if raw[:16] != fingerprint:
+            raise errors.InvalidArgument(
+                "REQUEST_ID_REUSED", "request_id was used before with another payload")
+        return _decode_send(raw[16:])
+    wallet = wallet_account(user)
+    if not hotpath.debit_ok(b.account(wallet), total_fen):
+        raise errors.FailedPrecondition(
+            "INSUFFICIENT_BALANCE", "the wallet does not cover the envelope",
+            balance_fen=str(b.account(wallet)), needed_fen=str(total_fen))
+    assert sum(shares) == total_fen and len(shares) == count
+    expires_at_ms = b.now_ms + expires_in_s * 1000
+    b.envelopes[env_id] = hotpath.pack_envelope(
+        total_fen, total_fen, b.now_ms, expires_at_ms, count, 0, kind, ENV_ACTIVE, 0, shares)
+    meta = {"s": user.decode(), "g": greeting, "b": "", "p": "", "v": PAY_BALANCE}
+    b.txn.put(env_id, json.dumps(meta, separators=(",", ":")).encode(), db=b.dbs["env_meta"])
+    tid = b"s:" + env_id
+    b.move(tid, wallet, escrow_account(env_id), total_fen, TxKind.ENVELOPE_SENT, env_id)
+    b.wallet_entry(user, TxKind.ENVELOPE_SENT, -total_fen, tid, env_id)
+    b.txn.put(_BE64.pack(expires_at_ms) + env_id, b"", db=b.dbs["expiry"])
+    result = SendResult(env_id.decode(), ENV_ACTIVE, PAY_BALANCE, "")
+    b.txn.put(idem_key, fingerprint + _encode_send(result), db=b.dbs["idem"])
+    return result
+
+
+def _encode_send(r: SendResult) -> bytes:
+    return json.dumps([r.envelope_id, r.status, r.paid_via, r.payment_id]).encode()
+
+
+def _decode_send(raw: bytes) -> SendResult:
+    env_id, status, paid_via, payment_id = json.loads(raw)
+    return SendResult(env_id, status, paid_via, payment_id)
+
+
+def _replay_grab(b: _Batch, env: bytes, raw: bytes, digest: bytes) -> GrabResult:
+    amount, _at, _index, flags, stored = hotpath.unpack_grab(raw)
+    header = hotpath.envelope_header(b.envelope(env))
+    remaining = header[4] - header[5]
+    if stored != digest:
+        return GrabResult(GrabOutcome.ALREADY_GRABBED, 0, remaining)
+    return GrabResult(GrabOutcome.GRABBED, amount, remaining, bool(flags & _CREDITED))
+
+
+def _op_grab(b: _Batch, env: bytes, user: bytes, digest: bytes) -> GrabResult:
+    gkey = env + b"/" + user
+    grabs_db = b.dbs["grabs"]
+    raw = b.txn.get(gkey, db=grabs_db)
+    if raw is not None:
+        return _replay_grab(b, env, raw, digest)
+    buf = b.envelope(env)
+    if buf is None:
+        raise errors.NotFound("ENVELOPE_NOT_FOUND", "no such envelope")
+    _total, _rem, _created, expires_at_ms, count, claimed, _kind, status, _f = (
+        hotpath.envelope_header(buf))
+    if status == ENV_EXPIRED or b.now_ms >= expires_at_ms:
+        return GrabResult(GrabOutcome.EXPIRED, 0, count - claimed)
+    if claimed >= count:
+        return GrabResult(GrabOutcome.SOLD_OUT, 0, 0)
+    new_buf, index, amount = hotpath.claim_share(buf, ENV_SOLD_OUT)
+    b.envelopes[env] = new_buf
+    b.txn.put(gkey, hotpath.pack_grab(amount, b.now_ms, index, 0, digest), db=grabs_db)
+    tid = b"g:" + env + b":" + str(index).encode()
+    b.move(tid, escrow_account(env), pending_account(user), amount, TxKind.GRAB, gkey)
+    b.publish("credit", gkey)
+    if index + 1 == count:
+        b.best_luck.append(env)
+    return GrabResult(GrabOutcome.GRABBED, amount, count - index - 1, False)
+
+
+def _op_apply_credits(b: _Batch, limit: int) -> int:
+    """Moves pending credits into wallets, exactly once per grab (idempotent by grab id)."""
+    bus = b.dbs["bus:credit"]
+    grabs_db = b.dbs["grabs"]
+    taken: list[tuple[bytes, bytes]] = []
+    cur = b.txn.cursor(db=bus)
+    for key, gkey in cur:
+        taken.append((key, gkey))
+        if len(taken) >= limit:
+            break
+    applied = 0
+    for key, gkey in taken:
+        b.txn.delete(key, db=bus)
+        raw = b.txn.get(gkey, db=grabs_db)
+        assert raw is not None, gkey
+        amount, at_ms, index, flags, digest = hotpath.unpack_grab(raw)
+        if flags & _CREDITED:
+            continue  # delivered twice: already applied
+        env, user = gkey.split(b"/", 1)
+        tid = b"c:" + env + b":" + str(index).encode()
+        b.move(tid, pending_account(user), wallet_account(user), amount,
+               TxKind.ENVELOPE_CREDIT, gkey)
+        b.wallet_entry(user, TxKind.ENVELOPE_CREDIT, amount, tid, env)
+        b.txn.put(gkey, hotpath.pack_grab(amount, at_ms, index, flags | _CREDITED, digest),
+                  db=grabs_db)
+        applied += 1
+    return applied
+
+
+def _encode_payment(p: Payment, fingerprint: bytes) -> bytes:
+    return json.dumps({
+        "id": p.payment_id, "u": p.user_id, "k": p.kind, "c": p.card_id, "bk": p.bank_id,
+        "a": p.amount_fen, "s": int(p.status), "r": p.reason, "t0": p.created_at_ms,
+        "t1": p.updated_at_ms, "fp": fingerprint.hex(),
+    }, separators=(",", ":")).encode()
+
+
+def _decode_payment(raw: bytes) -> tuple[Payment, bytes]:
+    d = json.loads(raw)
+    p = Payment(d["id"], d["u"], d["k"], d["c"], d["bk"], d["a"], PaymentStatus(d["s"]),
+                d["r"], d["t0"], d["t1"])
+    return p, bytes.fromhex(d["fp"])
+
+
+def _op_begin_payment(b: _Batch, payment: Payment, fingerprint: bytes) -> Payment:
+    key = payment.payment_id.encode()
+    raw = b.txn.get(key, db=b.dbs["payments"])
+    if raw is not None:
+        saved, saved_fp = _decode_payment(raw)
+        if saved_fp != fingerprint:
+            raise errors.InvalidArgument(
+                "REQUEST_ID_REUSED", "request_id was used before with another payload")
+        return saved
+    payment = _with(payment, created_at_ms=b.now_ms, updated_at_ms=b.now_ms)
+    b.txn.put(key, _encode_payment(payment, fingerprint), db=b.dbs["payments"])
+    return payment
+
+
+def _with(p: Payment, **changes) -> Payment:
+    import dataclasses  # noqa: PLC0415 - tiny helper, kept local
+
+    return dataclasses.replace(p, **changes)
+
+
+def _load_payment(b: _Batch, payment_id: str) -> tuple[Payment, bytes]:
+    raw = b.txn.get(payment_id.encode(), db=b.dbs["payments"])
+    if raw is None:
+        raise errors.NotFound("PAYMENT_NOT_FOUND", "no such payment")
+    return _decode_payment(raw)
+
+
+def _op_settle_top_up(b: _Batch, payment_id: str) -> Payment:
+    p, fp = _load_payment(b, payment_id)
+    if p.status == PaymentStatus.SUCCEEDED:
+        return p
+    assert p.kind == "top_up" and p.status in (PaymentStatus.PENDING, PaymentStatus.UNKNOWN), p
+    user = p.user_id.encode()
+    pid = payment_id.encode()
+    tid = b"t:" + pid
+    b.move(tid, clearing_account(p.bank_id.encode()), wallet_account(user), p.amount_fen,
+           TxKind.TOP_UP, pid)
+    b.wallet_entry(user, TxKind.TOP_UP, p.amount_fen, tid, pid)
+    done = _with(p, status=PaymentStatus.SUCCEEDED, updated_at_ms=b.now_ms)
+    b.txn.put(pid, _encode_payment(done, fp), db=b.dbs["payments"])
+    return done
+
+
+def _op_fail_payment(b: _Batch, payment_id: str, reason: str) -> Payment:
+    p, fp = _load_payment(b, payment_id)
+    if p.status != PaymentStatus.PENDING:
+        return p
+    failed = _with(p, status=PaymentStatus.FAILED, reason=reason, updated_at_ms=b.now_ms)
+    b.txn.put(payment_id.encode(), _encode_payment(failed, fp), db=b.dbs["payments"])
+    return failed
+
+
+class LmdbLedger(Ledger):
+    """The ledger on an embedded LMDB environment in ``data_dir``."""
+
+    def __init__(self, data_dir: str | os.PathLike, *, durable: bool = True,
+                 map_size_bytes: int = 1 << 30, max_readers: int = 1024,
+                 max_batch: int = 2048, max_wait_s: float = 0.0,
+                 queue_limit: int = 100_000) -> None:
+        path = Path(data_dir) / "ledger"
+        path.mkdir(parents=True, exist_ok=True)
+        # Options passed explicitly, not by default: sync/metasync make each
+        # commit durable; writemap stays off so a stray pointer cannot
+        # corrupt the file; readahead off suits a random-access working set.
+        self.env = lmdb.open(
+            str(path), map_size=map_size_bytes, max_dbs=len(_DBS) + 8,
+            max_readers=max_readers, sync=durable, metasync=durable, writemap=False,
+            readahead=False, lock=True, subdir=True,
+        )
+        stale = self.env.reader_check()
+        if stale:
+            log.warning("lmdb_stale_readers_cleared", count=stale)
+        if not durable:
+            log.warning("durability_relaxed",
+                        detail="commits are not fsynced: a power loss can lose "
+                               "acknowledged writes (a process crash cannot)")
+        self.durable = durable
+        self.dbs = {name: self.env.open_db(name.encode()) for name in _DBS}
+        self.writer = GroupCommitWriter(
+            self.env, lambda txn, now_ms: _Batch(txn, self.dbs, now_ms),
+            max_batch=max_batch, max_wait_s=max_wait_s, queue_limit=queue_limit)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.env.close()
+
+    # -- writes ---------------------------------------------------------------
+
+    async def send_from_balance(self, user_id, request_id, fingerprint, *, total_fen, count,
+                                kind, greeting, expires_in_s, shares) -> SendResult:
+        return await self.writer.submit(
+            _op_send, user_id.encode(), request_id.encode(), fingerprint,
+            new_envelope_id().encode(), total_fen, count, kind, greeting, expires_in_s, shares)
+
+    async def grab(self, user_id, envelope_id, request_id) -> GrabResult:
+        return await self.writer.submit(
+            _op_grab, envelope_id.encode(), user_id.encode(), request_digest(request_id))
+
+    async def begin_payment(self, user_id, kind, request_id, fingerprint, *, card_id,
+                            bank_id, amount_fen) -> Payment:
+        p = Payment(payment_id_for(user_id, kind, request_id), user_id, kind, card_id,
+                    bank_id, amount_fen, PaymentStatus.PENDING)
+        return await self.writer.submit(_op_begin_payment, p, fingerprint)
+
+    async def settle_top_up(self, payment_id) -> Payment:
+        return await self.writer.submit(_op_settle_top_up, payment_id)
+
+    async def fail_payment(self, payment_id, reason) -> Payment:
+        return await self.writer.submit(_op_fail_payment, payment_id, reason)
+
+    async def apply_credits(self, limit) -> int:
+        return await self.writer.submit(_op_apply_credits, limit)
+
+    # -- reads (any thread; each in its own short read transaction) ------------
+
+    def find_grab(self, user_id, envelope_id):
+        with self.env.begin() as txn:
+            raw = txn.get(envelope_id.encode() + b"/" + user_id.encode(), db=self.dbs["grabs"])
+        if raw is None:
+            return None
+        amount, at_ms, index, flags, digest = hotpath.unpack_grab(raw)
+        return GrabView(user_id, amount, at_ms, index, bool(flags & _CREDITED)), digest
+
+    def envelope_state(self, envelope_id: str) -> tuple[int, int, int, int] | None:
+        """(count, claimed, status, expires_at_ms) of an envelope, or None."""
+        with self.env.begin() as txn:
+            buf = txn.get(envelope_id.encode(), db=self.dbs["envelopes"])
+        if buf is None:
+            return None
+        h = hotpath.envelope_header(buf)
+        return h[4], h[5], h[7], h[3]
+
+    def grabbers(self, envelope_id: str) -> list[bytes]:
+        """The user ids (bytes) that hold a share of the envelope."""
+        prefix = envelope_id.encode() + b"/"
+        users = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs["grabs"])
+            if cur.set_range(prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    users.append(key[len(prefix):])
+        return users
+
+    def get_envelope(self, envelope_id) -> EnvelopeView:
+        env = envelope_id.encode()
+        prefix = env + b"/"
+        grabs = []
+        with self.env.begin() as txn:
+            buf = txn.get(env, db=self.dbs["envelopes"])
+            if buf is None:
+                raise errors.NotFound("ENVELOPE_NOT_FOUND", "no such envelope")
+            meta = json.loads(txn.get(env, db=self.dbs["env_meta"]))
+            cur = txn.cursor(db=self.dbs["grabs"])
+            if cur.set_range(prefix):
+                for key, raw in cur:
+                    if not key.startswith(prefix):
+                        break
+                    amount, at_ms, index, flags, _d = hotpath.unpack_grab(raw)
+                    grabs.append(GrabView(key[len(prefix):].decode(), amount, at_ms, index,
+                                          bool(flags & _CREDITED)))
+        (total, remaining_fen, created, expires, count, claimed, kind, status, _flags,
+         _shares) = hotpath.unpack_envelope(buf)
+        grabs.sort(key=lambda g: g.share_index)
+        return EnvelopeView(envelope_id, meta["s"], total, count, kind, status, remaining_fen,
+                            count - claimed, meta["g"], created, expires, tuple(grabs),
+                            meta["b"])
+
+    def balance(self, user_id) -> tuple[int, int]:
+        user = user_id.encode()
+        with self.env.begin() as txn:
+            w = txn.get(wallet_account(user), db=self.dbs["accounts"])
+            p = txn.get(pending_account(user), db=self.dbs["accounts"])
+        return (0 if w is None else hotpath.unpack_i64(w),
+                0 if p is None else hotpath.unpack_i64(p))
+
+    def list_transactions(self, user_id, page_size, before_seq):
+        user = user_id.encode() + b"\0"
+        upper = user + _BE64.pack((1 << 64) - 1 if before_seq is None else before_seq)
+        entries: list[WalletEntry] = []
+        last_seq = None
+        next_cursor = None
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs["wallet_tx"])
+            # The first key at or past `upper`, then one back: the newest below it.
+            found = cur.prev() if cur.set_range(upper) else cur.last()
+            while found:
+                key, raw = cur.item()
+                if not key.startswith(user):
+                    break
+                if len(entries) == page_size:
+                    next_cursor = last_seq
+                    break
+                last_seq = _BE64.unpack(key[len(user):])[0]
+                kind, amount, at_ms = _WTX.unpack_from(raw)
+                tlen = raw[_WTX.size]
+                tid = raw[_WTX.size + 1:_WTX.size + 1 + tlen].decode()
+                ref = raw[_WTX.size + 1 + tlen:].decode()
+                entries.append(WalletEntry(tid, TxKind(kind), amount, ref, at_ms))
+                found = cur.prev()
+        return entries, next_cursor
+
+    def get_payment(self, payment_id: str) -> Payment | None:
+        with self.env.begin() as txn:
+            raw = txn.get(payment_id.encode(), db=self.dbs["payments"])
+        return None if raw is None else _decode_payment(raw)[0]
+
+    def credit_backlog(self) -> int:
+        """Grabs waiting for their credit to land in a wallet."""
+        with self.env.begin() as txn:
+            return txn.stat(self.dbs["bus:credit"])["entries"]

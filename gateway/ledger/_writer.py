@@ -1,0 +1,218 @@
+"""The one LMDB writer of a process, with group commit.
+
+Requests from any thread or event loop are queued; a single thread drains up
+to ``max_batch`` of them into one write transaction and one commit (one fsync
+when the environment is opened with ``sync=True``), then acknowledges every
+request of the batch, and only then. A write transaction therefore never
+crosses threads, and durability costs one fsync per batch, not per request.
+
+An operation is a plain function ``op(batch, *args) -> result`` run on the
+writer thread. It must check everything before it writes anything: a
+:class:`~gateway.errors.GatewayError` raised by an operation becomes that
+request's answer and must leave the batch untouched. Any other exception is a
+programmer error: the whole batch is aborted and every request in it fails
+with INTERNAL (nothing of it was written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lmdb
+import structlog
+
+from gateway import errors
+
+log = structlog.get_logger(__name__)
+
+_STOP = object()
+
+
+class _Request:
+    __slots__ = ("args", "done", "fn", "future", "loop")
+
+    def __init__(self, fn, args, loop, future, done):
+        self.fn = fn
+        self.args = args
+        self.loop = loop
+        self.future = future
+        self.done = done
+
+
+def _deliver(pairs: list) -> None:
+    """Runs on an event loop: settles the futures of one batch in one call."""
+    for fut, value in pairs:
+        if fut.cancelled():
+            continue
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
+
+
+class GroupCommitWriter:
+    """Batches write operations into shared LMDB transactions on one thread."""
+
+    def __init__(
+        self,
+        env: lmdb.Environment,
+        make_batch: Callable[[lmdb.Transaction, int], Any],
+        *,
+        max_batch: int = 2048,
+        max_wait_s: float = 0.0,
+        queue_limit: int = 100_000,
+        map_size_limit: int = 1 << 40,
+        name: str = "lmdb-writer",
+    ) -> None:
+        assert max_batch >= 1 and queue_limit >= max_batch
+        self._env = env
+        self._make_batch = make_batch
+        self._max_batch = max_batch
+        self._max_wait_s = max_wait_s
+        self._queue_limit = queue_limit
+        self._map_size_limit = map_size_limit
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._depth = 0  # approximate; guarded by the GIL for += / -=
+        self._closed = False
+        self.batches = 0
+        self.requests = 0
+        self.batch_size_max = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Requests queued and not yet committed."""
+        return self._depth
+
+    def _admit(self) -> None:
+        if self._closed:
+            raise errors.Unavailable("SHUTTING_DOWN", "the gateway is shutting down")
+        if self._depth >= self._queue_limit:
+            raise errors.ResourceExhausted(
+                "WRITER_QUEUE_FULL", "too many writes waiting", retry_after_ms=50
+            )
+        self._depth += 1
+
+    async def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs ``fn(batch, *args)`` in the next group commit; returns after the commit."""
+        self._admit()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put(_Request(fn, args, loop, fut, None))
+        return await fut
+
+    def submit_sync(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 30.0) -> Any:
+        """The same for threads without an event loop (CLI, tests, recovery)."""
+        self._admit()
+        box: list = []
+        done = threading.Event()
+        self._queue.put(_Request(fn, args, None, box, done))
+        if not done.wait(timeout_s):
+            raise errors.Unavailable("WRITER_TIMEOUT", "the LMDB writer did not answer")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Commits what is queued, then stops the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+
+    # -- writer thread -------------------------------------------------------
+
+    def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
+        batch = [first]
+        stop = False
+        deadline = time.monotonic() + self._max_wait_s if self._max_wait_s else 0.0
+        while len(batch) < self._max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                if deadline and time.monotonic() < deadline:
+                    try:
+                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                else:
+                    break
+            if item is _STOP:
+                stop = True
+                break
+            batch.append(item)
+        return batch, stop
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch, stop = self._collect(first)
+            results = self._commit(batch)
+            self._depth -= len(batch)
+            self.batches += 1
+            self.requests += len(batch)
+            self.batch_size_max = max(self.batch_size_max, len(batch))
+            self._acknowledge(batch, results)
+
+    def _commit(self, batch: list[_Request]) -> list:
+        for _attempt in range(8):
+            try:
+                return self._apply(batch)
+            except lmdb.MapFullError:
+                if not self._grow():
+                    break
+            except Exception as exc:  # a bug: fail the batch loudly, write nothing
+                log.exception("writer_batch_failed", size=len(batch))
+                err = errors.Internal("WRITE_FAILED", f"internal error: {type(exc).__name__}")
+                return [err] * len(batch)
+        err = errors.ResourceExhausted("LEDGER_FULL", "the ledger map cannot grow further")
+        return [err] * len(batch)
+
+    def _apply(self, batch: list[_Request]) -> list:
+        results: list = []
+        now_ms = time.time_ns() // 1_000_000
+        with self._env.begin(write=True) as txn:
+            state = self._make_batch(txn, now_ms)
+            for req in batch:
+                try:
+                    results.append(req.fn(state, *req.args))
+                except errors.GatewayError as err:
+                    results.append(err)
+            state.flush()
+        return results
+
+    def _grow(self) -> bool:
+        # set_mapsize wants no transaction of this process open; readers are
+        # short (one request), and LMDB re-reads the size on their next begin.
+        size = self._env.info()["map_size"]
+        if size * 2 > self._map_size_limit:
+            log.error("lmdb_map_limit", map_size=size)
+            return False
+        self._env.set_mapsize(size * 2)
+        log.warning("lmdb_map_grown", map_size=size * 2)
+        return True
+
+    @staticmethod
+    def _acknowledge(batch: list[_Request], results: list) -> None:
+        by_loop: dict = {}
+        for req, value in zip(batch, results, strict=True):
+            if req.loop is None:
+                req.future.append(value)
+                req.done.set()
+            else:
+                by_loop.setdefault(req.loop, []).append((req.future, value))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, pairs)
+            except RuntimeError:  # the loop closed while we committed
+                pass
