@@ -1,0 +1,85 @@
+"""The gateway's client of the bank (banksim.v1), speaking in domain terms.
+
+Every call has a deadline. An answer is either definite (:class:`BankAnswer`:
+settled or declined) or it is not, and then :class:`BankUnclear` says so: the
+money may or may not have moved, and only asking the bank later can tell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+
+from banksim.v1 import bank_pb2, bank_pb2_grpc
+
+SETTLED = bank_pb2.ORDER_STATUS_SETTLED
+
+
+class BankUnclear(Exception):
+    """The bank gave no definite answer (timeout, lost response, collapse)."""
+
+
+class BankBusy(Exception):
+    """The bank refused the call before acting on it (over capacity)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BankAnswer:
+    settled: bool
+    status: int
+    decline_reason: str  # "" when settled
+
+
+_DECLINES = {
+    bank_pb2.DECLINE_REASON_INSUFFICIENT_FUNDS: "CARD_INSUFFICIENT_FUNDS",
+    bank_pb2.DECLINE_REASON_DECLINED: "CARD_DECLINED",
+    bank_pb2.DECLINE_REASON_ORDER_VOIDED: "BANK_ORDER_VOIDED",
+    bank_pb2.DECLINE_REASON_ORDER_ID_REUSED: "BANK_ORDER_ID_REUSED",
+}
+
+
+class BankClient:
+    """One channel to the bank simulator, shared by every request of a process."""
+
+    def __init__(self, target: str, timeout_s: float = 3.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(target)
+        self._bank = bank_pb2_grpc.BankServiceStub(self._channel)
+        self._admin = bank_pb2_grpc.BankAdminServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def debit(self, order_id: str, card_id: str, amount_fen: int) -> BankAnswer:
+        req = bank_pb2.DebitRequest(order_id=order_id, card_id=card_id, amount_fen=amount_fen)
+        return self._answer(await self._call(self._bank.Debit, req))
+
+    async def credit(self, order_id: str, card_id: str, amount_fen: int) -> BankAnswer:
+        req = bank_pb2.CreditRequest(order_id=order_id, card_id=card_id, amount_fen=amount_fen)
+        return self._answer(await self._call(self._bank.Credit, req))
+
+    async def query(self, order_id: str) -> bank_pb2.QueryOrderResponse:
+        return await self._call(self._bank.QueryOrder,
+                                bank_pb2.QueryOrderRequest(order_id=order_id))
+
+    async def stats(self) -> bank_pb2.GetStatsResponse:
+        return await self._call(self._admin.GetStats, bank_pb2.GetStatsRequest())
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise BankBusy(err.details()) from err
+            if err.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                              grpc.StatusCode.FAILED_PRECONDITION):
+                raise  # a definite refusal of a malformed call: a bug upstream
+            raise BankUnclear(f"{err.code().name}: {err.details()}") from err
+
+    @staticmethod
+    def _answer(resp) -> BankAnswer:
+        if resp.status == SETTLED:
+            return BankAnswer(True, resp.status, "")
+        return BankAnswer(False, resp.status, _DECLINES.get(resp.decline_reason, "CARD_DECLINED"))

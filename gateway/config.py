@@ -1,0 +1,67 @@
+"""Settings: every limit and default of the gateway in one place.
+
+Defaults follow SPEC.md; a TOML file (``hongbao serve --config FILE``) may
+override any field by name, and command-line flags override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+
+@dataclasses.dataclass(slots=True)
+class Settings:
+    # Envelope rules.
+    max_count: int = 100
+    max_share_fen: int = 20_000
+    default_expiry_s: int = 86_400
+    max_expiry_s: int = 7 * 86_400
+    max_greeting_chars: int = 64
+    # Wallet movements through a bank card.
+    max_top_up_fen: int = 5_000_000
+    banks: tuple[str, ...] = ("icbc", "ccb", "abc", "boc")
+    bank_timeout_s: float = 3.0
+    # Storage.
+    durability: str = "strict"  # or "relaxed": no fsync per commit
+    map_size_mb: int = 1024
+    max_readers: int = 1024
+    writer_max_batch: int = 2048
+    writer_max_wait_ms: float = 0.0
+    writer_queue_limit: int = 100_000
+    gate_max_envelopes: int = 100_000
+    # Bus: the credit consumer applies grabbed money to wallets.
+    credit_batch: int = 1024
+    credit_rate_per_s: float = 0.0  # 0 = as fast as the writer allows
+    # Server.
+    batch_grab_max_items: int = 1000
+    max_concurrent_rpcs: int = 10_000
+    grace_s: float = 5.0
+    access_log: bool = True
+
+    def validate(self) -> Settings:
+        if self.durability not in ("strict", "relaxed"):
+            raise ValueError("durability must be 'strict' or 'relaxed'")
+        if not 1 <= self.max_count <= 65_535:
+            raise ValueError("max_count must be in 1..65535")
+        if not 1 <= self.max_share_fen <= 2**31 - 1:
+            raise ValueError("max_share_fen must fit in int32")
+        if self.writer_max_batch < 1 or self.writer_queue_limit < self.writer_max_batch:
+            raise ValueError("writer_queue_limit must be >= writer_max_batch >= 1")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path | None, **overrides) -> Settings:
+        values: dict = {}
+        if path:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(values) - known
+            if unknown:
+                raise ValueError(f"unknown settings in {path}: {sorted(unknown)}")
+            if "banks" in values:
+                values["banks"] = tuple(values["banks"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validate()
