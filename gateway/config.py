@@ -33,7 +33,7 @@ class Settings:
     gate_max_envelopes: int = 100_000
     # Bus: the credit consumer applies grabbed money to wallets.
     credit_batch: int = 1024
-    credit_rate_per_s: float = 0.0  # 0 = as fast as the writer allows
+    credit_rate_per_s: float = 100_000.0  # 0 pauses crediting
     # Server.
     batch_grab_max_items: int = 1000
     max_concurrent_rpcs: int = 10_000

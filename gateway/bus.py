@@ -1,0 +1,65 @@
+"""Consumers of the ledger's durable bus (non-core work off the grab path).
+
+The credit consumer moves grabbed shares from pending credit into wallets.
+Delivery is at-least-once and the handler is idempotent by grab id, so a
+crash between applying and acknowledging can only repeat a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from gateway import errors
+from gateway.ledger import Ledger
+
+log = structlog.get_logger(__name__)
+
+
+class CreditConsumer:
+    """Applies pending credits in batches, at a rate that can change at run time."""
+
+    topic = "credit"
+
+    def __init__(self, ledger: Ledger, *, batch: int = 1024, rate_per_s: float = 100_000.0,
+                 idle_sleep_s: float = 0.01) -> None:
+        assert batch >= 1 and rate_per_s >= 0
+        self._ledger = ledger
+        self._batch = batch
+        self.rate_per_s = rate_per_s  # credits per second; 0 pauses the topic
+        self._idle_sleep_s = idle_sleep_s
+        self._stopping = asyncio.Event()
+        self.applied = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            if self.rate_per_s <= 0:
+                await self._sleep(0.1)
+                continue
+            # A slice of at most 100 ms of the rate, so a new rate bites quickly.
+            limit = max(1, min(self._batch, int(self.rate_per_s * 0.1)))
+            started = time.monotonic()
+            try:
+                n = await self._ledger.apply_credits(limit)
+            except errors.GatewayError as err:  # queue full or shutting down: back off
+                log.warning("credit_consumer_backoff", reason=err.reason)
+                n = 0
+            self.applied += n
+            pause = self._idle_sleep_s if n == 0 else 0.0
+            if n:
+                pause = max(pause, n / self.rate_per_s - (time.monotonic() - started))
+            await self._sleep(pause)
+
+    async def _sleep(self, pause_s: float) -> None:
+        if pause_s <= 0:
+            await asyncio.sleep(0)
+            return
+        try:
+            await asyncio.wait_for(self._stopping.wait(), pause_s)
+        except TimeoutError:
+            pass

@@ -1,0 +1,47 @@
+"""AdminService: live state, consumer rates and reconciliation (scope `admin`)."""
+
+from __future__ import annotations
+
+import math
+
+from gateway import errors, reconcile
+from gateway.bus import CreditConsumer
+from gateway.core import Gateway
+from gateway.services._boundary import maps_errors
+from hongbao.v1 import admin_pb2 as pb
+from hongbao.v1 import admin_pb2_grpc
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, gateway: Gateway, credit: CreditConsumer | None) -> None:
+        self._gw = gateway
+        self._credit = credit
+
+    @maps_errors
+    async def GetQosStatus(self, request, context):
+        ledger = self._gw.ledger
+        topics = [pb.TopicLag(topic="credit", lag=ledger.credit_backlog(),
+                              rate_per_second=self._credit.rate_per_s if self._credit else 0.0)]
+        return pb.GetQosStatusResponse(topics=topics, writer_queue_depth=ledger.writer.depth)
+
+    @maps_errors
+    async def SetConsumerRate(self, request, context):
+        if request.topic != "credit":
+            raise errors.NotFound("UNKNOWN_TOPIC", f"no topic {request.topic!r}")
+        rate = request.rate_per_second
+        if not math.isfinite(rate) or not 0 <= rate <= 10_000_000:
+            raise errors.InvalidArgument("BAD_RATE", "rate_per_second must be in 0..10000000")
+        if self._credit is None:
+            raise errors.FailedPrecondition(
+                "NO_CONSUMER_HERE", "this worker runs no consumers; ask worker 0")
+        self._credit.rate_per_s = rate
+        return pb.SetConsumerRateResponse(topic="credit", rate_per_second=rate)
+
+    @maps_errors
+    async def Reconcile(self, request, context):
+        report = reconcile.audit(self._gw.ledger)
+        if self._gw.bank is not None:
+            await reconcile.cross_check_bank(report, self._gw.bank)
+        return pb.ReconcileResponse(balanced=report.balanced,
+                                    discrepancies=report.discrepancies,
+                                    report_json=report.to_json())

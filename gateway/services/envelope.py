@@ -1,0 +1,87 @@
+"""EnvelopeService: thin translation between hongbao.v1 and :class:`gateway.core.Gateway`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway import errors
+from gateway.core import Gateway, SendCommand, check_user_id
+from gateway.interceptors.auth import claims
+from gateway.ledger import GrabOutcome, GrabResult
+from gateway.services._boundary import maps_errors, subject
+from gateway.services._convert import timestamp_ms
+from hongbao.v1 import envelope_pb2 as pb
+from hongbao.v1 import envelope_pb2_grpc
+
+
+def _credit_status(r: GrabResult) -> int:
+    if r.outcome != GrabOutcome.GRABBED:
+        return pb.CREDIT_STATUS_UNSPECIFIED
+    return pb.CREDIT_STATUS_CREDITED if r.credited else pb.CREDIT_STATUS_PENDING
+
+
+class EnvelopeServicer(envelope_pb2_grpc.EnvelopeServiceServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    @maps_errors
+    async def SendEnvelope(self, request, context):
+        cmd = SendCommand(
+            request_id=request.request_id, total_fen=request.total_fen, count=request.count,
+            kind=request.kind, greeting=request.greeting, pay_method=request.pay_method,
+            card_id=request.card_id, expires_in_s=request.expires_in_seconds)
+        r = await self._gw.send_envelope(subject(), cmd)
+        return pb.SendEnvelopeResponse(envelope_id=r.envelope_id, status=r.status,
+                                       paid_via=r.paid_via, payment_id=r.payment_id)
+
+    @maps_errors
+    async def GrabEnvelope(self, request, context):
+        r = await self._gw.grab(subject(), request.envelope_id, request.request_id)
+        return pb.GrabEnvelopeResponse(outcome=int(r.outcome), amount_fen=r.amount_fen,
+                                       remaining_count=r.remaining_count,
+                                       credit_status=_credit_status(r))
+
+    async def _grab_item(self, item) -> pb.BatchGrabResult:
+        out = pb.BatchGrabResult(user_id=item.user_id, envelope_id=item.envelope_id,
+                                 request_id=item.request_id)
+        try:
+            check_user_id(item.user_id)
+            r = await self._gw.grab(item.user_id, item.envelope_id, item.request_id)
+        except errors.GatewayError as err:
+            out.code = err.code.value[0]
+            out.reason = err.reason
+            return out
+        out.outcome = int(r.outcome)
+        out.amount_fen = r.amount_fen
+        out.remaining_count = r.remaining_count
+        out.credit_status = _credit_status(r)
+        return out
+
+    @maps_errors
+    async def BatchGrab(self, request_iterator, context):
+        """Grabs on behalf of users: the one call where the user is a request field.
+
+        Items of a batch run concurrently and share group commits; an item
+        refused on its own carries its code and reason; the batch goes on.
+        """
+        limit = self._gw.settings.batch_grab_max_items
+        claims()  # the interceptor checked the `batch` scope
+        async for batch in request_iterator:
+            if len(batch.items) > limit:
+                raise errors.InvalidArgument("BATCH_TOO_LARGE",
+                                             f"a batch holds at most {limit} items")
+            results = await asyncio.gather(*(self._grab_item(i) for i in batch.items))
+            yield pb.BatchGrabResponse(batch_id=batch.batch_id, results=results)
+
+    @maps_errors
+    async def GetEnvelope(self, request, context):
+        v = self._gw.get_envelope(request.envelope_id)
+        env = pb.Envelope(
+            envelope_id=v.envelope_id, sender_id=v.sender_id, total_fen=v.total_fen,
+            count=v.count, kind=v.kind, status=v.status, remaining_fen=v.remaining_fen,
+            remaining_count=v.remaining_count, greeting=v.greeting,
+            created_at=timestamp_ms(v.created_at_ms), expires_at=timestamp_ms(v.expires_at_ms),
+            grabs=[pb.Grab(user_id=g.user_id, amount_fen=g.amount_fen,
+                           grabbed_at=timestamp_ms(g.grabbed_at_ms)) for g in v.grabs],
+            best_luck_user_id=v.best_luck_user_id)
+        return pb.GetEnvelopeResponse(envelope=env)

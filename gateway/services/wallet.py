@@ -1,0 +1,44 @@
+"""WalletService: thin translation between hongbao.v1 and :class:`gateway.core.Gateway`."""
+
+from __future__ import annotations
+
+import time
+
+from gateway import errors
+from gateway.core import Gateway
+from gateway.services._boundary import maps_errors, subject
+from gateway.services._convert import timestamp_ms
+from hongbao.v1 import wallet_pb2 as pb
+from hongbao.v1 import wallet_pb2_grpc
+
+
+class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    @maps_errors
+    async def GetBalance(self, request, context):
+        balance_fen, pending_fen = self._gw.balance(subject())
+        return pb.GetBalanceResponse(balance_fen=balance_fen, pending_credit_fen=pending_fen,
+                                     stale=False, as_of=timestamp_ms(time.time_ns() // 10**6))
+
+    @maps_errors
+    async def ListTransactions(self, request, context):
+        entries, token = self._gw.list_transactions(subject(), request.page_size,
+                                                    request.page_token)
+        return pb.ListTransactionsResponse(
+            transactions=[pb.Transaction(
+                transaction_id=e.transaction_id, kind=int(e.kind), amount_fen=e.amount_fen,
+                reference_id=e.reference_id, created_at=timestamp_ms(e.created_at_ms))
+                for e in entries],
+            next_page_token=token, stale=False)
+
+    @maps_errors
+    async def TopUp(self, request, context):
+        p = await self._gw.top_up(subject(), request.request_id, request.card_id,
+                                  request.amount_fen)
+        return pb.TopUpResponse(payment_id=p.payment_id, status=int(p.status))
+
+    @maps_errors
+    async def Withdraw(self, request, context):
+        raise errors.Unimplemented("WITHDRAW_UNAVAILABLE", "withdrawals are not available yet")
