@@ -530,3 +530,22 @@ class LmdbLedger(Ledger):
         """Grabs waiting for their credit to land in a wallet."""
         with self.env.begin() as txn:
             return txn.stat(self.dbs["bus:credit"])["entries"]
+
+
+class LedgerSnapshot:
+    """A read-only view of a ledger directory, for reconcile beside a live gateway."""
+
+    def __init__(self, env: lmdb.Environment, dbs: dict) -> None:
+        self.env = env
+        self.dbs = dbs
+
+
+def open_readonly(data_dir: str | os.PathLike) -> LedgerSnapshot:
+    path = Path(data_dir) / "ledger"
+    if not (path / "data.mdb").exists():
+        raise FileNotFoundError(f"no ledger in {data_dir}")
+    env = lmdb.open(str(path), readonly=True, max_dbs=len(_DBS) + 8, lock=True,
+                    subdir=True, readahead=False, max_readers=1024)
+    with env.begin() as txn:
+        dbs = {name: env.open_db(name.encode(), txn=txn, create=False) for name in _DBS}
+    return LedgerSnapshot(env, dbs)

@@ -1,0 +1,161 @@
+"""The ``hongbao`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+_SCOPES_HELP = "comma-separated: pay,grab,read,batch,admin"
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--bank", metavar="HOST:PORT", help="the bank simulator")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--metrics-port", type=int, help="plain-text metrics on 127.0.0.1")
+    p.add_argument("--resolve-delay-s", type=float, default=None,
+                   help="wait before asking the bank about an unknown result")
+    p.add_argument("--durability", choices=("strict", "relaxed"), default=None,
+                   help="strict (default) fsyncs every group commit; relaxed does not")
+    p.add_argument("--key-file", type=Path, help="ticket keys (default: in --data-dir)")
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-ca", type=Path, help="require client certificates from this CA")
+    p.add_argument("--config", type=Path, help="TOML settings (see gateway/config.py)")
+    p.add_argument("--log-level", default="info")
+
+
+def _cmd_serve(args) -> int:
+    from gateway.config import Settings  # noqa: PLC0415 - keep `hongbao --help` fast
+    from gateway.interceptors.logging import configure_logging  # noqa: PLC0415
+    from gateway.server import ServeOptions, serve, supervise  # noqa: PLC0415
+
+    configure_logging(args.log_level)
+    settings = Settings.load(args.config, durability=args.durability)
+    opts = ServeOptions(
+        data_dir=args.data_dir, host=args.host, port=args.port, port_file=args.port_file,
+        bank=args.bank, workers=args.workers, worker_index=args.worker_index,
+        metrics_port=args.metrics_port, key_file=args.key_file, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, tls_ca=args.tls_ca, reuse_port=args.reuse_port)
+    if args.workers < 1:
+        print("--workers must be >= 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        argv = sys.argv[1:]
+        keep = []
+        skip = False
+        for a in argv:
+            if skip:
+                skip = False
+                continue
+            if a in ("--workers", "--port", "--port-file"):
+                skip = True
+                continue
+            if a.startswith(("--workers=", "--port=", "--port-file=")):
+                continue
+            keep.append(a)
+        return supervise(keep, opts)
+    asyncio.run(serve(settings, opts))
+    return 0
+
+
+def _ticket_parser(sub) -> None:
+    p = sub.add_parser("ticket", help="tickets")
+    tsub = p.add_subparsers(dest="ticket_cmd", required=True)
+    issue = tsub.add_parser("issue", help="print a ticket")
+    where = issue.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", type=Path)
+    where.add_argument("--key-file", type=Path)
+    issue.add_argument("--user", required=True)
+    issue.add_argument("--scope", default="pay,grab,read", help=_SCOPES_HELP)
+    issue.add_argument("--ttl", type=int, default=3600, help="seconds (1..86400)")
+
+
+def _cmd_ticket(args) -> int:
+    from gateway import errors, tickets  # noqa: PLC0415
+
+    ring = (tickets.KeyRing.from_file(args.key_file) if args.key_file
+            else tickets.KeyRing.load_or_create(args.data_dir))
+    scopes = [s for s in args.scope.split(",") if s]
+    try:
+        ticket, _expires_at = tickets.mint(ring, args.user, scopes, args.ttl)
+    except errors.GatewayError as err:
+        print(f"hongbao ticket issue: {err.message}", file=sys.stderr)
+        return 2
+    print(ticket)
+    return 0
+
+
+def _reconcile_parser(sub) -> None:
+    p = sub.add_parser("reconcile", help="prove the books balance")
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--bank", metavar="HOST:PORT", help="cross-check with the bank simulator")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+
+
+def _cmd_reconcile(args) -> int:
+    from gateway import reconcile  # noqa: PLC0415
+    from gateway.bank import BankClient  # noqa: PLC0415
+    from gateway.ledger._lmdb import open_readonly  # noqa: PLC0415
+
+    ledger = open_readonly(args.data_dir)
+    try:
+        report = reconcile.audit(ledger)
+    finally:
+        ledger.env.close()
+    if args.bank:
+        async def check():
+            bank = BankClient(args.bank, timeout_s=10)
+            try:
+                await reconcile.cross_check_bank(report, bank)
+            finally:
+                await bank.close()
+        asyncio.run(check())
+    print(report.to_json() if args.json else report.to_text())
+    return 0 if report.balanced else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hongbao", description="red-envelope payment gateway")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _serve_parser(sub)
+    bank = sub.add_parser("banksim", help="run the bank simulator")
+    from banksim import cli as banksim_cli  # noqa: PLC0415
+
+    banksim_cli.add_arguments(bank)
+    _ticket_parser(sub)
+    sub.add_parser("demo", help="the Spring-Festival-eve scenario, end to end")
+    _reconcile_parser(sub)
+    bench = sub.add_parser("bench", help="run the benchmarks in bench/")
+    bench.add_argument("names", nargs="*", help="hotpath, ledger, tickets (default: all)")
+    args = parser.parse_args(argv)
+    if args.cmd == "serve":
+        return _cmd_serve(args)
+    if args.cmd == "banksim":
+        return banksim_cli.run(args)
+    if args.cmd == "ticket":
+        return _cmd_ticket(args)
+    if args.cmd == "reconcile":
+        return _cmd_reconcile(args)
+    if args.cmd == "demo":
+        from gateway.demo import main as demo_main  # noqa: PLC0415
+
+        return demo_main()
+    if args.cmd == "bench":
+        from gateway.benchrun import main as bench_main  # noqa: PLC0415
+
+        return bench_main(args.names)
+    parser.error(f"unknown command {args.cmd}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

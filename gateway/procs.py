@@ -1,0 +1,98 @@
+"""Starting and stopping the project's own processes (demo, tests, benchmarks).
+
+Every process is started with a port file, waited for with a deadline, and
+stopped by its pid: SIGTERM, a bounded wait, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class Proc:
+    """A child process serving on a loopback port it chose itself (port 0)."""
+
+    def __init__(self, cmd: list[str], port_file: Path, log_path: Path | None = None,
+                 env: dict | None = None) -> None:
+        self.cmd = cmd
+        self.port_file = port_file
+        self.log_path = log_path
+        self.env = env
+        self.popen: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> Proc:
+        self.port_file.unlink(missing_ok=True)
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.popen = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
+                                          env=self.env)
+        finally:
+            if self.log_path:
+                out.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.port_file.exists():
+                text = self.port_file.read_text().strip()
+                if text:
+                    self.port = int(text)
+                    return self
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.cmd[:4]} exited with {self.popen.returncode}; "
+                                   f"see {self.log_path}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"{self.cmd[:4]} did not start in {timeout_s} s")
+            time.sleep(0.02)
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not gone after ``timeout_s``."""
+        if self.popen is None or self.popen.poll() is not None:
+            return None if self.popen is None else self.popen.returncode
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL: the crash that durability must survive."""
+        if self.popen is not None and self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+
+def banksim_proc(data_dir: Path, *extra: str, log_path: Path | None = None) -> Proc:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port_file = data_dir / "banksim.port"
+    cmd = [sys.executable, "-m", "banksim", "--port", "0", "--port-file", str(port_file),
+           "--data-dir", str(data_dir), *extra]
+    return Proc(cmd, port_file, log_path)
+
+
+def gateway_proc(data_dir: Path, *extra: str, bank: str | None = None,
+                 log_path: Path | None = None, env: dict | None = None) -> Proc:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port_file = data_dir / "gateway.port"
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--port-file",
+           str(port_file), "--data-dir", str(data_dir), *extra]
+    if bank:
+        cmd += ["--bank", bank]
+    return Proc(cmd, port_file, log_path, env)
