@@ -1,0 +1,146 @@
+"""Thin gRPC servicers: protobuf in, ``BankSim`` call, protobuf out.
+
+``BankError`` becomes a status with an ErrorInfo reason in ``_boundary`` and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from banksim._bank import BankSim
+from banksim._errors import BankError, abort
+from banksim._faults import FAULT_KEYS, BankState, Faults
+from banksim._model import DeclineReason, OrderKind, OrderStatus
+from banksim.v1 import bank_pb2 as pb
+from banksim.v1 import bank_pb2_grpc
+
+
+def _check_enums() -> None:
+    """The domain enums carry the proto's numbers, so values cross the boundary unchanged."""
+    for domain, proto, prefix in (
+        (OrderStatus, pb.OrderStatus, "ORDER_STATUS_"),
+        (OrderKind, pb.OrderKind, "ORDER_KIND_"),
+        (DeclineReason, pb.DeclineReason, "DECLINE_REASON_"),
+    ):
+        for member in domain:
+            assert proto.Value(prefix + member.name) == member.value, member
+
+
+_check_enums()
+
+_S = TypeVar("_S")
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+def _boundary(
+    method: Callable[[_S, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]],
+) -> Callable[[_S, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]:
+    """Maps a ``BankError`` raised by ``method`` to its rich status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: _S, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
+        try:
+            return await method(self, request, context)
+        except BankError as err:
+            await abort(context, err)
+
+    return wrapper
+
+
+class BankService(bank_pb2_grpc.BankServiceServicer):
+    def __init__(self, sim: BankSim) -> None:
+        self._sim = sim
+
+    @_boundary
+    async def Debit(self, request: pb.DebitRequest, context: Any) -> pb.DebitResponse:
+        answer = await self._sim.move(OrderKind.DEBIT, request.order_id, request.card_id,
+                                      request.amount_fen, context.time_remaining)
+        return pb.DebitResponse(order_id=answer.order_id, status=answer.status.value,
+                                decline_reason=answer.decline_reason.value,
+                                bank_id=answer.bank_id)
+
+    @_boundary
+    async def Credit(self, request: pb.CreditRequest, context: Any) -> pb.CreditResponse:
+        answer = await self._sim.move(OrderKind.CREDIT, request.order_id, request.card_id,
+                                      request.amount_fen, context.time_remaining)
+        return pb.CreditResponse(order_id=answer.order_id, status=answer.status.value,
+                                 decline_reason=answer.decline_reason.value,
+                                 bank_id=answer.bank_id)
+
+    @_boundary
+    async def QueryOrder(
+        self, request: pb.QueryOrderRequest, context: Any
+    ) -> pb.QueryOrderResponse:
+        found = await self._sim.query(request.order_id, context.time_remaining)
+        if found is None:
+            return pb.QueryOrderResponse(order_id=request.order_id,
+                                         status=OrderStatus.NOT_FOUND.value)
+        return pb.QueryOrderResponse(
+            order_id=request.order_id, status=found.status.value, kind=found.kind.value,
+            card_id=found.card_id, amount_fen=found.amount_fen, bank_id=found.bank_id,
+        )
+
+    @_boundary
+    async def VoidOrder(self, request: pb.VoidOrderRequest, context: Any) -> pb.VoidOrderResponse:
+        status = await self._sim.void(request.order_id, context.time_remaining)
+        return pb.VoidOrderResponse(order_id=request.order_id, status=status.value)
+
+    @_boundary
+    async def Refund(self, request: pb.RefundRequest, context: Any) -> pb.RefundResponse:
+        status = await self._sim.refund(request.order_id, context.time_remaining)
+        return pb.RefundResponse(order_id=request.order_id, status=status.value)
+
+
+class BankAdminService(bank_pb2_grpc.BankAdminServiceServicer):
+    def __init__(self, sim: BankSim) -> None:
+        self._sim = sim
+
+    @_boundary
+    async def SetFaults(self, request: pb.SetFaultsRequest, context: Any) -> pb.SetFaultsResponse:
+        faults = Faults(**{key: getattr(request.faults, key) for key in FAULT_KEYS})
+        banks = self._sim.set_faults(request.bank_id, faults)
+        return pb.SetFaultsResponse(banks=[self._bank_stats(b) for b in banks])
+
+    @_boundary
+    async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
+        snap = await self._sim.snapshot()
+        commits, ops = self._sim.ledger_commits
+        return pb.GetStatsResponse(
+            banks=[self._bank_stats(b) for b in self._sim.banks.values()],
+            total_debited_fen=snap.debited_fen, total_credited_fen=snap.credited_fen,
+            total_refunded_fen=snap.refunded_fen, merchant_balance_fen=snap.merchant_balance_fen,
+            opened_card_fen=snap.opened_fen, card_balance_fen=snap.card_balance_fen,
+            cards_opened=snap.cards_opened, orders=snap.orders, books_balance=snap.books_balance,
+            ledger_commits=commits, ledger_ops=ops,
+        )
+
+    @_boundary
+    async def GetCard(self, request: pb.GetCardRequest, context: Any) -> pb.GetCardResponse:
+        bank_id, opened, balance_fen = self._sim.card(request.card_id)
+        return pb.GetCardResponse(card_id=request.card_id, bank_id=bank_id, opened=opened,
+                                  balance_fen=balance_fen)
+
+    def _bank_stats(self, bank: BankState) -> pb.BankStats:
+        now = time.monotonic()
+        c = bank.counters
+        return pb.BankStats(
+            bank_id=bank.bank_id,
+            faults=pb.FaultConfig(**{key: getattr(bank.faults, key) for key in FAULT_KEYS}),
+            requests=c.requests, debits_settled=c.debits_settled,
+            credits_settled=c.credits_settled, declines=c.declines, refunds=c.refunds,
+            voids=c.voids, faults_injected=c.faults_injected,
+            rejected_over_capacity=c.rejected_over_capacity, collapsed=bank.collapsed(now),
+            peak_tps=bank.peak_tps(now), collapses=c.collapses,
+            held_while_collapsed=c.held_while_collapsed, declines_injected=c.declines_injected,
+            timeouts_injected=c.timeouts_injected, lost_responses=c.lost_responses,
+            late_debits_scheduled=c.late_debits_scheduled,
+            late_debits_applied=c.late_debits_applied, late_debits_dropped=c.late_debits_dropped,
+            late_debits_pending=self._sim.late_pending(bank),
+        )
