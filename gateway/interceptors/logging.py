@@ -1,0 +1,310 @@
+"""Request ids and the access log: one JSON line per call.
+
+Each call gets a request id: the caller's ``x-request-id`` when well formed (1..64 of
+``[A-Za-z0-9._:-]``), else a fresh one. It is bound with ``structlog.contextvars``
+inside the handler's own task, so every line the servicer logs carries it, and it is
+echoed to the caller in the initial metadata. When the call ends one line records
+``method``, ``code``, ``duration_ms``, ``request_id`` and, when a ticket was verified,
+``user``. Tickets, keys and metadata values other than the request id are never logged.
+
+Install it outermost, before the auth interceptor, so refused calls are logged too::
+
+    grpc.aio.server(interceptors=[LoggingInterceptor(), AuthInterceptor(keyring), ...])
+
+``access_log=False`` drops the per-call line (the expensive part: rendering JSON) but
+keeps the request id binding and echo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+import grpc
+import structlog
+
+from gateway.interceptors.auth import (
+    ASYNC,
+    ASYNC_GEN,
+    behaviour_kind,
+    behaviour_of,
+    current_claims,
+    with_behaviour,
+)
+
+__all__ = ["REQUEST_ID_HEADER", "LoggingInterceptor", "configure_logging", "new_request_id"]
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# Keys whose values must never reach a log line, whoever tries to log them.
+_SECRET_KEYS = frozenset(
+    {"authorization", "ticket", "issuer_key", "x-hongbao-issuer-key", "secret", "key"}
+)
+
+_OK = "OK"
+_CANCELLED = "CANCELLED"
+_UNKNOWN = "UNKNOWN"
+_UNIMPLEMENTED = "UNIMPLEMENTED"
+
+
+# -- request ids ---------------------------------------------------------------------------
+
+
+class _RequestIds:
+    """A random per-process prefix and a counter: unique, and far cheaper than uuid4."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        # A forked child must not repeat its parent's ids.
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self._prefix = secrets.token_hex(6) + "-"
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):x}"
+
+
+_ids = _RequestIds()
+
+
+def new_request_id() -> str:
+    """A fresh request id, unique across processes."""
+    return _ids.next()
+
+
+def _request_id(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER:
+            if isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value):
+                return value
+            break
+    return _ids.next()
+
+
+# -- the interceptor -----------------------------------------------------------------------
+
+
+class LoggingInterceptor(grpc.aio.ServerInterceptor):
+    """Binds a request id to every call and logs one line when it ends."""
+
+    def __init__(
+        self,
+        *,
+        access_log: bool = True,
+        echo_request_id: bool = True,
+        logger: Any = None,
+    ) -> None:
+        self._access_log = access_log
+        self._echo = echo_request_id
+        self._log = logger if logger is not None else structlog.get_logger("gateway.access")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        request_id = _request_id(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        if handler is None:
+            # grpc answers UNIMPLEMENTED itself, with no handler to wrap: log it here.
+            if self._access_log:
+                self._log.info(
+                    "rpc", method=method, code=_UNIMPLEMENTED, duration_ms=0.0,
+                    request_id=request_id,
+                )
+            return None
+        return with_behaviour(handler, self._wrap(behaviour_of(handler), method, request_id,
+                                                  handler.response_streaming))
+
+    def _wrap(
+        self, fn: Callable[..., Any], method: str, request_id: str, streaming: bool
+    ) -> Callable[..., Any]:
+        kind = behaviour_kind(fn)
+        echo = ((REQUEST_ID_HEADER, request_id),) if self._echo else None
+        access = self._access_line if self._access_log else None
+
+        if kind is ASYNC:
+
+            async def wrapped(request: Any, context: Any) -> Any:
+                structlog.contextvars.bind_contextvars(request_id=request_id)
+                if access is None:
+                    if echo is not None:
+                        await context.send_initial_metadata(echo)
+                    return await fn(request, context)
+                start_ns = time.perf_counter_ns()
+                code = None
+                try:
+                    if echo is not None:
+                        await context.send_initial_metadata(echo)
+                    return await fn(request, context)
+                except BaseException as exc:
+                    code = _code_of_exception(context, exc)
+                    raise
+                finally:
+                    access(method, request_id, start_ns, code or _code_of(context))
+
+            return wrapped
+
+        if kind is ASYNC_GEN:
+
+            async def wrapped(request: Any, context: Any) -> Any:  # type: ignore[misc]
+                structlog.contextvars.bind_contextvars(request_id=request_id)
+                start_ns = time.perf_counter_ns()
+                code = None
+                try:
+                    if echo is not None:
+                        await context.send_initial_metadata(echo)
+                    async for response in fn(request, context):
+                        yield response
+                except BaseException as exc:
+                    code = _code_of_exception(context, exc)
+                    raise
+                finally:
+                    if access is not None:
+                        access(method, request_id, start_ns, code or _code_of(context))
+
+            return wrapped
+
+        def wrapped(request: Any, context: Any) -> Any:
+            # Sync handlers run in grpc's thread pool, whose threads keep their context
+            # from call to call: bind, then always unbind.
+            tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+            start_ns = time.perf_counter_ns()
+            try:
+                if echo is not None:
+                    context.send_initial_metadata(echo)
+                result = fn(request, context)
+            except BaseException as exc:
+                if access is not None:
+                    access(method, request_id, start_ns, _code_of_exception(context, exc))
+                raise
+            finally:
+                structlog.contextvars.reset_contextvars(**tokens)
+            if streaming:
+                return _LoggedIterator(result, self, method, request_id, start_ns, context)
+            if access is not None:
+                access(method, request_id, start_ns, _code_of(context))
+            return result
+
+        return wrapped
+
+    def _access_line(self, method: str, request_id: str, start_ns: int, code: str) -> None:
+        duration_ms = round((time.perf_counter_ns() - start_ns) / 1e6, 3)
+        verified = current_claims.get()
+        if verified is None:
+            self._log.info("rpc", method=method, code=code, duration_ms=duration_ms,
+                           request_id=request_id)
+        else:
+            self._log.info("rpc", method=method, code=code, duration_ms=duration_ms,
+                           request_id=request_id, user=verified.subject)
+
+
+def _code_of(context: Any) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    if code is None:
+        return _OK
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+def _code_of_exception(context: Any, exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return _CANCELLED
+    if isinstance(exc, grpc.aio.AbortError):
+        return _code_of(context)
+    # Anything else is a bug in the servicer; grpc reports it as UNKNOWN unless the
+    # handler had set a code first.
+    code = _code_of(context)
+    return _UNKNOWN if code == _OK else code
+
+
+class _LoggedIterator:
+    """A sync response stream that writes the access line when it ends."""
+
+    __slots__ = ("_context", "_it", "_method", "_owner", "_request_id", "_start_ns")
+
+    def __init__(self, iterable: Any, owner: LoggingInterceptor, method: str,
+                 request_id: str, start_ns: int, context: Any) -> None:
+        self._it: Iterator[Any] = iter(iterable)
+        self._owner = owner
+        self._method = method
+        self._request_id = request_id
+        self._start_ns = start_ns
+        self._context = context
+
+    def __iter__(self) -> _LoggedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._end(None)
+            raise
+        except BaseException as exc:
+            self._end(exc)
+            raise
+
+    def _end(self, exc: BaseException | None) -> None:
+        if not self._owner._access_log:
+            return
+        code = _code_of(self._context) if exc is None else _code_of_exception(self._context, exc)
+        self._owner._access_line(self._method, self._request_id, self._start_ns, code)
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def _drop_secrets(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for key in _SECRET_KEYS.intersection(event_dict):
+        event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def _add_user(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    verified = current_claims.get()
+    if verified is not None:
+        event_dict.setdefault("user", verified.subject)
+    return event_dict
+
+
+def configure_logging(level: str = "info", json: bool = True, stream: TextIO | None = None) -> None:
+    """Sets up structlog: one JSON object per line (or console text) on stderr.
+
+    Lines carry the bound request id and the caller's user id when known. ``stream``
+    defaults to stderr, leaving stdout to commands' own output.
+    """
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            _add_user,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info if json else _identity,
+            _drop_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _identity(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    return event_dict
