@@ -10,7 +10,7 @@ import stat
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import tickets
@@ -45,7 +45,7 @@ def test_round_trip(ring):
 def test_ticket_text_format(ring):
     """Tickets read v1.<kid>.<payload>.<sig>, header-safe base64url with a 43-char signature."""
     ticket, _ = mint(ring, "u", ["grab"], 60, now=NOW)
-    version, kid, payload, sig = ticket.split(".")
+    version, kid, _payload, sig = ticket.split(".")
     assert (version, kid) == ("v1", ring.signing_kid)
     assert len(sig) == 43
     alphabet = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -339,7 +339,7 @@ def prop_ticket(tmp_path_factory):
     return ring, ticket
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None)
 @given(data=st.data())
 def test_any_single_byte_change_fails(prop_ticket, data):
     """Replacing any one byte of a genuine ticket with any other byte never verifies."""
@@ -354,7 +354,7 @@ def test_any_single_byte_change_fails(prop_ticket, data):
     assert verify(ring, ticket, now=NOW).subject == "user:prop"
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=300))
 def test_arbitrary_text_is_refused_cleanly(prop_ticket, text):
     """Any text at all is either refused with Unauthenticated or is a genuine ticket."""
