@@ -161,8 +161,9 @@ class Gateway:
             return GrabResult(GrabOutcome.ALREADY_GRABBED, 0, remaining)
         return GrabResult(GrabOutcome.GRABBED, view.amount_fen, remaining, view.credited)
 
-    async def grab(self, user_id: str, envelope_id: str, request_id: str) -> GrabResult:
-        """Claims one share. The gate answers the flood; the writer decides the rest.
+    def _admit(self, user_id: str, envelope_id: str, request_id: str
+               ) -> tuple[int, GrabResult | None]:
+        """The gate's verdict, and the answer when no write is needed.
 
         The gate only knows facts that never change back, so its SOLD_OUT and
         ALREADY answers are confirmed against LMDB for the one case they could
@@ -179,28 +180,67 @@ class Gateway:
         if verdict < 0:
             replay = self._replay(user_id, envelope_id, request_id)
             if replay is not None:
-                return replay
+                return verdict, replay
             if verdict == hotpath.GATE_SOLD_OUT:
-                return GrabResult(GrabOutcome.SOLD_OUT, 0, 0)
+                return verdict, GrabResult(GrabOutcome.SOLD_OUT, 0, 0)
             # ALREADY without a grab in LMDB: the user's other request is in
             # flight, or a hash collision; the writer knows which.
-        try:
-            result = await self.ledger.grab(user_id, envelope_id, request_id)
-        except errors.GatewayError:
+        return verdict, None
+
+    def _settle(self, user_id: str, envelope_id: str, verdict: int,
+                result: GrabResult | errors.GatewayError) -> None:
+        """Teaches the gate what the writer decided."""
+        env_key = envelope_id.encode()
+        if isinstance(result, errors.GatewayError):
             if verdict >= 0:
-                self.gate.release(env_key, user_key)
-            raise
+                self.gate.release(env_key, user_id.encode())
+            return
         outcome = result.outcome
         if outcome == GrabOutcome.GRABBED:
             if result.remaining_count == 0:
                 self.gate.mark_sold_out(env_key)
         elif outcome == GrabOutcome.SOLD_OUT:
             if verdict >= 0:
-                self.gate.release(env_key, user_key)
+                self.gate.release(env_key, user_id.encode())
             self.gate.mark_sold_out(env_key)
         elif outcome == GrabOutcome.EXPIRED and verdict >= 0:
-            self.gate.release(env_key, user_key)
+            self.gate.release(env_key, user_id.encode())
+
+    async def grab(self, user_id: str, envelope_id: str, request_id: str) -> GrabResult:
+        """Claims one share. The gate answers the flood; the writer decides the rest."""
+        verdict, answer = self._admit(user_id, envelope_id, request_id)
+        if answer is not None:
+            return answer
+        try:
+            result = await self.ledger.grab(user_id, envelope_id, request_id)
+        except errors.GatewayError as err:
+            self._settle(user_id, envelope_id, verdict, err)
+            raise
+        self._settle(user_id, envelope_id, verdict, result)
         return result
+
+    async def grab_batch(self, items: list[tuple[str, str, str]]
+                         ) -> list[GrabResult | errors.GatewayError]:
+        """(user, envelope, request id) grabs; those that need a write share one writer request."""
+        results: list = [None] * len(items)
+        verdicts: list[int] = [0] * len(items)
+        to_write: list[int] = []
+        for i, (user_id, envelope_id, request_id) in enumerate(items):
+            try:
+                check_user_id(user_id)
+                verdicts[i], results[i] = self._admit(user_id, envelope_id, request_id)
+            except errors.GatewayError as err:
+                results[i] = err
+                verdicts[i] = -1
+                continue
+            if results[i] is None:
+                to_write.append(i)
+        if to_write:
+            written = await self.ledger.grab_many([items[i] for i in to_write])
+            for i, result in zip(to_write, written, strict=True):
+                self._settle(items[i][0], items[i][1], verdicts[i], result)
+                results[i] = result
+        return results
 
     def get_envelope(self, envelope_id: str) -> EnvelopeView:
         check_envelope_id(envelope_id)

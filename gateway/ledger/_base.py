@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+from typing import NamedTuple
 
 # Envelope kinds and statuses share their numbers with hongbao.v1.
 KIND_LUCKY = 1
@@ -55,8 +56,9 @@ class SendResult:
     payment_id: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class GrabResult:
+class GrabResult(NamedTuple):
+    """A tuple, not a dataclass: one is built per grab on the writer thread."""
+
     outcome: GrabOutcome
     amount_fen: int = 0
     remaining_count: int = 0
@@ -140,6 +142,10 @@ class Ledger(abc.ABC):
         One share per user per envelope; a retry with the same request_id
         returns the first result.
         """
+
+    @abc.abstractmethod
+    async def grab_many(self, items: list[tuple[str, str, str]]) -> list:
+        """(user, envelope, request id) grabs in one request; a GrabResult or GatewayError each."""
 
     @abc.abstractmethod
     def find_grab(self, user_id: str, envelope_id: str) -> tuple[GrabView, bytes] | None:

@@ -111,11 +111,14 @@ class _Batch:
     once and written once, at :meth:`flush`.
     """
 
-    __slots__ = ("accounts", "best_luck", "dbs", "envelopes", "now_ms", "seq", "seq0", "txn")
+    __slots__ = ("accounts", "accounts_db", "best_luck", "dbs", "envelopes", "now_ms", "seq",
+                 "seq0", "transfers_db", "txn")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict, now_ms: int) -> None:
         self.txn = txn
         self.dbs = dbs
+        self.accounts_db = dbs["accounts"]
+        self.transfers_db = dbs["transfers"]
         self.now_ms = now_ms
         self.accounts: dict[bytes, int] = {}
         self.envelopes: dict[bytes, bytes] = {}
@@ -126,7 +129,7 @@ class _Batch:
     def account(self, acct: bytes) -> int:
         bal = self.accounts.get(acct)
         if bal is None:
-            raw = self.txn.get(acct, db=self.dbs["accounts"])
+            raw = self.txn.get(acct, db=self.accounts_db)
             bal = 0 if raw is None else hotpath.unpack_i64(raw)
         return bal
 
@@ -151,7 +154,7 @@ class _Batch:
         assert debit_bal >= 0 or debit.startswith(b"c:"), (debit, debit_bal)
         credit_bal = hotpath.add_fen(self.account(credit), amount)
         record = hotpath.pack_transfer(amount, self.now_ms, kind, debit, credit, ref)
-        fresh = self.txn.put(tid, record, db=self.dbs["transfers"], overwrite=False)
+        fresh = self.txn.put(tid, record, db=self.transfers_db, overwrite=False)
         assert fresh, f"transfer {tid!r} applied twice"
         self.accounts[debit] = debit_bal
         self.accounts[credit] = credit_bal
@@ -250,11 +253,12 @@ def _replay_grab(b: _Batch, env: bytes, raw: bytes, digest: bytes) -> GrabResult
 
 def _op_grab(b: _Batch, env: bytes, user: bytes, digest: bytes) -> GrabResult:
     gkey = env + b"/" + user
+    txn = b.txn
     grabs_db = b.dbs["grabs"]
-    raw = b.txn.get(gkey, db=grabs_db)
+    raw = txn.get(gkey, db=grabs_db)
     if raw is not None:
         return _replay_grab(b, env, raw, digest)
-    buf = b.envelope(env)
+    buf = b.envelopes.get(env) or txn.get(env, db=b.dbs["envelopes"])
     if buf is None:
         raise errors.NotFound("ENVELOPE_NOT_FOUND", "no such envelope")
     _total, _rem, _created, expires_at_ms, count, claimed, _kind, status, _f = (
@@ -265,13 +269,24 @@ def _op_grab(b: _Batch, env: bytes, user: bytes, digest: bytes) -> GrabResult:
         return GrabResult(GrabOutcome.SOLD_OUT, 0, 0)
     new_buf, index, amount = hotpath.claim_share(buf, ENV_SOLD_OUT)
     b.envelopes[env] = new_buf
-    b.txn.put(gkey, hotpath.pack_grab(amount, b.now_ms, index, 0, digest), db=grabs_db)
-    tid = b"g:" + env + b":" + str(index).encode()
-    b.move(tid, escrow_account(env), pending_account(user), amount, TxKind.GRAB, gkey)
+    txn.put(gkey, hotpath.pack_grab(amount, b.now_ms, index, 0, digest), db=grabs_db)
+    b.move(b"g:" + env + b":" + str(index).encode(), b"e:" + env, b"p:" + user, amount,
+           TxKind.GRAB, gkey)
     b.publish("credit", gkey)
     if index + 1 == count:
         b.best_luck.append(env)
     return GrabResult(GrabOutcome.GRABBED, amount, count - index - 1, False)
+
+
+def _op_grab_many(b: _Batch, items: list[tuple[bytes, bytes, bytes]]) -> list:
+    """Several grabs in one request (BatchGrab): each answers on its own."""
+    out = []
+    for env, user, digest in items:
+        try:
+            out.append(_op_grab(b, env, user, digest))
+        except errors.GatewayError as err:
+            out.append(err)
+    return out
 
 
 def _op_apply_credits(b: _Batch, limit: int) -> int:
@@ -415,6 +430,11 @@ class LmdbLedger(Ledger):
     async def grab(self, user_id, envelope_id, request_id) -> GrabResult:
         return await self.writer.submit(
             _op_grab, envelope_id.encode(), user_id.encode(), request_digest(request_id))
+
+    async def grab_many(self, items: list[tuple[str, str, str]]) -> list:
+        """(user, envelope, request id) grabs as one writer request; a result or an error each."""
+        packed = [(e.encode(), u.encode(), request_digest(r)) for u, e, r in items]
+        return await self.writer.submit(_op_grab_many, packed)
 
     async def begin_payment(self, user_id, kind, request_id, fingerprint, *, card_id,
                             bank_id, amount_fen) -> Payment:

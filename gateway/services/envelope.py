@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from gateway import errors
-from gateway.core import Gateway, SendCommand, check_user_id
+from gateway.core import Gateway, SendCommand
 from gateway.interceptors.auth import claims
 from gateway.ledger import GrabOutcome, GrabResult
 from gateway.services._boundary import maps_errors, subject
@@ -41,15 +39,13 @@ class EnvelopeServicer(envelope_pb2_grpc.EnvelopeServiceServicer):
                                        remaining_count=r.remaining_count,
                                        credit_status=_credit_status(r))
 
-    async def _grab_item(self, item) -> pb.BatchGrabResult:
+    @staticmethod
+    def _batch_result(item, r: GrabResult | errors.GatewayError) -> pb.BatchGrabResult:
         out = pb.BatchGrabResult(user_id=item.user_id, envelope_id=item.envelope_id,
                                  request_id=item.request_id)
-        try:
-            check_user_id(item.user_id)
-            r = await self._gw.grab(item.user_id, item.envelope_id, item.request_id)
-        except errors.GatewayError as err:
-            out.code = err.code.value[0]
-            out.reason = err.reason
+        if isinstance(r, errors.GatewayError):
+            out.code = r.code.value[0]
+            out.reason = r.reason
             return out
         out.outcome = int(r.outcome)
         out.amount_fen = r.amount_fen
@@ -61,8 +57,8 @@ class EnvelopeServicer(envelope_pb2_grpc.EnvelopeServiceServicer):
     async def BatchGrab(self, request_iterator, context):
         """Grabs on behalf of users: the one call where the user is a request field.
 
-        Items of a batch run concurrently and share group commits; an item
-        refused on its own carries its code and reason; the batch goes on.
+        A batch's grabs share one writer request (so one group commit); an
+        item refused on its own carries its code and reason; the batch goes on.
         """
         limit = self._gw.settings.batch_grab_max_items
         claims()  # the interceptor checked the `batch` scope
@@ -70,8 +66,12 @@ class EnvelopeServicer(envelope_pb2_grpc.EnvelopeServiceServicer):
             if len(batch.items) > limit:
                 raise errors.InvalidArgument("BATCH_TOO_LARGE",
                                              f"a batch holds at most {limit} items")
-            results = await asyncio.gather(*(self._grab_item(i) for i in batch.items))
-            yield pb.BatchGrabResponse(batch_id=batch.batch_id, results=results)
+            items = [(i.user_id, i.envelope_id, i.request_id) for i in batch.items]
+            results = await self._gw.grab_batch(items)
+            yield pb.BatchGrabResponse(
+                batch_id=batch.batch_id,
+                results=[self._batch_result(i, r)
+                         for i, r in zip(batch.items, results, strict=True)])
 
     @maps_errors
     async def GetEnvelope(self, request, context):
