@@ -84,6 +84,7 @@ class BankSim:
         self._bank_ids = frozenset(self.banks)
         self._late: dict[str, _Late] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
 
     # -- the gate -----------------------------------------------------------------------------
 
@@ -93,7 +94,7 @@ class BankSim:
         now = time.monotonic()
         admission = bank.admit(now)
         if admission is Admission.HOLD:
-            await _hold(remaining)
+            await self._hold(remaining)
         if admission is Admission.REJECT:
             raise ResourceExhausted("BANK_OVER_CAPACITY", "bank over capacity",
                                     bank_id=bank.bank_id)
@@ -103,8 +104,27 @@ class BankSim:
             await asyncio.sleep(latency_s)
         if fault is Fault.TIMEOUT:
             bank.counters.timeouts_injected += 1
-            await _hold(remaining)
+            await self._hold(remaining)
         return fault
+
+    async def _hold(self, remaining: Remaining) -> None:
+        """Answers nothing until the caller's deadline has passed (bounded), then gives up.
+
+        Shutdown ends a hold at once (UNAVAILABLE), so the server's grace period is not spent
+        on calls that would never be answered.
+        """
+        left_s = remaining()
+        hold_s = HOLD_MAX_S if left_s is None or not math.isfinite(left_s) else left_s
+        hold_s = min(max(hold_s, 0.0) + HOLD_PAST_DEADLINE_S, HOLD_MAX_S)
+        try:
+            await asyncio.wait_for(self._closing.wait(), hold_s)
+        except TimeoutError:
+            raise DeadlineExceeded("BANK_TIMEOUT", "the bank did not answer") from None
+        raise Unavailable("BANK_SHUTTING_DOWN", "the bank is shutting down")
+
+    def begin_shutdown(self) -> None:
+        """Releases every held call; called before the server's graceful stop."""
+        self._closing.set()
 
     def _route(self, order_id: str) -> tuple[OrderRecord | None, BankState | None]:
         check_order_id(order_id)
@@ -261,9 +281,3 @@ def _fields(faults: Faults) -> dict[str, float]:
     return {name: getattr(faults, name) for name in FAULT_KEYS}
 
 
-async def _hold(remaining: Remaining) -> None:
-    """Answers nothing until the caller's deadline has passed (bounded), then gives up."""
-    left_s = remaining()
-    hold_s = HOLD_MAX_S if left_s is None or not math.isfinite(left_s) else left_s
-    await asyncio.sleep(min(max(hold_s, 0.0) + HOLD_PAST_DEADLINE_S, HOLD_MAX_S))
-    raise DeadlineExceeded("BANK_TIMEOUT", "the bank did not answer")

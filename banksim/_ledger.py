@@ -151,7 +151,7 @@ _Op = Callable[[lmdb.Transaction], Any]
 _STOP = object()
 
 
-def _int(raw: bytes | None) -> int:
+def _int(raw: bytes | memoryview | None) -> int:
     if raw is None:
         return 0
     assert len(raw) == _INT64.size, f"int64 value of {len(raw)} bytes"

@@ -112,7 +112,7 @@ class OrderRecord:
         return head + self.card_id.encode("ascii")
 
     @classmethod
-    def decode(cls, raw: bytes) -> OrderRecord:
+    def decode(cls, raw: bytes | memoryview) -> OrderRecord:
         version, kind, status, reason, amount, created, updated = _ORDER.unpack_from(raw)
         assert version == _ORDER_VERSION, f"order record version {version}"
         return cls(

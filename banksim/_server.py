@@ -103,6 +103,7 @@ async def _serve(settings: Settings, sim: BankSim) -> int:
     finally:
         log.info("banksim_stopping", grace_s=settings.grace_s)
         await health_servicer.enter_graceful_shutdown()
+        sim.begin_shutdown()
         await server.stop(settings.grace_s)
         await sim.close()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -515,6 +515,8 @@ def test_config_file_flags_health_reflection_and_sigterm(tmp_path):
         assert (icbc.capacity_tps, icbc.collapse_after_s, icbc.collapse_for_s) == (1000, 5, 10)
         assert (ccb.timeout_rate, ccb.decline_rate) == (0, 0.125)
         assert b.balance("ccb-1") == 500
+        every = b.set_faults("", latency_ms=2)
+        assert {s.bank_id: s.faults.latency_ms for s in every.banks} == {"icbc": 2, "ccb": 2}
 
         health = health_pb2_grpc.HealthStub(b.channel)
         for service in ("", "banksim.v1.BankService", "banksim.v1.BankAdminService"):
@@ -533,6 +535,33 @@ def test_config_file_flags_health_reflection_and_sigterm(tmp_path):
     events = [json.loads(line)["event"] for line in
               (tmp_path / "banksim.log").read_text().splitlines() if line.startswith("{")]
     assert "banksim_serving" in events and "banksim_stopped" in events
+
+
+def test_shutdown_drops_waiting_late_debits_and_releases_held_calls(tmp_path):
+    """On SIGTERM a held call fails UNAVAILABLE at once and a waiting late debit never applies."""
+    proc, port = start_banksim(tmp_path)
+    try:
+        b = Bank(port)
+        b.set_faults("icbc", late_debit_rate=1.0, late_debit_delay_ms=60_000)
+        c, o = card(), oid()
+        assert failure(b.debit, o, c, 100).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        b.set_faults("ccb", timeout_rate=1.0)
+        held = b.svc.Debit.future(pb.DebitRequest(order_id=oid(), card_id="ccb-1", amount_fen=1),
+                                  timeout=20)
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert stop_banksim(proc) == 0
+        assert time.monotonic() - start < 1.5, "the grace period was spent on a held call"
+        assert held.exception().code() == grpc.StatusCode.UNAVAILABLE
+        b.channel.close()
+    finally:
+        stop_banksim(proc)
+    with running_banksim(tmp_path) as (_, port):
+        b = Bank(port)
+        assert b.query(o).status == NOT_FOUND
+        assert b.balance(c) == 1_000_000
+        assert b.void(o).status == VOIDED
+        b.channel.close()
 
 
 @pytest.mark.parametrize("args", [
