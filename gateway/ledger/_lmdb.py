@@ -566,6 +566,7 @@ def open_readonly(data_dir: str | os.PathLike) -> LedgerSnapshot:
         raise FileNotFoundError(f"no ledger in {data_dir}")
     env = lmdb.open(str(path), readonly=True, max_dbs=len(_DBS) + 8, lock=True,
                     subdir=True, readahead=False, max_readers=1024)
-    with env.begin() as txn:
-        dbs = {name: env.open_db(name.encode(), txn=txn, create=False) for name in _DBS}
+    # Opened outside any transaction of ours: py-lmdb then commits the
+    # handle's own read transaction, which keeps the handles valid afterwards.
+    dbs = {name: env.open_db(name.encode(), create=False) for name in _DBS}
     return LedgerSnapshot(env, dbs)
