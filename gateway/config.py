@@ -38,6 +38,7 @@ class Settings:
     batch_grab_max_items: int = 1000
     max_concurrent_rpcs: int = 10_000
     grace_s: float = 5.0
+    switch_interval_ms: float = 0.5
     access_log: bool = True
 
     def validate(self) -> Settings:

@@ -82,6 +82,8 @@ class GroupCommitWriter:
         self.batches = 0
         self.requests = 0
         self.batch_size_max = 0
+        self.apply_s_total = 0.0  # running the operations
+        self.commit_s_total = 0.0  # committing, fsync included
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -181,6 +183,7 @@ class GroupCommitWriter:
     def _apply(self, batch: list[_Request]) -> list:
         results: list = []
         now_ms = time.time_ns() // 1_000_000
+        t0 = time.perf_counter()
         with self._env.begin(write=True) as txn:
             state = self._make_batch(txn, now_ms)
             for req in batch:
@@ -189,6 +192,9 @@ class GroupCommitWriter:
                 except errors.GatewayError as err:
                     results.append(err)
             state.flush()
+            t1 = time.perf_counter()
+        self.apply_s_total += t1 - t0
+        self.commit_s_total += time.perf_counter() - t1
         return results
 
     def _grow(self) -> bool:
