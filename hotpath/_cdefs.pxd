@@ -111,3 +111,16 @@ cdef extern from *:
 
     bint hb_add_overflows(int64_t a, int64_t b, int64_t *out) nogil
     uint64_t hb_hash64(const unsigned char *p, Py_ssize_t n) nogil
+
+
+from cpython.long cimport PyLong_CheckExact
+from cpython.number cimport PyNumber_Index
+
+
+cdef inline int64_t as_i64(object value) except? -1:
+    # Cython converts a float argument to a C integer by truncating it; money
+    # must refuse floats instead (TypeError), as operator.index() does in the
+    # pure twin.  Out-of-range ints still raise OverflowError.
+    if not PyLong_CheckExact(value):
+        value = PyNumber_Index(value)
+    return value

@@ -51,3 +51,5 @@ cdef class GrabGate:
     cdef readonly Py_ssize_t max_envelopes
     cdef EnvelopeGate *_find(self, bytes envelope_key) noexcept
     cdef int _evict(self) except -1
+    cdef int _track(self, bytes envelope_key, int64_t count, int64_t claimed, bint sold_out,
+                    object users) except -1

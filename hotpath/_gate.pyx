@@ -35,6 +35,7 @@ from libc.stdlib cimport calloc, free
 
 from hotpath._cdefs cimport (
     HB_DEBUG,
+    as_i64,
     hb_cas_i64,
     hb_cas_u64,
     hb_fetch_add_i64,
@@ -208,14 +209,17 @@ cdef class GrabGate:
             self._order = deque(self._envelopes.values())
         return 0
 
-    def track(self, bytes envelope_key not None, int64_t count, int64_t claimed=0,
-              bint sold_out=False, users=()):
+    def track(self, bytes envelope_key not None, count, claimed=0, sold_out=False, users=()):
         """Register an envelope, or refresh it from LMDB; idempotent.
 
         `reserved` becomes max(reserved, claimed); the envelope is marked sold
         out if sold_out is true or claimed >= count; every user in `users` is
         marked as having grabbed.
         """
+        self._track(envelope_key, as_i64(count), as_i64(claimed), sold_out, users)
+
+    cdef int _track(self, bytes envelope_key, int64_t count, int64_t claimed, bint sold_out,
+                    object users) except -1:
         if count < 1 or count > GATE_MAX_COUNT:
             raise ValueError(f"count must be in 1..{GATE_MAX_COUNT}, got {count}")
         if claimed < 0 or claimed > count:
@@ -239,6 +243,7 @@ cdef class GrabGate:
             mark_hash(&tracked.gate, _key_hash(user_key))
         if HB_DEBUG:
             _check_table(&tracked.gate)
+        return 0
 
     def admit(self, bytes envelope_key not None, bytes user_key not None):
         """Claim a provisional slot for a user, or say why not (GATE_* < 0).

@@ -17,7 +17,6 @@ object (bytes, bytearray, memoryview: LMDB hands out either).  Integer
 arguments outside int64 raise OverflowError, non-integers TypeError.
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_FromLong
 from cpython.ref cimport Py_INCREF
@@ -27,6 +26,7 @@ from libc.string cimport memcpy
 
 from hotpath._cdefs cimport (
     HB_DEBUG,
+    as_i64,
     hb_add_overflows,
     hb_get_u16,
     hb_get_u32,
@@ -55,6 +55,21 @@ cdef int raise_check(RecordCheck check, str record, Py_ssize_t n) except -1:
     raise record_error(_PROBLEMS[<int>check], record, n)
 
 
+cdef inline bytes _as_bytes(object buf):
+    # Readers work on bytes; any other bytes-like object (LMDB may hand out
+    # memoryviews) is copied once, which for records of at most a few hundred
+    # bytes is cheaper than holding a buffer view across a try/finally.
+    if type(buf) is bytes:
+        return <bytes>buf
+    return bytes(memoryview(buf))
+
+
+cdef inline bytes _need_bytes(str name, object value):
+    if type(value) is not bytes:
+        raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
+    return <bytes>value
+
+
 cdef inline int _need_range(str name, int64_t value, int64_t lo, int64_t hi) except -1:
     if value < lo or value > hi:
         raise ValueError(f"{name} must be in {lo}..{hi}, got {value}")
@@ -63,8 +78,12 @@ cdef inline int _need_range(str name, int64_t value, int64_t lo, int64_t hi) exc
 
 # ---------------------------------------------------------------- int64 and money
 
-def pack_i64(int64_t v):
+def pack_i64(v):
     """8 bytes, little-endian signed (`<q`)."""
+    return _pack_i64(as_i64(v))
+
+
+cdef bytes _pack_i64(int64_t v):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, 8)
     hb_put_u64(<unsigned char *>PyBytes_AS_STRING(out), <uint64_t>v)
     return out
@@ -72,29 +91,24 @@ def pack_i64(int64_t v):
 
 def unpack_i64(buf):
     """Inverse of pack_i64; the buffer must be exactly 8 bytes."""
-    cdef Py_buffer view
-    cdef int64_t v
-    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-    try:
-        if view.len != 8:
-            raise_check(RECORD_LENGTH, "i64", view.len)
-        v = <int64_t>hb_get_u64(<const unsigned char *>view.buf)
-    finally:
-        PyBuffer_Release(&view)
-    return v
+    cdef bytes b = _as_bytes(buf)
+    if PyBytes_GET_SIZE(b) != 8:
+        raise_check(RECORD_LENGTH, "i64", PyBytes_GET_SIZE(b))
+    return <int64_t>hb_get_u64(<const unsigned char *>PyBytes_AS_STRING(b))
 
 
-def add_fen(int64_t a, int64_t b):
+def add_fen(a, b):
     """a + b in int64, raising OverflowError instead of wrapping."""
-    cdef int64_t total
-    if hb_add_overflows(a, b, &total):
-        raise OverflowError(f"{a} + {b} fen overflows int64")
+    cdef int64_t x = as_i64(a), y = as_i64(b), total
+    if hb_add_overflows(x, y, &total):
+        raise OverflowError(f"{x} + {y} fen overflows int64")
     return total
 
 
-def debit_ok(int64_t balance_fen, int64_t amount_fen):
+def debit_ok(balance_fen, amount_fen):
     """True if a debit of amount_fen (> 0) is covered by balance_fen."""
-    return amount_fen > 0 and balance_fen >= amount_fen
+    cdef int64_t balance = as_i64(balance_fen), amount = as_i64(amount_fen)
+    return amount > 0 and balance >= amount
 
 
 # ---------------------------------------------------------------- envelope
@@ -179,20 +193,22 @@ cdef RecordCheck claim_share_into(const unsigned char *src, Py_ssize_t n, unsign
     return RECORD_OK
 
 
-cdef tuple _header_tuple(const EnvelopeHeader *h):
-    return (h.total_fen, h.remaining_fen, h.created_at_ms, h.expires_at_ms,
-            h.count, h.claimed, h.kind, h.status, h.flags)
-
-
-def pack_envelope(int64_t total_fen, int64_t remaining_fen, int64_t created_at_ms,
-                  int64_t expires_at_ms, int64_t count, int64_t claimed, int64_t kind,
-                  int64_t status, int64_t flags, shares):
+def pack_envelope(total_fen, remaining_fen, created_at_ms, expires_at_ms, count, claimed,
+                  kind, status, flags, shares):
     """Envelope record: the 40-byte header then count int32 shares.
 
     Checked before writing: count 1..65535, claimed 0..count, kind and status
     0..255, flags 0..65535, remaining_fen 0..total_fen, exactly count shares,
     each 1..2**31-1 fen, summing to total_fen.
     """
+    return _pack_envelope(as_i64(total_fen), as_i64(remaining_fen), as_i64(created_at_ms),
+                          as_i64(expires_at_ms), as_i64(count), as_i64(claimed),
+                          as_i64(kind), as_i64(status), as_i64(flags), shares)
+
+
+cdef bytes _pack_envelope(int64_t total_fen, int64_t remaining_fen, int64_t created_at_ms,
+                          int64_t expires_at_ms, int64_t count, int64_t claimed, int64_t kind,
+                          int64_t status, int64_t flags, object shares):
     _need_range("count", count, 1, 65535)
     _need_range("claimed", claimed, 0, count)
     _need_range("kind", kind, 0, 255)
@@ -209,7 +225,7 @@ def pack_envelope(int64_t total_fen, int64_t remaining_fen, int64_t created_at_m
     cdef int64_t share, total = 0
     cdef Py_ssize_t i
     for i in range(count):
-        share = shares[i]
+        share = as_i64(shares[i])
         if share < 1 or share > _SHARE_MAX_FEN:
             raise ValueError(f"share {i} is {share} fen, outside 1..{_SHARE_MAX_FEN}")
         total += share
@@ -236,78 +252,70 @@ def pack_envelope(int64_t total_fen, int64_t remaining_fen, int64_t created_at_m
 def unpack_envelope(buf):
     """(total_fen, remaining_fen, created_at_ms, expires_at_ms, count, claimed,
     kind, status, flags, shares_tuple), after checking the record."""
-    cdef Py_buffer view
+    cdef bytes b = _as_bytes(buf)
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(b)
     cdef EnvelopeHeader h
-    cdef RecordCheck check
-    cdef const unsigned char *p
-    cdef tuple shares
+    cdef RecordCheck check = decode_envelope_header(p, PyBytes_GET_SIZE(b), &h)
+    if check == RECORD_OK:
+        check = check_envelope_shares(p, &h)
+    if check != RECORD_OK:
+        raise_check(check, "envelope", PyBytes_GET_SIZE(b))
+    cdef tuple shares = PyTuple_New(h.count)
     cdef object item
     cdef Py_ssize_t i
-    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-    try:
-        p = <const unsigned char *>view.buf
-        check = decode_envelope_header(p, view.len, &h)
-        if check == RECORD_OK:
-            check = check_envelope_shares(p, &h)
-        if check != RECORD_OK:
-            raise_check(check, "envelope", view.len)
-        shares = PyTuple_New(h.count)
-        for i in range(h.count):
-            item = PyLong_FromLong(<int32_t>hb_get_u32(p + ENV_HEADER_SIZE + ENV_SHARE_SIZE * i))
-            Py_INCREF(item)   # PyTuple_SET_ITEM steals a reference
-            PyTuple_SET_ITEM(shares, i, item)
-    finally:
-        PyBuffer_Release(&view)
-    return _header_tuple(&h) + (shares,)
+    for i in range(h.count):
+        item = PyLong_FromLong(<int32_t>hb_get_u32(p + ENV_HEADER_SIZE + ENV_SHARE_SIZE * i))
+        Py_INCREF(item)   # PyTuple_SET_ITEM steals a reference
+        PyTuple_SET_ITEM(shares, i, item)
+    return (h.total_fen, h.remaining_fen, h.created_at_ms, h.expires_at_ms,
+            h.count, h.claimed, h.kind, h.status, h.flags, shares)
 
 
 def envelope_header(buf):
     """The envelope record's 9 header fields, without reading the shares."""
-    cdef Py_buffer view
+    cdef bytes b = _as_bytes(buf)
     cdef EnvelopeHeader h
-    cdef RecordCheck check
-    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-    try:
-        check = decode_envelope_header(<const unsigned char *>view.buf, view.len, &h)
-        if check != RECORD_OK:
-            raise_check(check, "envelope", view.len)
-    finally:
-        PyBuffer_Release(&view)
-    return _header_tuple(&h)
+    cdef RecordCheck check = decode_envelope_header(
+        <const unsigned char *>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b), &h)
+    if check != RECORD_OK:
+        raise_check(check, "envelope", PyBytes_GET_SIZE(b))
+    return (h.total_fen, h.remaining_fen, h.created_at_ms, h.expires_at_ms,
+            h.count, h.claimed, h.kind, h.status, h.flags)
 
 
-def claim_share(buf, int status_sold_out):
+def claim_share(buf, status_sold_out):
     """Take the next share: (new_buf, share_index, amount_fen).
 
     share[claimed] is taken, claimed goes up by one, remaining_fen down by the
     share, and status becomes status_sold_out with the last share.  Raises
     EnvelopeSoldOutError (a ValueError) if every share is already claimed.
     """
-    if status_sold_out < 0 or status_sold_out > 255:
-        raise ValueError(f"status_sold_out must be in 0..255, got {status_sold_out}")
-    cdef Py_buffer view
-    cdef RecordCheck check
+    cdef int64_t sold_out_status = as_i64(status_sold_out)
+    if sold_out_status < 0 or sold_out_status > 255:
+        raise ValueError(f"status_sold_out must be in 0..255, got {sold_out_status}")
+    cdef bytes b = _as_bytes(buf)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
     cdef Py_ssize_t index = 0
     cdef int64_t amount_fen = 0
-    cdef bytes out
-    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-    try:
-        out = PyBytes_FromStringAndSize(NULL, view.len)
-        check = claim_share_into(<const unsigned char *>view.buf, view.len,
-                                 <unsigned char *>PyBytes_AS_STRING(out),
-                                 <uint8_t>status_sold_out, &index, &amount_fen)
-        if check != RECORD_OK:
-            raise_check(check, "envelope", view.len)
-    finally:
-        PyBuffer_Release(&view)
+    cdef RecordCheck check = claim_share_into(
+        <const unsigned char *>PyBytes_AS_STRING(b), n, <unsigned char *>PyBytes_AS_STRING(out),
+        <uint8_t>sold_out_status, &index, &amount_fen)
+    if check != RECORD_OK:
+        raise_check(check, "envelope", n)
     return (out, index, amount_fen)
 
 
 # ---------------------------------------------------------------- grab
 
-def pack_grab(int64_t amount_fen, int64_t grabbed_at_ms, int64_t share_index, int64_t flags,
-              bytes request_digest not None):
+def pack_grab(amount_fen, grabbed_at_ms, share_index, flags, request_digest):
     """Grab record (40 bytes); flags bit 0 = credited; the reserved byte is 0."""
+    return _pack_grab(as_i64(amount_fen), as_i64(grabbed_at_ms), as_i64(share_index),
+                      as_i64(flags), _need_bytes("request_digest", request_digest))
+
+
+cdef bytes _pack_grab(int64_t amount_fen, int64_t grabbed_at_ms, int64_t share_index,
+                      int64_t flags, bytes request_digest):
     _need_range("amount_fen", amount_fen, 1, 0x7FFFFFFFFFFFFFFF)
     _need_range("share_index", share_index, 0, 65535)
     _need_range("flags", flags, 0, 255)
@@ -328,29 +336,18 @@ def pack_grab(int64_t amount_fen, int64_t grabbed_at_ms, int64_t share_index, in
 
 def unpack_grab(buf):
     """(amount_fen, grabbed_at_ms, share_index, flags, request_digest), checked."""
-    cdef Py_buffer view
-    cdef const unsigned char *p
-    cdef int64_t amount_fen, grabbed_at_ms
-    cdef uint16_t share_index
-    cdef uint8_t flags
-    cdef bytes digest
-    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-    try:
-        p = <const unsigned char *>view.buf
-        if view.len != GRAB_SIZE:
-            raise_check(RECORD_LENGTH, "grab", view.len)
-        amount_fen = <int64_t>hb_get_u64(p + GRAB_AMOUNT)
-        if amount_fen < 1:
-            raise_check(RECORD_AMOUNT, "grab", view.len)
-        if p[GRAB_KIND] != 0 or hb_get_u32(p + GRAB_PAD) != 0:
-            raise_check(RECORD_RESERVED, "grab", view.len)
-        grabbed_at_ms = <int64_t>hb_get_u64(p + GRAB_AT)
-        share_index = hb_get_u16(p + GRAB_SHARE_INDEX)
-        flags = p[GRAB_FLAGS]
-        digest = PyBytes_FromStringAndSize(<const char *>p + GRAB_DIGEST, GRAB_DIGEST_SIZE)
-    finally:
-        PyBuffer_Release(&view)
-    return (amount_fen, grabbed_at_ms, share_index, flags, digest)
+    cdef bytes b = _as_bytes(buf)
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(b)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    if n != GRAB_SIZE:
+        raise_check(RECORD_LENGTH, "grab", n)
+    cdef int64_t amount_fen = <int64_t>hb_get_u64(p + GRAB_AMOUNT)
+    if amount_fen < 1:
+        raise_check(RECORD_AMOUNT, "grab", n)
+    if p[GRAB_KIND] != 0 or hb_get_u32(p + GRAB_PAD) != 0:
+        raise_check(RECORD_RESERVED, "grab", n)
+    return (amount_fen, <int64_t>hb_get_u64(p + GRAB_AT), hb_get_u16(p + GRAB_SHARE_INDEX), p[GRAB_FLAGS],
+            PyBytes_FromStringAndSize(<const char *>p + GRAB_DIGEST, GRAB_DIGEST_SIZE))
 
 
 # ---------------------------------------------------------------- transfer
@@ -361,10 +358,16 @@ cdef inline int _need_field(str name, bytes value) except -1:
     return 0
 
 
-def pack_transfer(int64_t amount_fen, int64_t created_at_ms, int64_t kind,
-                  bytes debit_account not None, bytes credit_account not None,
-                  bytes ref not None):
+def pack_transfer(amount_fen, created_at_ms, kind, debit_account, credit_account, ref):
     """Transfer record: 20-byte header then debit, credit and ref (each <= 255 bytes)."""
+    return _pack_transfer(as_i64(amount_fen), as_i64(created_at_ms), as_i64(kind),
+                          _need_bytes("debit_account", debit_account),
+                          _need_bytes("credit_account", credit_account),
+                          _need_bytes("ref", ref))
+
+
+cdef bytes _pack_transfer(int64_t amount_fen, int64_t created_at_ms, int64_t kind,
+                          bytes debit_account, bytes credit_account, bytes ref):
     _need_range("amount_fen", amount_fen, 1, 0x7FFFFFFFFFFFFFFF)
     _need_range("kind", kind, 0, 255)
     _need_field("debit_account", debit_account)
@@ -390,31 +393,19 @@ def pack_transfer(int64_t amount_fen, int64_t created_at_ms, int64_t kind,
 
 def unpack_transfer(buf):
     """(amount_fen, created_at_ms, kind, debit_account, credit_account, ref), checked."""
-    cdef Py_buffer view
-    cdef const unsigned char *p
-    cdef int64_t amount_fen, created_at_ms
-    cdef uint8_t kind
-    cdef Py_ssize_t nd, nc, nr
-    cdef bytes debit, credit, ref
-    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-    try:
-        p = <const unsigned char *>view.buf
-        if view.len < XFER_HEADER_SIZE:
-            raise_check(RECORD_SHORT, "transfer", view.len)
-        nd = p[XFER_DEBIT_LEN]
-        nc = p[XFER_CREDIT_LEN]
-        nr = p[XFER_REF_LEN]
-        if view.len != XFER_HEADER_SIZE + nd + nc + nr:
-            raise_check(RECORD_LENGTH, "transfer", view.len)
-        amount_fen = <int64_t>hb_get_u64(p + XFER_AMOUNT)
-        if amount_fen < 1:
-            raise_check(RECORD_AMOUNT, "transfer", view.len)
-        created_at_ms = <int64_t>hb_get_u64(p + XFER_CREATED)
-        kind = p[XFER_KIND]
-        p += XFER_HEADER_SIZE
-        debit = PyBytes_FromStringAndSize(<const char *>p, nd)
-        credit = PyBytes_FromStringAndSize(<const char *>p + nd, nc)
-        ref = PyBytes_FromStringAndSize(<const char *>p + nd + nc, nr)
-    finally:
-        PyBuffer_Release(&view)
-    return (amount_fen, created_at_ms, kind, debit, credit, ref)
+    cdef bytes b = _as_bytes(buf)
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(b)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    if n < XFER_HEADER_SIZE:
+        raise_check(RECORD_SHORT, "transfer", n)
+    cdef Py_ssize_t nd = p[XFER_DEBIT_LEN], nc = p[XFER_CREDIT_LEN], nr = p[XFER_REF_LEN]
+    if n != XFER_HEADER_SIZE + nd + nc + nr:
+        raise_check(RECORD_LENGTH, "transfer", n)
+    cdef int64_t amount_fen = <int64_t>hb_get_u64(p + XFER_AMOUNT)
+    if amount_fen < 1:
+        raise_check(RECORD_AMOUNT, "transfer", n)
+    cdef const char *body = <const char *>p + XFER_HEADER_SIZE
+    return (amount_fen, <int64_t>hb_get_u64(p + XFER_CREATED), p[XFER_KIND],
+            PyBytes_FromStringAndSize(body, nd),
+            PyBytes_FromStringAndSize(body + nd, nc),
+            PyBytes_FromStringAndSize(body + nd + nc, nr))

@@ -27,7 +27,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int64_t, uint64_t
 
-from hotpath._cdefs cimport HB_DEBUG
+from hotpath._cdefs cimport HB_DEBUG, as_i64
 
 cdef extern from *:
     int __builtin_clzll(unsigned long long) nogil
@@ -174,9 +174,8 @@ cdef list _to_list(const int64_t *shares, Py_ssize_t count):
     return result
 
 
-def split_lucky(int64_t total_fen, Py_ssize_t count,
-                int64_t max_share_fen=C_DEFAULT_MAX_SHARE_FEN, bytes seed=None, *,
-                Py_ssize_t max_count=C_MAX_COUNT):
+def split_lucky(total_fen, Py_ssize_t count, max_share_fen=C_DEFAULT_MAX_SHARE_FEN,
+                bytes seed=None, *, Py_ssize_t max_count=C_MAX_COUNT):
     """Split total_fen into count random shares by the double-mean rule.
 
     Each share but the last is uniform in [1, 2*remaining/left], clamped so
@@ -184,7 +183,8 @@ def split_lucky(int64_t total_fen, Py_ssize_t count,
     takes the rest.  seed=None draws 32 bytes from os.urandom; the same seed
     gives the same shares here and in the pure-Python twin.
     """
-    check_split_args(total_fen, count, max_share_fen, max_count)
+    cdef int64_t total = as_i64(total_fen), cap = as_i64(max_share_fen)
+    check_split_args(total, count, cap, max_count)
     if seed is None:
         seed = _urandom(C_SEED_BYTES)
     cdef Xoshiro256 rng
@@ -199,24 +199,23 @@ def split_lucky(int64_t total_fen, Py_ssize_t count,
     try:
         if count >= _NOGIL_SHARES:
             with nogil:
-                lucky_fill(&rng, total_fen, count, max_share_fen, shares)
+                lucky_fill(&rng, total, count, cap, shares)
         else:
-            lucky_fill(&rng, total_fen, count, max_share_fen, shares)
+            lucky_fill(&rng, total, count, cap, shares)
         if HB_DEBUG:
-            _verify(shares, count, total_fen, max_share_fen)
+            _verify(shares, count, total, cap)
         return _to_list(shares, count)
     finally:
         if shares != stack_shares:
             PyMem_Free(shares)
 
 
-def split_normal(int64_t total_fen, Py_ssize_t count,
-                 int64_t max_share_fen=C_DEFAULT_MAX_SHARE_FEN, *,
+def split_normal(total_fen, Py_ssize_t count, max_share_fen=C_DEFAULT_MAX_SHARE_FEN, *,
                  Py_ssize_t max_count=C_MAX_COUNT):
     """Split total_fen into count equal shares; total_fen must divide evenly."""
-    check_split_args(total_fen, count, max_share_fen, max_count)
-    if total_fen % count != 0:
-        raise ValueError(
-            f"total_fen {total_fen} does not divide evenly into {count} shares")
+    cdef int64_t total = as_i64(total_fen)
+    check_split_args(total, count, as_i64(max_share_fen), max_count)
+    if total % count != 0:
+        raise ValueError(f"total_fen {total} does not divide evenly into {count} shares")
     # One int object repeated: equal shares, and ints are immutable.
-    return [total_fen // count] * count
+    return [total // count] * count
