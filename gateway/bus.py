@@ -8,6 +8,7 @@ crash between applying and acknowledging can only repeat a no-op.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import structlog
@@ -59,7 +60,5 @@ class CreditConsumer:
         if pause_s <= 0:
             await asyncio.sleep(0)
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), pause_s)
-        except TimeoutError:
-            pass

@@ -34,9 +34,9 @@ def _serve_parser(sub) -> None:
 
 
 def _cmd_serve(args) -> int:
-    from gateway.config import Settings  # noqa: PLC0415 - keep `hongbao --help` fast
-    from gateway.interceptors.logging import configure_logging  # noqa: PLC0415
-    from gateway.server import ServeOptions, serve, supervise  # noqa: PLC0415
+    from gateway.config import Settings
+    from gateway.interceptors.logging import configure_logging
+    from gateway.server import ServeOptions, serve, supervise
 
     configure_logging(args.log_level)
     settings = Settings.load(args.config, durability=args.durability)
@@ -80,7 +80,7 @@ def _ticket_parser(sub) -> None:
 
 
 def _cmd_ticket(args) -> int:
-    from gateway import errors, tickets  # noqa: PLC0415
+    from gateway import errors, tickets
 
     ring = (tickets.KeyRing.from_file(args.key_file) if args.key_file
             else tickets.KeyRing.load_or_create(args.data_dir))
@@ -102,9 +102,9 @@ def _reconcile_parser(sub) -> None:
 
 
 def _cmd_reconcile(args) -> int:
-    from gateway import reconcile  # noqa: PLC0415
-    from gateway.bank import BankClient  # noqa: PLC0415
-    from gateway.ledger._lmdb import open_readonly  # noqa: PLC0415
+    from gateway import reconcile
+    from gateway.bank import BankClient
+    from gateway.ledger._lmdb import open_readonly
 
     ledger = open_readonly(args.data_dir)
     try:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _serve_parser(sub)
     bank = sub.add_parser("banksim", help="run the bank simulator")
-    from banksim import cli as banksim_cli  # noqa: PLC0415
+    from banksim import cli as banksim_cli
 
     banksim_cli.add_arguments(bank)
     _ticket_parser(sub)
@@ -146,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "reconcile":
         return _cmd_reconcile(args)
     if args.cmd == "demo":
-        from gateway.demo import main as demo_main  # noqa: PLC0415
+        from gateway.demo import main as demo_main
 
         return demo_main()
     if args.cmd == "bench":
-        from gateway.benchrun import main as bench_main  # noqa: PLC0415
+        from gateway.benchrun import main as bench_main
 
         return bench_main(args.names)
     parser.error(f"unknown command {args.cmd}")

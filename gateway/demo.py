@@ -168,7 +168,8 @@ def _print_summary(stats: dict) -> None:
     fen = lambda v: f"{v / 100:,.2f} yuan"  # noqa: E731
     print("\nWhat happened")
     print(f"  users                  {USERS} (each topped up {fen(TOP_UP_FEN)} from a card)")
-    print(f"  envelopes              {SENDERS} ({stats['shares']} shares, {fen(stats['sent_fen'])})")
+    print(f"  envelopes              {SENDERS} "
+          f"({stats['shares']} shares, {fen(stats['sent_fen'])})")
     print(f"  grab attempts          {stats['attempts']}  "
           + "  ".join(f"{k}={v}" for k, v in sorted(stats["outcomes"].items())))
     if stats["errors"]:

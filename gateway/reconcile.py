@@ -179,7 +179,7 @@ def audit(ledger: LmdbLedger) -> Report:
 
 async def cross_check_bank(report: Report, bank) -> None:
     """Check 6: the bank's merchant balance against the gateway's books."""
-    from banksim.v1 import bank_pb2  # noqa: PLC0415 - only with a bank
+    from banksim.v1 import bank_pb2
 
     stats = await bank.stats()
     settled_in_flight = 0

@@ -348,7 +348,7 @@ def _op_begin_payment(b: _Batch, payment: Payment, fingerprint: bytes) -> Paymen
 
 
 def _with(p: Payment, **changes) -> Payment:
-    import dataclasses  # noqa: PLC0415 - tiny helper, kept local
+    import dataclasses
 
     return dataclasses.replace(p, **changes)
 

@@ -17,6 +17,7 @@ with INTERNAL (nothing of it was written).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -218,7 +219,5 @@ class GroupCommitWriter:
             else:
                 by_loop.setdefault(req.loop, []).append((req.future, value))
         for loop, pairs in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed while we committed
                 loop.call_soon_threadsafe(_deliver, pairs)
-            except RuntimeError:  # the loop closed while we committed
-                pass
