@@ -211,12 +211,31 @@ def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
     return handler.unary_stream if handler.response_streaming else handler.unary_unary
 
 
+# grpc's own handler type (a namedtuple), found through the public factory. Building
+# it directly costs 0.3 us against 0.8 us for the keyword-taking factory, and every
+# call pays this once per wrapping interceptor.
+_GRPC_HANDLER_TYPE = type(grpc.unary_unary_rpc_method_handler(lambda request, context: None))
+_GRPC_HANDLER_FIELDS = (
+    "request_streaming", "response_streaming", "request_deserializer", "response_serializer",
+    "unary_unary", "unary_stream", "stream_unary", "stream_stream",
+)
+assert getattr(_GRPC_HANDLER_TYPE, "_fields", None) == _GRPC_HANDLER_FIELDS
+
+
 def with_behaviour(
     handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]
 ) -> grpc.RpcMethodHandler:
     """A copy of ``handler`` (same arity and serializers) running ``behaviour``."""
-    factory = _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming]
-    return factory(
+    req, resp = handler.request_streaming, handler.response_streaming
+    if type(handler) is _GRPC_HANDLER_TYPE:
+        return _GRPC_HANDLER_TYPE(  # type: ignore[no-any-return]
+            req, resp, handler.request_deserializer, handler.response_serializer,
+            None if req or resp else behaviour,
+            behaviour if resp and not req else None,
+            behaviour if req and not resp else None,
+            behaviour if req and resp else None,
+        )
+    return _HANDLER_FACTORIES[req, resp](
         behaviour,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
