@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
-	HONGBAO_HOTPATH=pure $(PY) -m pytest -q tests/test_hotpath.py
+	HONGBAO_HOTPATH=pure $(PY) -m pytest -q tests/test_ledger.py
 
 # The hot path with its internal assertions compiled in (asyncpg's debug build).
 debug-test: $(STAMP)
