@@ -37,12 +37,14 @@ from hongbao.v1 import (
 )
 
 SUBJECT_HEADER = "x-test-subject"
+BOUND_HEADER = "x-test-bound-request-id"
 UNLISTED = "test.v1.Unlisted"
 
 
 class Wallet(wallet_pb2_grpc.WalletServiceServicer):
     async def GetBalance(self, request, context):
-        context.set_trailing_metadata(((SUBJECT_HEADER, claims().subject),))
+        bound = structlog.contextvars.get_contextvars().get("request_id", "")
+        context.set_trailing_metadata(((SUBJECT_HEADER, claims().subject), (BOUND_HEADER, bound)))
         return wallet_pb2.GetBalanceResponse(balance_fen=7)
 
     def ListTransactions(self, request, context):
@@ -380,12 +382,13 @@ def test_claims_outside_a_call_asserts():
 
 
 def test_request_id_is_echoed(tmp_path):
-    """A well-formed x-request-id is echoed back in the initial metadata and logged."""
+    """A well-formed x-request-id is echoed, bound for the servicer's own logs, and logged."""
     async def scenario(h):
         call = h.wallet.GetBalance(wallet_pb2.GetBalanceRequest(),
                                    metadata=(*h.meta(), (REQUEST_ID_HEADER, "req-123")))
         await call
         assert (REQUEST_ID_HEADER, "req-123") in tuple(await call.initial_metadata())
+        assert (BOUND_HEADER, "req-123") in tuple(await call.trailing_metadata())
         assert h.log.lines[-1]["request_id"] == "req-123"
     run(tmp_path, scenario)
 

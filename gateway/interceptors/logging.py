@@ -26,6 +26,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any, TextIO
 
 import grpc
@@ -48,6 +49,22 @@ _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _SECRET_KEYS = frozenset(
     {"authorization", "ticket", "issuer_key", "x-hongbao-issuer-key", "secret", "key"}
 )
+
+
+
+def _structlog_var(key: str) -> ContextVar[Any]:
+    """The context variable behind ``structlog.contextvars`` for ``key``.
+
+    Found through public API (a bind returns tokens, and a token knows its variable).
+    Setting it directly is what ``bind_contextvars(key=...)`` does, at a quarter of
+    the cost, and this runs on every call.
+    """
+    token = structlog.contextvars.bind_contextvars(**{key: None})[key]
+    structlog.contextvars.reset_contextvars(**{key: token})
+    return token.var
+
+
+_REQUEST_ID_VAR = _structlog_var("request_id")
 
 _OK = "OK"
 _CANCELLED = "CANCELLED"
@@ -137,7 +154,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         if kind is ASYNC:
 
             async def wrapped(request: Any, context: Any) -> Any:
-                structlog.contextvars.bind_contextvars(request_id=request_id)
+                _REQUEST_ID_VAR.set(request_id)
                 if access is None:
                     if echo is not None:
                         await context.send_initial_metadata(echo)
@@ -159,7 +176,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         if kind is ASYNC_GEN:
 
             async def wrapped(request: Any, context: Any) -> Any:  # type: ignore[misc]
-                structlog.contextvars.bind_contextvars(request_id=request_id)
+                _REQUEST_ID_VAR.set(request_id)
                 start_ns = time.perf_counter_ns()
                 code = None
                 try:
@@ -179,7 +196,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         def wrapped(request: Any, context: Any) -> Any:
             # Sync handlers run in grpc's thread pool, whose threads keep their context
             # from call to call: bind, then always unbind.
-            tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+            token = _REQUEST_ID_VAR.set(request_id)
             start_ns = time.perf_counter_ns()
             try:
                 if echo is not None:
@@ -190,7 +207,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                     access(method, request_id, start_ns, _code_of_exception(context, exc))
                 raise
             finally:
-                structlog.contextvars.reset_contextvars(**tokens)
+                _REQUEST_ID_VAR.reset(token)
             if streaming:
                 return _LoggedIterator(result, self, method, request_id, start_ns, context)
             if access is not None:
