@@ -123,7 +123,7 @@ async def bench_interceptors(ring: tickets.KeyRing, calls: int, runs: int) -> di
     async def behaviour(request: Any, context: Any) -> Any:
         return request
 
-    handler = grpc.unary_unary_rpc_method_handler(
+    handler: Any = grpc.unary_unary_rpc_method_handler(
         behaviour, wallet_pb2.GetBalanceRequest.FromString,
         wallet_pb2.GetBalanceResponse.SerializeToString)
 
@@ -131,25 +131,25 @@ async def bench_interceptors(ring: tickets.KeyRing, calls: int, runs: int) -> di
         return handler
 
     ticket, _ = tickets.mint(ring, "user:12345678", ["pay", "grab", "read"], 3600)
-    details = _Details(_METHOD, (("user-agent", "grpc-python/1.85"),
+    details: Any = _Details(_METHOD, (("user-agent", "grpc-python/1.85"),
                                  ("authorization", f"Bearer {ticket}")))
-    context = _Context()
+    context: Any = _Context()
     request = object()
 
     async def bare() -> None:
-        h = await continuation(details)
+        h: Any = await continuation(details)
         await h.unary_unary(request, context)
 
     def through(interceptor: grpc.aio.ServerInterceptor) -> Callable[[], Any]:
         async def call() -> None:
-            h = await interceptor.intercept_service(continuation, details)
+            h: Any = await interceptor.intercept_service(continuation, details)
             await h.unary_unary(request, context)
         return call
 
     claims = tickets.verify(ring, ticket)
 
     async def wrapper_only() -> None:
-        h = auth_mod._with_claims(await continuation(details), claims)
+        h: Any = auth_mod._with_claims(await continuation(details), claims)
         await h.unary_unary(request, context)
 
     bare_us = await _per_call_us_async(bare, calls, runs)
@@ -210,7 +210,7 @@ async def bench_rpc(ring: tickets.KeyRing, calls: int, runs: int) -> dict[str, f
                     await stub.GetBalance(request, metadata=metadata)
                 samples[name].append((time.perf_counter_ns() - start) / calls / 1e3)
         for ch in channels.values():
-            await ch.close()
+            await ch.close(None)
     finally:
         for server, _ in servers.values():
             await server.stop(None)

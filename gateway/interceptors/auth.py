@@ -100,7 +100,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._leeway_s = leeway_s
         self._denials: dict[tuple[Any, ...], grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
+    async def intercept_service(  # type: ignore[override]  # may return None, as grpc allows
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Any],
         handler_call_details: grpc.HandlerCallDetails,
@@ -169,7 +169,7 @@ def _denial_handler(
 ) -> grpc.RpcMethodHandler:
     # A coroutine serves every arity: grpc awaits it for unary and streaming responses
     # alike. No deserializer: the request, if any, is never read.
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def deny(request: Any, context: Any) -> None:
         await context.abort_with_status(status)
 
     return _HANDLER_FACTORIES[request_streaming, response_streaming](deny)
@@ -204,8 +204,8 @@ def behaviour_kind(fn: Callable[..., Any]) -> str:
     return SYNC
 
 
-def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
-    """The behaviour function of ``handler``, whatever its arity."""
+def behaviour_of(handler: Any) -> Callable[..., Any]:
+    """The behaviour function of a ``grpc.RpcMethodHandler``, whatever its arity."""
     if handler.request_streaming:
         return handler.stream_stream if handler.response_streaming else handler.stream_unary
     return handler.unary_stream if handler.response_streaming else handler.unary_unary
@@ -228,7 +228,7 @@ def with_behaviour(
     """A copy of ``handler`` (same arity and serializers) running ``behaviour``."""
     req, resp = handler.request_streaming, handler.response_streaming
     if type(handler) is _GRPC_HANDLER_TYPE:
-        return _GRPC_HANDLER_TYPE(  # type: ignore[no-any-return]
+        return _GRPC_HANDLER_TYPE(  # type: ignore[call-arg]  # the stubs omit the fields
             req, resp, handler.request_deserializer, handler.response_serializer,
             None if req or resp else behaviour,
             behaviour if resp and not req else None,

@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 import grpc
 import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from gateway.interceptors.auth import (
     ASYNC,
@@ -125,7 +126,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         self._echo = echo_request_id
         self._log = logger if logger is not None else structlog.get_logger("gateway.access")
 
-    async def intercept_service(
+    async def intercept_service(  # type: ignore[override]  # may return None, as grpc allows
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Any],
         handler_call_details: grpc.HandlerCallDetails,
@@ -193,7 +194,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
 
             return wrapped
 
-        def wrapped(request: Any, context: Any) -> Any:
+        def wrapped_sync(request: Any, context: Any) -> Any:
             # Sync handlers run in grpc's thread pool, whose threads keep their context
             # from call to call: bind, then always unbind.
             token = _REQUEST_ID_VAR.set(request_id)
@@ -214,7 +215,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                 access(method, request_id, start_ns, _code_of(context))
             return result
 
-        return wrapped
+        return wrapped_sync
 
     def _access_line(self, method: str, request_id: str, start_ns: int, code: str) -> None:
         duration_ms = round((time.perf_counter_ns() - start_ns) / 1e6, 3)
@@ -282,13 +283,13 @@ class _LoggedIterator:
 # -- configuration -------------------------------------------------------------------------
 
 
-def _drop_secrets(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _drop_secrets(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
     for key in _SECRET_KEYS.intersection(event_dict):
         event_dict[key] = "[redacted]"
     return event_dict
 
 
-def _add_user(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_user(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
     verified = current_claims.get()
     if verified is not None:
         event_dict.setdefault("user", verified.subject)
@@ -304,24 +305,21 @@ def configure_logging(level: str = "info", json: bool = True, stream: TextIO | N
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
-    )
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        _add_user,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_secrets,
+    ]
+    if json:
+        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        processors.append(structlog.dev.ConsoleRenderer())  # renders exceptions itself
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            _add_user,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info if json else _identity,
-            _drop_secrets,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=True,
     )
 
-
-def _identity(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    return event_dict
