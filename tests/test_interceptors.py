@@ -109,13 +109,13 @@ _UNLISTED_HANDLER = grpc.method_handlers_generic_handler(UNLISTED, {
 
 
 class Recorder:
-    """A logger stand-in keeping every access line."""
+    """A logger stand-in keeping every access line, with the bound context merged in."""
 
     def __init__(self) -> None:
         self.lines: list[dict] = []
 
     def info(self, event: str, **fields) -> None:
-        self.lines.append({"event": event, **fields})
+        self.lines.append({**structlog.contextvars.get_contextvars(), "event": event, **fields})
 
 
 class Harness:
@@ -432,6 +432,7 @@ def test_access_log_line_per_call(tmp_path):
         assert (ok["code"], ok["user"]) == ("OK", "user:7")
         assert isinstance(ok["duration_ms"], float) and ok["duration_ms"] >= 0
         assert denied["code"] == "UNAUTHENTICATED" and "user" not in denied
+        assert denied["reason"] == "TICKET_MISSING" and "reason" not in ok
         assert (stream["code"], stream["user"]) == ("OK", "user:7")
         ticket = meta[0][1].split()[1]
         assert all(ticket not in repr(line) for line in h.log.lines)

@@ -32,6 +32,7 @@ from types import MappingProxyType
 from typing import Any
 
 import grpc
+import structlog
 
 from gateway.errors import GatewayError, PermissionDenied, Unauthenticated, to_status
 from gateway.tickets import DEFAULT_LEEWAY_S, Claims, KeyRing, verify
@@ -142,7 +143,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         key = (type(err), err.reason, err.message, tuple(sorted(err.metadata.items())), arity)
         denial = self._denials.get(key)
         if denial is None:
-            denial = _denial_handler(to_status(err), *arity)
+            denial = _denial_handler(to_status(err), err.reason, *arity)
             if len(self._denials) < _MAX_DENIALS:
                 self._denials[key] = denial
         return denial
@@ -165,11 +166,13 @@ def _bearer(metadata: Any) -> str:
 
 
 def _denial_handler(
-    status: grpc.Status, request_streaming: bool, response_streaming: bool
+    status: grpc.Status, reason: str, request_streaming: bool, response_streaming: bool
 ) -> grpc.RpcMethodHandler:
     # A coroutine serves every arity: grpc awaits it for unary and streaming responses
     # alike. No deserializer: the request, if any, is never read.
     async def deny(request: Any, context: Any) -> None:
+        # Bound for the access log line, which then says why the call was refused.
+        structlog.contextvars.bind_contextvars(reason=reason)
         await context.abort_with_status(status)
 
     return _HANDLER_FACTORIES[request_streaming, response_streaming](deny)

@@ -4,8 +4,10 @@ Each call gets a request id: the caller's ``x-request-id`` when well formed (1..
 ``[A-Za-z0-9._:-]``), else a fresh one. It is bound with ``structlog.contextvars``
 inside the handler's own task, so every line the servicer logs carries it, and it is
 echoed to the caller in the initial metadata. When the call ends one line records
-``method``, ``code``, ``duration_ms``, ``request_id`` and, when a ticket was verified,
-``user``. Tickets, keys and metadata values other than the request id are never logged.
+``method``, ``code``, ``duration_ms``, ``request_id``, ``user`` when a ticket was
+verified, and ``reason`` when the auth interceptor refused the call (with structlog
+configured by :func:`configure_logging`, which merges bound context into every line).
+Tickets, keys and metadata values other than the request id are never logged.
 
 Install it outermost, before the auth interceptor, so refused calls are logged too::
 
