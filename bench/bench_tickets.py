@@ -6,7 +6,8 @@ figures, wall time for the loopback ones):
 
 - ``verify_warm_us``: the same ticket again (a client's steady state; cache hit);
 - ``verify_cold_us``: a different ticket every call, more than the cache holds, so
-  every call hashes, decodes and evicts (the goal of 5 us applies to this one);
+  every call hashes, decodes and caches (the goal of 5 us applies to this one);
+  ``verify_cold_best_us`` is its fastest run, the least disturbed by other load;
 - ``verify_forged_us``: refusing a forged ticket (one HMAC, never cached);
 - ``mint_us``;
 - ``auth_interceptor_us`` / ``auth_wrapper_us``: the whole auth interceptor per call
@@ -72,6 +73,10 @@ _clock_ns = time.thread_time_ns
 
 
 def _per_call_us(fn: Callable[[], object], calls: int, runs: int) -> float:
+    return statistics.median(_samples_us(fn, calls, runs))
+
+
+def _samples_us(fn: Callable[[], object], calls: int, runs: int) -> list[float]:
     samples: list[float] = []
     deadline = time.monotonic() + _BUDGET_S
     while len(samples) < runs and (len(samples) < _MIN_RUNS or time.monotonic() < deadline):
@@ -79,7 +84,7 @@ def _per_call_us(fn: Callable[[], object], calls: int, runs: int) -> float:
         for _ in range(calls):
             fn()
         samples.append((_clock_ns() - start) / calls / 1e3)
-    return statistics.median(samples)
+    return samples
 
 
 async def _per_call_us_async(fn: Callable[[], Any], calls: int, runs: int) -> float:
@@ -104,7 +109,7 @@ def bench_tickets(ring: tickets.KeyRing, calls: int, runs: int) -> dict[str, flo
     def cold() -> None:
         tickets.verify(ring, distinct[next(position) % len(distinct)])
 
-    cold_us = _per_call_us(cold, calls, runs)
+    cold_samples = _samples_us(cold, calls, runs)
 
     signed, _, sig = ticket.rpartition(".")
     forged = f"{signed}.{'A' if sig[0] != 'A' else 'B'}{sig[1:]}"
@@ -115,7 +120,8 @@ def bench_tickets(ring: tickets.KeyRing, calls: int, runs: int) -> dict[str, flo
 
     forged_us = _per_call_us(refuse, calls, runs)
     mint_us = _per_call_us(lambda: tickets.mint(ring, "user:1", ["pay"], 3600), calls, runs)
-    return {"verify_warm_us": warm, "verify_cold_us": cold_us,
+    return {"verify_warm_us": warm, "verify_cold_us": statistics.median(cold_samples),
+            "verify_cold_best_us": min(cold_samples),
             "verify_forged_us": forged_us, "mint_us": mint_us}
 
 

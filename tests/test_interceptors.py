@@ -278,12 +278,17 @@ def test_each_call_sees_its_own_subject(tmp_path):
 
 
 def test_sync_handler_sees_claims(tmp_path):
-    """A sync handler, run in grpc's thread pool, still sees its caller's subject."""
+    """A sync handler, run in grpc's thread pool, sees its caller's subject and is logged."""
     async def scenario(h):
         for subject in ("user:a", "user:b", "user:a"):
-            response = await h.wallet.ListTransactions(
-                wallet_pb2.ListTransactionsRequest(), metadata=h.meta(subject))
-            assert response.next_page_token == subject
+            call = h.wallet.ListTransactions(
+                wallet_pb2.ListTransactionsRequest(),
+                metadata=(*h.meta(subject), (REQUEST_ID_HEADER, f"sync-{subject}")))
+            assert (await call).next_page_token == subject
+            assert (REQUEST_ID_HEADER, f"sync-{subject}") in tuple(await call.initial_metadata())
+        assert [line["code"] for line in h.log.lines] == ["OK"] * 3
+        assert [line["request_id"] for line in h.log.lines] == [
+            "sync-user:a", "sync-user:b", "sync-user:a"]
     run(tmp_path, scenario)
 
 
