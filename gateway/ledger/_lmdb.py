@@ -166,7 +166,9 @@ class _Batch:
         self.txn.put(key, value, db=self.dbs["wallet_tx"])
 
     def publish(self, topic: str, payload: bytes) -> None:
-        self.txn.put(_BE64.pack(self.next_seq()), payload, db=self.dbs["bus:" + topic])
+        # Sequence numbers only grow, so each message goes at the end (MDB_APPEND).
+        self.txn.put(_BE64.pack(self.next_seq()), payload, db=self.dbs["bus:" + topic],
+                     append=True)
 
     def flush(self) -> None:
         accounts_db = self.dbs["accounts"]
@@ -255,21 +257,24 @@ def _op_grab(b: _Batch, env: bytes, user: bytes, digest: bytes) -> GrabResult:
     gkey = env + b"/" + user
     txn = b.txn
     grabs_db = b.dbs["grabs"]
-    raw = txn.get(gkey, db=grabs_db)
-    if raw is not None:
-        return _replay_grab(b, env, raw, digest)
     buf = b.envelopes.get(env) or txn.get(env, db=b.dbs["envelopes"])
     if buf is None:
         raise errors.NotFound("ENVELOPE_NOT_FOUND", "no such envelope")
     _total, _rem, _created, expires_at_ms, count, claimed, _kind, status, _f = (
         hotpath.envelope_header(buf))
-    if status == ENV_EXPIRED or b.now_ms >= expires_at_ms:
+    if status == ENV_EXPIRED or b.now_ms >= expires_at_ms or claimed >= count:
+        raw = txn.get(gkey, db=grabs_db)
+        if raw is not None:
+            return _replay_grab(b, env, raw, digest)
+        if claimed >= count:
+            return GrabResult(GrabOutcome.SOLD_OUT, 0, 0)
         return GrabResult(GrabOutcome.EXPIRED, 0, count - claimed)
-    if claimed >= count:
-        return GrabResult(GrabOutcome.SOLD_OUT, 0, 0)
     new_buf, index, amount = hotpath.claim_share(buf, ENV_SOLD_OUT)
+    # The insert doubles as the one-share-per-user check: it refuses an existing key.
+    if not txn.put(gkey, hotpath.pack_grab(amount, b.now_ms, index, 0, digest), db=grabs_db,
+                   overwrite=False):
+        return _replay_grab(b, env, txn.get(gkey, db=grabs_db), digest)
     b.envelopes[env] = new_buf
-    txn.put(gkey, hotpath.pack_grab(amount, b.now_ms, index, 0, digest), db=grabs_db)
     b.move(b"g:" + env + b":" + str(index).encode(), b"e:" + env, b"p:" + user, amount,
            TxKind.GRAB, gkey)
     b.publish("credit", gkey)
