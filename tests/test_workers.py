@@ -1,0 +1,45 @@
+"""Several worker processes on one port share one LMDB and keep the books exact."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.client import Client
+from hongbao.v1 import envelope_pb2
+from tests.conftest import run
+from tests.test_gateway import balance, send, top_up, wait_credited
+
+GRABBED = envelope_pb2.GRAB_OUTCOME_GRABBED
+
+
+def test_two_workers_give_each_share_once(stack):
+    """With --workers 2, users racing over many connections get each share exactly once."""
+    stack.gateway.stop()
+    stack.start_gateway("--workers", "2")
+
+    async def scenario():
+        clients = [Client(stack.target) for _ in range(6)]
+        try:
+            owner = stack.meta("owner")
+            await top_up(clients[0], owner, 100_000)
+            sent = await send(clients[0], owner, 6_000, 30)
+            users = [f"w{i}" for i in range(90)]
+            results = await asyncio.gather(*(
+                clients[i % 6].envelopes.GrabEnvelope(
+                    envelope_pb2.GrabEnvelopeRequest(envelope_id=sent.envelope_id,
+                                                     request_id="g"),
+                    metadata=stack.meta(u), timeout=10)
+                for i, u in enumerate(users)))
+            winners = {u: r.amount_fen for u, r in zip(users, results, strict=True)
+                       if r.outcome == GRABBED}
+            for u, amount in list(winners.items())[:5]:
+                b = await wait_credited(clients[0], stack.meta(u), timeout_s=20)
+                assert b.balance_fen == amount
+            return winners, await balance(clients[0], owner)
+        finally:
+            for c in clients:
+                await c.close()
+
+    winners, owner_balance = run(scenario())
+    assert len(winners) == 30 and sum(winners.values()) == 6_000
+    assert owner_balance.balance_fen == 94_000
