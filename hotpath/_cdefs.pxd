@@ -1,9 +1,11 @@
 # C helpers shared by the hot-path modules: atomics, little-endian loads and
-# stores, the user-key hash and the debug switch.  Written as inline C (not
+# stores, the user-key hash, the debug switch and strict int64 conversion.  Written as inline C (not
 # Cython) because the atomics must map one-to-one onto GCC/Clang
 # `__atomic_*` builtins, which Cython has no syntax for, and because the
 # byte-order helpers compile to a single load/store on little-endian hosts.
 
+from cpython.long cimport PyLong_CheckExact
+from cpython.number cimport PyNumber_Index
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from *:
@@ -111,10 +113,6 @@ cdef extern from *:
 
     bint hb_add_overflows(int64_t a, int64_t b, int64_t *out) nogil
     uint64_t hb_hash64(const unsigned char *p, Py_ssize_t n) nogil
-
-
-from cpython.long cimport PyLong_CheckExact
-from cpython.number cimport PyNumber_Index
 
 
 cdef inline int64_t as_i64(object value) except? -1:

@@ -6,12 +6,15 @@ bytes through splitmix64:
 
     x = len(seed)
     for each 8-byte little-endian chunk c of seed (the last one zero-padded):
-        x = mix64(x ^ c + GOLDEN)
+        x = mix64((x ^ c) + GOLDEN)        (mod 2**64)
     s0..s3 = the next four outputs of splitmix64 started at x
 
-where mix64 is the splitmix64 finaliser.  With no seed, 32 bytes come from
-os.urandom, so a split cannot be predicted; an explicit seed reproduces the
-split exactly, in this module and in the pure-Python twin alike.
+where GOLDEN = 0x9E3779B97F4A7C15 and mix64 is the splitmix64 finaliser.
+With no seed, 32 bytes come from os.urandom, so a split cannot be predicted;
+an explicit seed reproduces the split exactly, in this module and in the
+pure-Python twin alike.  (xoshiro256** is fast, not cryptographic: the
+unpredictability comes from the fresh 256-bit kernel seed per envelope, and
+the shares are fixed at payment time, so no output is exposed before then.)
 
 Uniform draws in [lo, hi] take the top bits of a 64-bit output and reject
 values past the range (bitmask rejection), so there is no modulo bias and no
