@@ -12,8 +12,8 @@ Prints, and returns from :func:`main`, two figures for each implementation:
   envelope through admit_many, which probes without the GIL.
 
 Each figure is the median over several timed chunks, in CPU time of the benchmarking
-thread (so other processes on a shared machine disturb it less than wall time would),
-with gc left on for both.
+thread, with gc left on for both; the two implementations' chunks alternate, so on a
+shared machine both sample the same background load and the ratio stays fair.
 Every loop body is the same Python code for both implementations, so the calling
 overhead (roughly 30-60 ns per call) is in both figures and caps the ratio.
 
@@ -23,7 +23,7 @@ the `def` lines (argument parsing), building the returned Python objects (lists,
 tuples, bytes), raising exceptions, os.urandom (one Python call per unseeded split)
 and the dict/deque bookkeeping in GrabGate.track, which is not on the per-grab path.
 
-Runs in about 10 s: ``python bench/bench_hotpath.py [--seconds S] [--json]``.
+Runs in about 8 s (at most about 25 s): ``python bench/bench_hotpath.py [--seconds S] [--json]``.
 """
 
 from __future__ import annotations
@@ -46,23 +46,27 @@ ENVELOPES = 2_000                     # for the admit throughput figures
 USERS = [b"user-%08d" % i for i in range(SHARES)]
 
 
-def _median_per_unit(run_chunk: Callable[[], int], seconds: float) -> float:
-    """Median seconds per unit of work over chunks run for about `seconds`."""
-    per_unit = []
+def _interleaved(runs: dict[str, Callable[[], float]], seconds: float) -> dict[str, float]:
+    """Median of each run's result (seconds per unit of work) over about `seconds`.
+
+    The runs alternate, so on a shared machine every implementation samples the
+    same background load and the ratio between them stays meaningful.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(per_unit) < 3:
-        start = time.thread_time()
-        units = run_chunk()
-        per_unit.append((time.thread_time() - start) / units)
-    return statistics.median(per_unit)
+    while time.perf_counter() < deadline or min(map(len, samples.values())) < 3:
+        for name, run in runs.items():
+            samples[name].append(run())
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _envelope_chunk(impl: Any, envelopes: int) -> Callable[[], int]:
+def _envelope_run(impl: Any, envelopes: int) -> Callable[[], float]:
     split_lucky, pack_envelope, claim_share = impl.split_lucky, impl.pack_envelope, impl.claim_share
     grab_gate = impl.GrabGate
     key = b"envelope-0001"
 
-    def run() -> int:
+    def run() -> float:
+        start = time.thread_time()
         for _ in range(envelopes):
             shares = split_lucky(TOTAL_FEN, SHARES)
             buf = pack_envelope(TOTAL_FEN, TOTAL_FEN, 0, 86_400_000, SHARES, 0, 1, 1, 0, shares)
@@ -72,7 +76,7 @@ def _envelope_chunk(impl: Any, envelopes: int) -> Callable[[], int]:
             for user in USERS:
                 if admit(key, user) >= 0:
                     buf, _index, _amount_fen = claim_share(buf, SOLD_OUT_STATUS)
-        return envelopes
+        return (time.thread_time() - start) / envelopes
 
     return run
 
@@ -85,56 +89,55 @@ def _tracked_gate(impl: Any) -> tuple[Any, list[bytes]]:
     return gate, keys
 
 
-def _admit_rate(impl: Any, seconds: float) -> float:
+def _admit_run(impl: Any) -> Callable[[], float]:
     # Round-robin over envelopes: user u of every envelope, then user u + 1, ...
     # A fresh gate for every run, built outside the timed part, so every admit
     # is a first grab (no ALREADY short cuts).
-    rates = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(rates) < 3:
+    def run() -> float:
         gate, keys = _tracked_gate(impl)
         admit = gate.admit
         pairs = [(key, user) for user in USERS for key in keys]
         start = time.thread_time()
         for key, user in pairs:
             admit(key, user)
-        rates.append(len(pairs) / (time.thread_time() - start))
-    return statistics.median(rates)
+        return (time.thread_time() - start) / len(pairs)
+
+    return run
 
 
-def _admit_many_rate(impl: Any, seconds: float) -> float:
-    rates = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(rates) < 3:
+def _admit_many_run(impl: Any) -> Callable[[], float]:
+    def run() -> float:
         gate, keys = _tracked_gate(impl)
         admit_many = gate.admit_many
         start = time.thread_time()
         for key in keys:
             admit_many(key, USERS)
-        rates.append(len(keys) * len(USERS) / (time.thread_time() - start))
-    return statistics.median(rates)
+        return (time.thread_time() - start) / (len(keys) * len(USERS))
+
+    return run
 
 
 def measure(seconds: float) -> dict[str, Any]:
-    """Run every measurement; `seconds` bounds each (implementation, figure) pair."""
-    figures: dict[str, dict[str, float]] = {
-        "envelope_us": {}, "admits_per_s": {}, "admit_many_users_per_s": {}}
-    for name in hotpath.IMPLEMENTATIONS:
-        impl = hotpath.load(name)
-        chunk = 50 if name == "cython" else 3
-        figures["envelope_us"][name] = 1e6 * _median_per_unit(
-            _envelope_chunk(impl, chunk), seconds)
-        figures["admits_per_s"][name] = _admit_rate(impl, seconds / 2)
-        figures["admit_many_users_per_s"][name] = _admit_many_rate(impl, seconds / 2)
-    speedup = figures["envelope_us"]["pure"] / figures["envelope_us"]["cython"]
+    """Run every measurement; each figure takes about `seconds` (both implementations)."""
+    impls = {name: hotpath.load(name) for name in hotpath.IMPLEMENTATIONS}
+    chunk = {"cython": 50, "pure": 3}   # about a millisecond of work each
+    envelope_s = _interleaved(
+        {name: _envelope_run(impl, chunk[name]) for name, impl in impls.items()}, seconds)
+    admit_s = _interleaved({name: _admit_run(impl) for name, impl in impls.items()}, seconds)
+    admit_many_s = _interleaved(
+        {name: _admit_many_run(impl) for name, impl in impls.items()}, seconds)
+    speedup = envelope_s["pure"] / envelope_s["cython"]
+    admits_per_s = {name: 1 / t for name, t in admit_s.items()}
     return {
-        **figures,
+        "envelope_us": {name: 1e6 * t for name, t in envelope_s.items()},
+        "admits_per_s": admits_per_s,
+        "admit_many_users_per_s": {name: 1 / t for name, t in admit_many_s.items()},
         "envelope_speedup": speedup,
-        "admits_speedup": figures["admits_per_s"]["cython"] / figures["admits_per_s"]["pure"],
+        "admits_speedup": admits_per_s["cython"] / admits_per_s["pure"],
         "goals": {"envelope_speedup": GOAL_ENVELOPE_SPEEDUP,
                   "admits_per_s": GOAL_ADMITS_PER_S},
         "met": {"envelope_speedup": speedup >= GOAL_ENVELOPE_SPEEDUP,
-                "admits_per_s": figures["admits_per_s"]["cython"] >= GOAL_ADMITS_PER_S},
+                "admits_per_s": admits_per_s["cython"] >= GOAL_ADMITS_PER_S},
     }
 
 
@@ -165,10 +168,10 @@ def _print_table(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0,
-                        help="time budget per implementation and figure (default 2)")
+                        help="time budget per figure, both implementations (default 2)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    result = measure(max(0.1, min(args.seconds, 4.0)))   # bounded: < 30 s in all
+    result = measure(max(0.1, min(args.seconds, 6.0)))   # bounded: < 30 s in all
     if args.json:
         print(json.dumps(result, indent=2))
     else:
