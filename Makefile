@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip>=25.1"
-	$(PY) -m pip install -q --disable-pip-version-check -e . --group test --group lint
+	$(PY) -m pip install -q --disable-pip-version-check -e . --group test --group lint --group build
 	touch $(STAMP)
 
 install: $(STAMP)
