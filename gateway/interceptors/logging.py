@@ -13,6 +13,10 @@ Install it outermost, before the auth interceptor, so refused calls are logged t
 
     grpc.aio.server(interceptors=[LoggingInterceptor(), AuthInterceptor(keyring), ...])
 
+Handlers are async in this gateway. Sync ones (run by grpc in a thread pool) are
+supported, with two gaps: their line has no ``user`` (the claims live in the pool
+thread) and their code is OK unless they raise.
+
 ``access_log=False`` drops the per-call line (the expensive part: rendering JSON) but
 keeps the request id binding and echo.
 """
@@ -238,8 +242,8 @@ def _code_of(context: Any) -> str:
 
 
 def _code_of_exception(context: Any, exc: BaseException) -> str:
-    if isinstance(exc, asyncio.CancelledError):
-        return _CANCELLED
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return _CANCELLED  # the caller went away (a closed stream ends with GeneratorExit)
     if isinstance(exc, grpc.aio.AbortError):
         return _code_of(context)
     # Anything else is a bug in the servicer; grpc reports it as UNKNOWN unless the
