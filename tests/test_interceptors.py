@@ -39,6 +39,7 @@ from hongbao.v1 import (
 SUBJECT_HEADER = "x-test-subject"
 BOUND_HEADER = "x-test-bound-request-id"
 UNLISTED = "test.v1.Unlisted"
+FOREVER = 99  # after_event_id that makes the test stream never end
 
 
 class Wallet(wallet_pb2_grpc.WalletServiceServicer):
@@ -54,6 +55,10 @@ class Wallet(wallet_pb2_grpc.WalletServiceServicer):
 
 class Notifications(notification_pb2_grpc.NotificationServiceServicer):
     async def WatchNotifications(self, request, context):
+        if request.after_event_id == FOREVER:
+            while True:
+                yield notification_pb2.WatchNotificationsResponse()
+                await asyncio.sleep(0.01)
         for event_id in (1, 2):
             await asyncio.sleep(0)
             yield notification_pb2.WatchNotificationsResponse(
@@ -441,6 +446,23 @@ def test_access_log_line_per_call(tmp_path):
         assert (stream["code"], stream["user"]) == ("OK", "user:7")
         ticket = meta[0][1].split()[1]
         assert all(ticket not in repr(line) for line in h.log.lines)
+    run(tmp_path, scenario)
+
+
+def test_cancelled_stream_is_logged_as_cancelled(tmp_path):
+    """A server stream the caller cancels still gets its line, with code CANCELLED."""
+    async def scenario(h):
+        call = h.notifications.WatchNotifications(
+            notification_pb2.WatchNotificationsRequest(after_event_id=FOREVER),
+            metadata=h.meta("user:c"))
+        await call.read()
+        call.cancel()
+        for _ in range(200):
+            if h.log.lines:
+                break
+            await asyncio.sleep(0.01)
+        (line,) = h.log.lines
+        assert (line["code"], line["user"]) == ("CANCELLED", "user:c")
     run(tmp_path, scenario)
 
 
