@@ -82,13 +82,13 @@ def _ticket_parser(sub) -> None:
 def _cmd_ticket(args) -> int:
     from gateway import errors, tickets
 
-    ring = (tickets.KeyRing.from_file(args.key_file) if args.key_file
-            else tickets.KeyRing.load_or_create(args.data_dir))
     scopes = [s for s in args.scope.split(",") if s]
     try:
+        ring = (tickets.KeyRing.from_file(args.key_file) if args.key_file
+                else tickets.KeyRing.load_or_create(args.data_dir))
         ticket, _expires_at = tickets.mint(ring, args.user, scopes, args.ttl)
-    except errors.GatewayError as err:
-        print(f"hongbao ticket issue: {err.message}", file=sys.stderr)
+    except (errors.GatewayError, tickets.KeyFileError) as err:
+        print(f"hongbao ticket issue: {getattr(err, 'message', err)}", file=sys.stderr)
         return 2
     print(ticket)
     return 0

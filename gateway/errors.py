@@ -9,6 +9,7 @@ as a class attribute (the asyncpg way); the reason is per instance.
 
 from __future__ import annotations
 
+import collections
 from typing import ClassVar, NoReturn
 
 import grpc
@@ -76,6 +77,11 @@ class Internal(GatewayError):
     code = grpc.StatusCode.INTERNAL
 
 
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")),
+              grpc.Status):
+    pass
+
+
 def to_status(err: GatewayError) -> grpc.Status:
     """The rich status for ``err``: code, message and one ErrorInfo detail."""
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
@@ -96,10 +102,14 @@ def trailing_metadata(err: GatewayError) -> tuple[tuple[str, str], ...]:
 
 async def abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoReturn:
     """Ends the call with ``err`` mapped to its status (raises, never returns)."""
+    status = to_status(err)
     extra = trailing_metadata(err)
     if extra:
-        context.set_trailing_metadata(extra)
-    await context.abort_with_status(to_status(err))
+        # abort_with_status replaces the call's trailers with the status's own,
+        # so the pushback must travel inside the status.
+        status = _Status(status.code, status.details,
+                         tuple(status.trailing_metadata) + extra)
+    await context.abort_with_status(status)
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 

@@ -150,7 +150,8 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
                                 rate_per_s=settings.credit_rate_per_s)
 
     server = grpc.aio.server(
-        interceptors=[LoggingInterceptor(access_log=settings.access_log),
+        interceptors=[LoggingInterceptor(access_log=settings.access_log,
+                                         echo_request_id=settings.echo_request_id),
                       AuthInterceptor(keyring)],
         options=[("grpc.so_reuseport", 1 if opts.reuse_port else 0),
                  ("grpc.max_receive_message_length", 4 << 20)],
