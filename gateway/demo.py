@@ -99,7 +99,7 @@ async def _scenario(target: str, data_dir: Path, rng: random.Random) -> dict:
         for i, s in enumerate(senders):
             count = rng.randint(5, 30)
             lucky = rng.random() < 0.8
-            total = rng.randint(count * 100, count * 2000)
+            total = rng.randint(count * 100, min(count * 2000, TOP_UP_FEN))
             if not lucky:
                 total -= total % count
             plans.append((s, envelope_pb2.SendEnvelopeRequest(
