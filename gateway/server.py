@@ -159,7 +159,7 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     envelope_pb2_grpc.add_EnvelopeServiceServicer_to_server(EnvelopeServicer(gateway), server)
     wallet_pb2_grpc.add_WalletServiceServicer_to_server(WalletServicer(gateway), server)
     notification_pb2_grpc.add_NotificationServiceServicer_to_server(
-        NotificationServicer(), server)
+        NotificationServicer(gateway), server)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(keyring), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(gateway, credit), server)
     health_servicer = health.aio.HealthServicer()

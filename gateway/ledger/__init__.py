@@ -11,6 +11,7 @@ from gateway.ledger._base import (
     GrabResult,
     GrabView,
     Ledger,
+    Notice,
     Payment,
     PaymentStatus,
     SendResult,
@@ -21,6 +22,6 @@ from gateway.ledger._lmdb import LmdbLedger, payment_id_for, request_digest
 
 __all__ = [
     "ENV_ACTIVE", "ENV_EXPIRED", "ENV_SOLD_OUT", "KIND_LUCKY", "KIND_NORMAL", "EnvelopeView",
-    "GrabOutcome", "GrabResult", "GrabView", "Ledger", "LmdbLedger", "Payment",
+    "GrabOutcome", "GrabResult", "GrabView", "Ledger", "LmdbLedger", "Notice", "Payment",
     "PaymentStatus", "SendResult", "TxKind", "WalletEntry", "payment_id_for", "request_digest",
 ]

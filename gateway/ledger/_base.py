@@ -101,6 +101,19 @@ class WalletEntry:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Notice:
+    """One event of a user's notification feed; ``event_id`` only grows."""
+
+    event_id: int
+    kind: int  # hongbao.v1.NotificationKind
+    payment_id: str
+    envelope_id: str
+    amount_fen: int
+    message: str
+    created_at_ms: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Payment:
     payment_id: str
     user_id: str
@@ -183,6 +196,10 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     async def apply_credits(self, limit: int) -> int:
         """Applies up to ``limit`` pending grab credits to wallets, each exactly once."""
+
+    @abc.abstractmethod
+    def notifications(self, user_id: str, after_event_id: int, limit: int) -> list[Notice]:
+        """The user's notification events after ``after_event_id``, oldest first."""
 
     @abc.abstractmethod
     def close(self) -> None:

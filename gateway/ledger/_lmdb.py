@@ -48,6 +48,7 @@ from gateway.ledger._base import (
     ENV_SOLD_OUT,
     EnvelopeView,
     GrabOutcome,
+    Notice,
     GrabResult,
     GrabView,
     Ledger,
@@ -63,13 +64,17 @@ log = structlog.get_logger(__name__)
 
 _DBS = (
     "accounts", "transfers", "envelopes", "env_meta", "grabs", "idem", "payments",
-    "wallet_tx", "bus:credit", "expiry", "meta",
+    "wallet_tx", "bus:credit", "expiry", "meta", "notifications",
 )
 _SEQ = b"seq"
 _BE64 = struct.Struct(">Q")
 _WTX = struct.Struct("<Bqq")  # kind, signed amount, created_at_ms
+_NOTE = struct.Struct("<Bqq")  # kind, amount_fen, created_at_ms
 _CREDITED = 1
 PAY_BALANCE = 2  # hongbao.v1.PayMethod numbers
+# hongbao.v1.NotificationKind numbers.
+NOTE_SUCCEEDED, NOTE_UNKNOWN, NOTE_LOCKED, NOTE_REFUNDED, NOTE_EXPIRED_REFUND, NOTE_CREDITED = (
+    1, 2, 3, 4, 5, 6)
 PAY_CARD = 3
 
 
@@ -164,6 +169,14 @@ class _Batch:
         key = user + b"\0" + _BE64.pack(self.next_seq())
         value = _WTX.pack(kind, signed_fen, self.now_ms) + bytes([len(tid)]) + tid + ref
         self.txn.put(key, value, db=self.dbs["wallet_tx"])
+
+    def notify(self, user: bytes, kind: int, amount_fen: int, payment_id: str = "",
+               envelope_id: str = "", message: str = "") -> None:
+        """Appends an event to the user's notification feed (its id: the sequence number)."""
+        key = user + b"\0" + _BE64.pack(self.next_seq())
+        parts = [p.encode() for p in (payment_id, envelope_id, message)]
+        value = _NOTE.pack(kind, amount_fen, self.now_ms) + b"\0".join(parts)
+        self.txn.put(key, value, db=self.dbs["notifications"])
 
     def publish(self, topic: str, payload: bytes) -> None:
         # Sequence numbers only grow, so each message goes at the end (MDB_APPEND).
@@ -317,6 +330,8 @@ def _op_apply_credits(b: _Batch, limit: int) -> int:
         b.move(tid, pending_account(user), wallet_account(user), amount,
                TxKind.ENVELOPE_CREDIT, gkey)
         b.wallet_entry(user, TxKind.ENVELOPE_CREDIT, amount, tid, env)
+        b.notify(user, NOTE_CREDITED, amount, envelope_id=env.decode(),
+                 message="a red envelope share reached your wallet")
         b.txn.put(gkey, hotpath.pack_grab(amount, at_ms, index, flags | _CREDITED, digest),
                   db=grabs_db)
         applied += 1
@@ -550,6 +565,23 @@ class LmdbLedger(Ledger):
         with self.env.begin() as txn:
             raw = txn.get(payment_id.encode(), db=self.dbs["payments"])
         return None if raw is None else _decode_payment(raw)[0]
+
+    def notifications(self, user_id: str, after_event_id: int, limit: int) -> list[Notice]:
+        """The user's events with ids above ``after_event_id``, oldest first."""
+        prefix = user_id.encode() + b"\0"
+        out: list[Notice] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs["notifications"])
+            if not cur.set_range(prefix + _BE64.pack(min(after_event_id + 1, (1 << 64) - 1))):
+                return out
+            for key, raw in cur:
+                if not key.startswith(prefix) or len(out) >= limit:
+                    break
+                kind, amount, at_ms = _NOTE.unpack_from(raw)
+                payment_id, envelope_id, message = raw[_NOTE.size:].decode().split("\0", 2)
+                out.append(Notice(_BE64.unpack(key[len(prefix):])[0], kind, payment_id,
+                                  envelope_id, amount, message, at_ms))
+        return out
 
     def credit_backlog(self) -> int:
         """Grabs waiting for their credit to land in a wallet."""

@@ -1,15 +1,40 @@
-"""NotificationService: the caller's payment events (arrives with the bank link)."""
+"""NotificationService: a server stream of the caller's payment events.
+
+Events live in the caller's durable feed in LMDB (written in the same
+transaction as the change they report), so a stream can resume after any
+disconnect, or a restart, from the last event id it saw. New events are
+picked up by polling the feed; any worker process can serve any user.
+"""
 
 from __future__ import annotations
 
-from gateway import errors
-from gateway.services._boundary import maps_errors
+import asyncio
+
+from gateway.core import Gateway
+from gateway.services._boundary import maps_errors, subject
+from gateway.services._convert import timestamp_ms
+from hongbao.v1 import notification_pb2 as pb
 from hongbao.v1 import notification_pb2_grpc
+
+_PAGE = 100  # events read per look at the feed
 
 
 class NotificationServicer(notification_pb2_grpc.NotificationServiceServicer):
+    def __init__(self, gateway: Gateway, poll_s: float = 0.1) -> None:
+        self._gw = gateway
+        self._poll_s = poll_s
+
     @maps_errors
     async def WatchNotifications(self, request, context):
-        raise errors.Unimplemented("NOTIFICATIONS_UNAVAILABLE",
-                                   "payment notifications are not available yet")
-        yield  # pragma: no cover - makes this an async generator
+        user = subject()
+        after = request.after_event_id
+        while True:
+            events = self._gw.ledger.notifications(user, after, _PAGE)
+            for e in events:
+                yield pb.WatchNotificationsResponse(notification=pb.Notification(
+                    event_id=e.event_id, kind=e.kind, payment_id=e.payment_id,
+                    envelope_id=e.envelope_id, amount_fen=e.amount_fen, message=e.message,
+                    created_at=timestamp_ms(e.created_at_ms)))
+                after = e.event_id
+            if len(events) < _PAGE:
+                await asyncio.sleep(self._poll_s)
