@@ -62,3 +62,29 @@ class CreditConsumer:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), pause_s)
+
+
+class ExpirySweeper:
+    """Every ``interval_s``, refunds envelopes whose expiry has passed, in bounded batches."""
+
+    def __init__(self, ledger: Ledger, *, interval_s: float = 1.0, batch: int = 500) -> None:
+        self._ledger = ledger
+        self._interval_s = interval_s
+        self._batch = batch
+        self._stopping = asyncio.Event()
+        self.refunded = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                n = await self._ledger.expire_due(self._batch)
+            except errors.GatewayError as err:
+                log.warning("expiry_sweeper_backoff", reason=err.reason)
+                n = 0
+            self.refunded += n
+            if n < self._batch:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self._interval_s)

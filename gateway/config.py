@@ -34,6 +34,7 @@ class Settings:
     # Bus: the credit consumer applies grabbed money to wallets.
     credit_batch: int = 1024
     credit_rate_per_s: float = 100_000.0  # 0 pauses crediting
+    expiry_sweep_s: float = 1.0
     # Server.
     batch_grab_max_items: int = 1000
     max_concurrent_rpcs: int = 10_000

@@ -116,6 +116,11 @@ def audit(ledger: LmdbLedger) -> Report:
         if escrow != unclaimed or (status != ENV_EXPIRED and remaining_fen != unclaimed):
             bad(f"envelope {name}: escrow {escrow}, remaining {remaining_fen}, "
                 f"unclaimed shares {unclaimed}")
+        if status == ENV_EXPIRED:
+            returned = transfers.get(b"x:" + env, 0)
+            if returned != sum(shares[claimed:]):
+                bad(f"envelope {name}: expired with {sum(shares[claimed:])} unclaimed, "
+                    f"{returned} returned to the sender")
         held = grabs_by_env.pop(env, [])
         grabs += len(held)
         if sorted(g[1][2] for g in held) != list(range(claimed)):

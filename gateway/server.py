@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 import hotpath
 from gateway import tickets
 from gateway.bank import BankClient
-from gateway.bus import CreditConsumer
+from gateway.bus import CreditConsumer, ExpirySweeper
 from gateway.config import Settings
 from gateway.core import Gateway
 from gateway.interceptors.auth import AuthInterceptor
@@ -144,10 +144,11 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
         queue_limit=settings.writer_queue_limit)
     bank = BankClient(opts.bank, settings.bank_timeout_s) if opts.bank else None
     gateway = Gateway(ledger, settings, bank)
-    credit = None
+    credit = sweeper = None
     if opts.worker_index == 0:
         credit = CreditConsumer(ledger, batch=settings.credit_batch,
                                 rate_per_s=settings.credit_rate_per_s)
+        sweeper = ExpirySweeper(ledger, interval_s=settings.expiry_sweep_s)
 
     server = grpc.aio.server(
         interceptors=[LoggingInterceptor(access_log=settings.access_log,
@@ -174,7 +175,7 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    tasks = [asyncio.create_task(credit.run())] if credit else []
+    tasks = [asyncio.create_task(w.run()) for w in (credit, sweeper) if w is not None]
     metrics = (await _serve_metrics(opts.metrics_port, gateway, credit)
                if opts.metrics_port is not None else None)
     if opts.port_file:
@@ -192,8 +193,9 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     log.info("shutting_down", grace_s=settings.grace_s)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace_s)
-    if credit:
-        credit.stop()
+    for w in (credit, sweeper):
+        if w is not None:
+            w.stop()
     await asyncio.gather(*tasks, return_exceptions=True)
     if metrics:
         metrics.close()

@@ -194,6 +194,10 @@ class Ledger(abc.ABC):
         """The bank definitely refused: the payment ends FAILED, nothing moves."""
 
     @abc.abstractmethod
+    async def expire_due(self, limit: int) -> int:
+        """Returns expired envelopes' unclaimed shares to their senders, exactly once each."""
+
+    @abc.abstractmethod
     async def apply_credits(self, limit: int) -> int:
         """Applies up to ``limit`` pending grab credits to wallets, each exactly once."""
 

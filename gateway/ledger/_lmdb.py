@@ -338,6 +338,41 @@ def _op_apply_credits(b: _Batch, limit: int) -> int:
     return applied
 
 
+def _op_expire_due(b: _Batch, limit: int) -> int:
+    """Returns unclaimed escrow of envelopes past their expiry to the sender, exactly once."""
+    expiry_db = b.dbs["expiry"]
+    due: list[bytes] = []
+    cur = b.txn.cursor(db=expiry_db)
+    for key in cur.iternext(keys=True, values=False):
+        if _BE64.unpack(key[:8])[0] > b.now_ms or len(due) >= limit:
+            break
+        due.append(key)
+    refunded = 0
+    for key in due:
+        b.txn.delete(key, db=expiry_db)
+        env = key[8:]
+        buf = b.envelope(env)
+        (total, remaining_fen, created, expires, count, claimed, kind, status, flags,
+         shares) = hotpath.unpack_envelope(buf)
+        if status != ENV_ACTIVE:
+            continue  # sold out (nothing left) or already expired
+        unclaimed = sum(shares[claimed:])
+        b.envelopes[env] = hotpath.pack_envelope(
+            total, remaining_fen, created, expires, count, claimed, kind, ENV_EXPIRED, flags,
+            shares)
+        if unclaimed == 0:
+            continue
+        sender = json.loads(b.txn.get(env, db=b.dbs["env_meta"]))["s"].encode()
+        tid = b"x:" + env
+        b.move(tid, escrow_account(env), wallet_account(sender), unclaimed,
+               TxKind.EXPIRY_REFUND, env)
+        b.wallet_entry(sender, TxKind.EXPIRY_REFUND, unclaimed, tid, env)
+        b.notify(sender, NOTE_EXPIRED_REFUND, unclaimed, envelope_id=env.decode(),
+                 message=f"{count - claimed} unclaimed shares came back to your wallet")
+        refunded += 1
+    return refunded
+
+
 def _encode_payment(p: Payment, fingerprint: bytes) -> bytes:
     return json.dumps({
         "id": p.payment_id, "u": p.user_id, "k": p.kind, "c": p.card_id, "bk": p.bank_id,
@@ -467,6 +502,10 @@ class LmdbLedger(Ledger):
 
     async def fail_payment(self, payment_id, reason) -> Payment:
         return await self.writer.submit(_op_fail_payment, payment_id, reason)
+
+    async def expire_due(self, limit: int) -> int:
+        """Refunds up to ``limit`` expired envelopes' unclaimed money; returns how many."""
+        return await self.writer.submit(_op_expire_due, limit)
 
     async def apply_credits(self, limit) -> int:
         return await self.writer.submit(_op_apply_credits, limit)
