@@ -64,6 +64,12 @@ class BankClient:
         return await self._call(self._bank.QueryOrder,
                                 bank_pb2.QueryOrderRequest(order_id=order_id))
 
+    async def void(self, order_id: str) -> bank_pb2.VoidOrderResponse:
+        return await self._call(self._bank.VoidOrder, bank_pb2.VoidOrderRequest(order_id=order_id))
+
+    async def refund(self, order_id: str) -> bank_pb2.RefundResponse:
+        return await self._call(self._bank.Refund, bank_pb2.RefundRequest(order_id=order_id))
+
     async def stats(self) -> bank_pb2.GetStatsResponse:
         return await self._call(self._admin.GetStats, bank_pb2.GetStatsRequest())
 

@@ -39,7 +39,8 @@ def _cmd_serve(args) -> int:
     from gateway.server import ServeOptions, serve, supervise
 
     configure_logging(args.log_level)
-    settings = Settings.load(args.config, durability=args.durability)
+    settings = Settings.load(args.config, durability=args.durability,
+                             resolve_delay_s=args.resolve_delay_s)
     opts = ServeOptions(
         data_dir=args.data_dir, host=args.host, port=args.port, port_file=args.port_file,
         bank=args.bank, workers=args.workers, worker_index=args.worker_index,

@@ -23,6 +23,9 @@ class Settings:
     max_top_up_fen: int = 5_000_000
     banks: tuple[str, ...] = ("icbc", "ccb", "abc", "boc")
     bank_timeout_s: float = 3.0
+    # Wait before asking the bank about an unclear result (`--resolve-delay-s`).
+    resolve_delay_s: float = 5.0
+    resolver_max_backoff_s: float = 60.0
     # Storage.
     durability: str = "strict"  # or "relaxed": no fsync per commit
     map_size_mb: int = 1024

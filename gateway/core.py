@@ -30,8 +30,10 @@ from gateway.ledger import (
     PaymentStatus,
     SendResult,
     WalletEntry,
+    payment_id_for,
     request_digest,
 )
+from gateway.ledger._lmdb import new_envelope_id
 
 log = structlog.get_logger(__name__)
 
@@ -82,10 +84,12 @@ class Gateway:
     """Envelopes and wallets over a :class:`Ledger`, a grab gate and a bank."""
 
     def __init__(self, ledger: Ledger, settings: Settings, bank: BankClient | None = None,
-                 gate: hotpath.GrabGate | None = None) -> None:
+                 gate: hotpath.GrabGate | None = None, butler=None) -> None:
         self.ledger = ledger
         self.settings = settings
         self.bank = bank
+        # Debits and credits go through the payment butler when there is one.
+        self.butler = butler
         self.gate = gate if gate is not None else hotpath.GrabGate(settings.gate_max_envelopes)
 
     # -- envelopes -----------------------------------------------------------------
@@ -124,9 +128,6 @@ class Gateway:
         """Pays for an envelope; balance first (SPEC lesson 5)."""
         expires_in_s = self._check_send(cmd)
         method = cmd.pay_method or PAY_AUTO
-        if method == PAY_CARD:
-            raise errors.Unimplemented(
-                "CARD_PAYMENT_UNAVAILABLE", "paying an envelope by card is not available yet")
         if cmd.kind == KIND_LUCKY:
             shares = hotpath.split_lucky(cmd.total_fen, cmd.count, self.settings.max_share_fen,
                                          max_count=self.settings.max_count)
@@ -135,8 +136,15 @@ class Gateway:
                                           max_count=self.settings.max_count)
         fp = fingerprint("send", cmd.total_fen, cmd.count, cmd.kind, cmd.greeting, method,
                          cmd.card_id, cmd.expires_in_s)
-        # AUTO whose balance falls short would pay by card; until card payments
-        # exist it answers INSUFFICIENT_BALANCE, like BALANCE.
+        if method == PAY_AUTO and cmd.card_id:
+            # Balance first: the wallet pays whenever it covers the amount, and
+            # the bank is spared; a retry finds whichever way paid the first time.
+            existing = self.ledger.send_result(user_id, cmd.request_id, fp)
+            short = existing is None and self.ledger.balance(user_id)[0] < cmd.total_fen
+            if short or (existing is not None and existing.paid_via == PAY_CARD):
+                method = PAY_CARD
+        if method == PAY_CARD:
+            return await self._send_by_card(user_id, cmd, expires_in_s, shares, fp)
         return await self.ledger.send_from_balance(
             user_id, cmd.request_id, fp, total_fen=cmd.total_fen, count=cmd.count,
             kind=cmd.kind, greeting=cmd.greeting, expires_in_s=expires_in_s, shares=shares)
@@ -273,14 +281,9 @@ class Gateway:
             raise errors.InvalidArgument("UNKNOWN_BANK", f"no bank {m.group(1)!r}")
         return m.group(1)
 
-    async def top_up(self, user_id: str, request_id: str, card_id: str,
-                     amount_fen: int) -> Payment:
-        """Card -> wallet. The intent is saved before the bank is called.
+    # -- card payments: intent saved, bank call, result saved ---------------------------
 
-        The bank order id is the payment id, derived from (user, request_id),
-        so a retry after any failure repeats the same order and the bank's
-        idempotency keeps the card from being debited twice.
-        """
+    def _check_card_amount(self, request_id: str, card_id: str, amount_fen: int) -> str:
         check_request_id(request_id)
         bank_id = self._bank_of(card_id)
         if not 0 < amount_fen <= self.settings.max_top_up_fen:
@@ -288,28 +291,94 @@ class Gateway:
                 "BAD_AMOUNT", f"amount_fen must be in 1..{self.settings.max_top_up_fen}")
         if self.bank is None:
             raise errors.Unavailable("BANK_NOT_CONFIGURED", "this gateway has no bank link")
-        fp = fingerprint("top_up", card_id, amount_fen)
-        payment = await self.ledger.begin_payment(
-            user_id, "top_up", request_id, fp, card_id=card_id, bank_id=bank_id,
-            amount_fen=amount_fen)
-        if payment.status == PaymentStatus.SUCCEEDED:
-            return payment
-        if payment.status == PaymentStatus.FAILED:
-            raise errors.FailedPrecondition(payment.reason, "the bank refused this payment",
-                                            payment_id=payment.payment_id)
+        return bank_id
+
+    def _due_in_ms(self) -> int:
+        """When the resolver may take over a payment whose handler never finished it.
+
+        After the bank call's own deadline, so a live handler always finishes
+        first; the resolver only meets payments whose process died mid-call.
+        """
+        return int((self.settings.bank_timeout_s + self.settings.resolve_delay_s) * 1000)
+
+    async def _call_bank(self, payment: Payment) -> Payment:
+        """The bank call, alone between two durable steps; its outcome is saved at once."""
+        pid = payment.payment_id
+        payer = self.butler if self.butler is not None else self.bank
         try:
-            answer = await self.bank.debit(payment.payment_id, card_id, amount_fen)
-        except BankBusy as err:
-            raise errors.Unavailable("BANK_BUSY", "the bank is over capacity; retry later",
-                                     payment_id=payment.payment_id) from err
+            if payment.kind == "withdraw":
+                answer = await payer.credit(pid, payment.card_id, payment.amount_fen)
+            else:
+                answer = await payer.debit(pid, payment.card_id, payment.amount_fen)
+        except errors.Unavailable as err:  # the butler refused: nothing reached the bank
+            return await self.ledger.finish_payment(pid, PaymentStatus.FAILED, err.reason)
+        except BankBusy:  # the bank refused before acting
+            return await self.ledger.finish_payment(pid, PaymentStatus.FAILED, "BANK_BUSY")
         except BankUnclear as err:
-            log.warning("bank_result_unknown", payment_id=payment.payment_id, detail=str(err))
-            raise errors.Unavailable(
-                "BANK_RESULT_UNKNOWN",
-                "the bank did not answer clearly; retry with the same request_id",
-                payment_id=payment.payment_id) from err
+            log.warning("bank_result_unknown", payment_id=pid, detail=str(err))
+            return await self.ledger.payment_unknown(
+                pid, int(self.settings.resolve_delay_s * 1000), "BANK_RESULT_UNKNOWN")
         if answer.settled:
-            return await self.ledger.settle_top_up(payment.payment_id)
-        failed = await self.ledger.fail_payment(payment.payment_id, answer.decline_reason)
-        raise errors.FailedPrecondition(failed.reason, "the bank refused this payment",
+            return await self.ledger.finish_payment(pid, PaymentStatus.SUCCEEDED)
+        return await self.ledger.finish_payment(pid, PaymentStatus.FAILED, answer.decline_reason)
+
+    @staticmethod
+    def _refusal(payment: Payment) -> None:
+        """A definite refusal is an error with its reason, on the first call and on retries."""
+        if payment.status != PaymentStatus.FAILED or payment.reason == "LOCKED":
+            return
+        if payment.reason in _UNAVAILABLE_REASONS:
+            raise errors.Unavailable(payment.reason, "the bank cannot take this payment now",
+                                     payment_id=payment.payment_id)
+        raise errors.FailedPrecondition(payment.reason, "the bank refused this payment",
                                         payment_id=payment.payment_id)
+
+    async def _card_payment(self, user_id: str, kind: str, request_id: str, card_id: str,
+                            amount_fen: int, envelope: tuple | None = None) -> Payment:
+        bank_id = self._check_card_amount(request_id, card_id, amount_fen)
+        fp = fingerprint(kind, card_id, amount_fen)
+        if envelope is not None:
+            fp = envelope[-1]
+        intent = Payment(payment_id_for(user_id, kind, request_id), user_id, kind, card_id,
+                         bank_id, amount_fen, PaymentStatus.PENDING,
+                         envelope_id=envelope[0].decode() if envelope else "")
+        payment, created = await self.ledger.begin_card_payment(
+            intent, fp, self._due_in_ms(), envelope)
+        if created:
+            payment = await self._call_bank(payment)
+        # A retry never calls the bank again: it reports the state, and the
+        # resolver settles whatever a crash left unclear.
+        self._refusal(payment)
+        return payment
+
+    async def top_up(self, user_id: str, request_id: str, card_id: str,
+                     amount_fen: int) -> Payment:
+        """Card -> wallet. The bank order id is the payment id, derived from (user, request_id)."""
+        return await self._card_payment(user_id, "top_up", request_id, card_id, amount_fen)
+
+    async def withdraw(self, user_id: str, request_id: str, card_id: str,
+                       amount_fen: int) -> Payment:
+        """Wallet -> card. The amount is held out of the wallet before the bank is asked."""
+        return await self._card_payment(user_id, "withdraw", request_id, card_id, amount_fen)
+
+    async def _send_by_card(self, user_id: str, cmd: SendCommand, expires_in_s: int,
+                            shares: list[int], fp: bytes) -> SendResult:
+        if not cmd.card_id:
+            raise errors.InvalidArgument("CARD_REQUIRED", "paying by card needs card_id")
+        existing = self.ledger.send_result(user_id, cmd.request_id, fp)
+        if existing is not None:
+            payment = self.ledger.get_payment(existing.payment_id)
+            if payment is not None:
+                self._refusal(payment)
+            return existing
+        env_id = new_envelope_id().encode()
+        envelope = (env_id, cmd.count, cmd.kind, cmd.greeting, expires_in_s, shares,
+                    cmd.request_id.encode(), fp)
+        payment = await self._card_payment(user_id, "envelope", cmd.request_id, cmd.card_id,
+                                           cmd.total_fen, envelope)
+        state = self.ledger.envelope_state(payment.envelope_id)
+        return SendResult(payment.envelope_id, state[2] if state else 0, PAY_CARD,
+                          payment.payment_id)
+
+
+_UNAVAILABLE_REASONS = frozenset({"BANK_BUSY", "BANK_CIRCUIT_OPEN", "BANK_UNAVAILABLE"})

@@ -15,7 +15,8 @@ reconcile can run beside a live gateway. Checks:
    has its transfer;
 6. with a bank: the money the bank says the gateway took in (its merchant
    balance) equals what the gateway's clearing accounts say came in, plus
-   in-flight payments the bank has settled.
+   in-flight payments the bank has settled (withdrawals count negative);
+7. every withdrawal holds, pays out or returns exactly its amount.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import json
 from collections import defaultdict
 
 import hotpath
-from gateway.ledger import ENV_EXPIRED, PaymentStatus
+from gateway.ledger import ENV_ACTIVE, ENV_EXPIRED, ENV_SOLD_OUT, PaymentStatus
 from gateway.ledger._lmdb import _CREDITED, LmdbLedger, _decode_payment
 
 
@@ -110,10 +111,11 @@ def audit(ledger: LmdbLedger) -> Report:
          shares) = hotpath.unpack_envelope(buf)
         if sum(shares) != env_total or len(shares) != count:
             bad(f"envelope {name}: shares do not make up its total")
-        unclaimed = sum(shares[claimed:]) if status != ENV_EXPIRED else 0
+        live = status in (ENV_ACTIVE, ENV_SOLD_OUT)
+        unclaimed = sum(shares[claimed:]) if live else 0
         escrow = accounts.get(b"e:" + env, 0)
         escrow_fen += escrow
-        if escrow != unclaimed or (status != ENV_EXPIRED and remaining_fen != unclaimed):
+        if escrow != unclaimed or (live and remaining_fen != unclaimed):
             bad(f"envelope {name}: escrow {escrow}, remaining {remaining_fen}, "
                 f"unclaimed shares {unclaimed}")
         if status == ENV_EXPIRED:
@@ -154,17 +156,41 @@ def audit(ledger: LmdbLedger) -> Report:
                     f"sum to {pending_expected.get(acct[2:], 0)}")
 
     clearing_in: dict[str, int] = defaultdict(int)
+    in_flight_holds: set[bytes] = set()
     for p in payments:
-        tid = b"t:" + p.payment_id.encode()
-        if p.status == PaymentStatus.SUCCEEDED and p.kind == "top_up":
-            clearing_in[p.bank_id] += p.amount_fen
-            if transfers.get(tid) != p.amount_fen:
-                bad(f"payment {p.payment_id} succeeded without its transfer")
-        elif p.status in (PaymentStatus.PENDING, PaymentStatus.UNKNOWN):
+        pid = p.payment_id.encode()
+        amount = p.amount_fen
+
+        def moved(prefix: bytes, pid=pid, amount=amount) -> bool:
+            return transfers.get(prefix + pid) == amount
+
+        open_ = p.status in (PaymentStatus.PENDING, PaymentStatus.UNKNOWN)
+        if open_:
             r.in_flight.append({"payment_id": p.payment_id, "bank_id": p.bank_id,
-                                "amount_fen": p.amount_fen, "status": p.status.name})
-        elif tid in transfers:
+                                "kind": p.kind, "amount_fen": amount,
+                                "status": p.status.name})
+        if p.kind == "withdraw":
+            if not moved(b"w:"):
+                bad(f"withdrawal {p.payment_id} has no hold transfer")
+            if p.status == PaymentStatus.SUCCEEDED:
+                clearing_in[p.bank_id] -= amount
+                ok = moved(b"o:") and b"r:" + pid not in transfers
+            elif open_:
+                in_flight_holds.add(b"h:" + pid)
+                ok = accounts.get(b"h:" + pid) == amount
+            else:
+                ok = moved(b"r:") and b"o:" + pid not in transfers
+            if not ok:
+                bad(f"withdrawal {p.payment_id} ({p.status.name}) moved the wrong money")
+        elif p.status == PaymentStatus.SUCCEEDED:
+            clearing_in[p.bank_id] += amount
+            if not moved(b"t:"):
+                bad(f"payment {p.payment_id} succeeded without its transfer")
+        elif b"t:" + pid in transfers:
             bad(f"payment {p.payment_id} is {p.status.name} but moved money")
+    for acct, bal in accounts.items():
+        if acct.startswith(b"h:") and bal and acct not in in_flight_holds:
+            bad(f"{acct.decode()} holds {bal} fen for a finished withdrawal")
     for acct, bal in accounts.items():
         if acct.startswith(b"c:") and -bal != clearing_in.get(acct[2:].decode(), 0):
             bad(f"bank clearing {acct.decode()} is {bal}, settled payments say "
@@ -176,8 +202,11 @@ def audit(ledger: LmdbLedger) -> Report:
         "uncredited": uncredited, "pending_fen": pending_fen,
         "wallet_fen": sum(v for k, v in accounts.items() if k.startswith(b"w:")),
         "clearing_in_fen": sum(clearing_in.values()), "payments": len(payments),
-        "top_ups": sum(1 for p in payments if p.kind == "top_up"
-                       and p.status == PaymentStatus.SUCCEEDED),
+        "payments_by_status": {
+            f"{kind}/{status.name}": sum(1 for p in payments
+                                         if p.kind == kind and p.status == status)
+            for kind in ("top_up", "withdraw", "envelope") for status in PaymentStatus
+            if any(p.kind == kind and p.status == status for p in payments)},
     }
     return r
 
@@ -192,7 +221,8 @@ async def cross_check_bank(report: Report, bank) -> None:
         answer = await bank.query(item["payment_id"])
         item["bank_status"] = bank_pb2.OrderStatus.Name(answer.status)
         if answer.status == bank_pb2.ORDER_STATUS_SETTLED:
-            settled_in_flight += item["amount_fen"]
+            sign = -1 if item["kind"] == "withdraw" else 1
+            settled_in_flight += sign * item["amount_fen"]
     expected = report.totals["clearing_in_fen"] + settled_in_flight
     report.bank = {
         "merchant_balance_fen": stats.merchant_balance_fen, "expected_fen": expected,

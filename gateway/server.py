@@ -34,6 +34,7 @@ from gateway.core import Gateway
 from gateway.interceptors.auth import AuthInterceptor
 from gateway.interceptors.logging import LoggingInterceptor
 from gateway.ledger import LmdbLedger
+from gateway.resolver import Resolver
 from gateway.services.admin import AdminServicer
 from gateway.services.auth import AuthServicer
 from gateway.services.envelope import EnvelopeServicer
@@ -144,8 +145,11 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
         queue_limit=settings.writer_queue_limit)
     bank = BankClient(opts.bank, settings.bank_timeout_s) if opts.bank else None
     gateway = Gateway(ledger, settings, bank)
-    credit = sweeper = None
+    credit = sweeper = resolver = None
     if opts.worker_index == 0:
+        if bank is not None:
+            resolver = Resolver(ledger, bank, delay_s=settings.resolve_delay_s,
+                                max_backoff_s=settings.resolver_max_backoff_s)
         credit = CreditConsumer(ledger, batch=settings.credit_batch,
                                 rate_per_s=settings.credit_rate_per_s)
         sweeper = ExpirySweeper(ledger, interval_s=settings.expiry_sweep_s)
@@ -175,7 +179,7 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    tasks = [asyncio.create_task(w.run()) for w in (credit, sweeper) if w is not None]
+    tasks = [asyncio.create_task(w.run()) for w in (credit, sweeper, resolver) if w is not None]
     metrics = (await _serve_metrics(opts.metrics_port, gateway, credit)
                if opts.metrics_port is not None else None)
     if opts.port_file:
@@ -193,7 +197,7 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     log.info("shutting_down", grace_s=settings.grace_s)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace_s)
-    for w in (credit, sweeper):
+    for w in (credit, sweeper, resolver):
         if w is not None:
             w.stop()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -19,6 +19,10 @@ KIND_NORMAL = 2
 ENV_ACTIVE = 1
 ENV_SOLD_OUT = 2
 ENV_EXPIRED = 3
+ENV_PAYING = 4
+ENV_PAY_UNKNOWN = 5
+ENV_FAILED = 6
+ENV_REFUNDED = 7
 
 
 class GrabOutcome(enum.IntEnum):
@@ -117,7 +121,7 @@ class Notice:
 class Payment:
     payment_id: str
     user_id: str
-    kind: str  # "top_up" (issue 3 adds more)
+    kind: str  # "top_up", "withdraw" or "envelope"
     card_id: str
     bank_id: str
     amount_fen: int
@@ -125,6 +129,8 @@ class Payment:
     reason: str = ""
     created_at_ms: int = 0
     updated_at_ms: int = 0
+    envelope_id: str = ""  # the envelope a card payment funds
+    attempts: int = 0  # resolver attempts that found the bank unclear
 
 
 class Ledger(abc.ABC):

@@ -30,11 +30,13 @@ check everything first and only then write.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import secrets
 import struct
+import time
 from pathlib import Path
 
 import lmdb
@@ -45,6 +47,10 @@ from gateway import errors
 from gateway.ledger._base import (
     ENV_ACTIVE,
     ENV_EXPIRED,
+    ENV_FAILED,
+    ENV_PAY_UNKNOWN,
+    ENV_PAYING,
+    ENV_REFUNDED,
     ENV_SOLD_OUT,
     EnvelopeView,
     GrabOutcome,
@@ -64,7 +70,7 @@ log = structlog.get_logger(__name__)
 
 _DBS = (
     "accounts", "transfers", "envelopes", "env_meta", "grabs", "idem", "payments",
-    "wallet_tx", "bus:credit", "expiry", "meta", "notifications",
+    "wallet_tx", "bus:credit", "expiry", "meta", "notifications", "resolve",
 )
 _SEQ = b"seq"
 _BE64 = struct.Struct(">Q")
@@ -92,6 +98,11 @@ def escrow_account(env: bytes) -> bytes:
 
 def clearing_account(bank: bytes) -> bytes:
     return b"c:" + bank
+
+
+def hold_account(payment: bytes) -> bytes:
+    """Money of a withdrawal in flight: out of the wallet, not yet at the bank."""
+    return b"h:" + payment
 
 
 def new_envelope_id() -> str:
@@ -227,7 +238,9 @@ def _op_send(b: _Batch, user: bytes, rid: bytes, fingerprint: bytes, env_id: byt
         if raw[:16] != fingerprint:
             raise errors.InvalidArgument(
                 "REQUEST_ID_REUSED", "request_id was used before with another payload")
-        return _decode_send(raw[16:])
+        saved = _decode_send(raw[16:])
+        live = hotpath.envelope_header(b.envelope(saved.envelope_id.encode()))[7]
+        return dataclasses.replace(saved, status=live)
     wallet = wallet_account(user)
     if not hotpath.debit_ok(b.account(wallet), total_fen):
         raise errors.FailedPrecondition(
@@ -275,6 +288,9 @@ def _op_grab(b: _Batch, env: bytes, user: bytes, digest: bytes) -> GrabResult:
         raise errors.NotFound("ENVELOPE_NOT_FOUND", "no such envelope")
     _total, _rem, _created, expires_at_ms, count, claimed, _kind, status, _f = (
         hotpath.envelope_header(buf))
+    if status not in (ENV_ACTIVE, ENV_SOLD_OUT, ENV_EXPIRED):
+        raise errors.FailedPrecondition(
+            "ENVELOPE_NOT_PAID", "the envelope's payment has not gone through")
     if status == ENV_EXPIRED or b.now_ms >= expires_at_ms or claimed >= count:
         raw = txn.get(gkey, db=grabs_db)
         if raw is not None:
@@ -373,71 +389,165 @@ def _op_expire_due(b: _Batch, limit: int) -> int:
     return refunded
 
 
-def _encode_payment(p: Payment, fingerprint: bytes) -> bytes:
+def _encode_payment(p: Payment, fingerprint: bytes, due_ms: int = 0) -> bytes:
     return json.dumps({
         "id": p.payment_id, "u": p.user_id, "k": p.kind, "c": p.card_id, "bk": p.bank_id,
         "a": p.amount_fen, "s": int(p.status), "r": p.reason, "t0": p.created_at_ms,
-        "t1": p.updated_at_ms, "fp": fingerprint.hex(),
+        "t1": p.updated_at_ms, "fp": fingerprint.hex(), "e": p.envelope_id, "due": due_ms,
+        "n": p.attempts,
     }, separators=(",", ":")).encode()
 
 
-def _decode_payment(raw: bytes) -> tuple[Payment, bytes]:
+def _decode_payment(raw: bytes) -> tuple[Payment, bytes, int]:
     d = json.loads(raw)
     p = Payment(d["id"], d["u"], d["k"], d["c"], d["bk"], d["a"], PaymentStatus(d["s"]),
-                d["r"], d["t0"], d["t1"])
-    return p, bytes.fromhex(d["fp"])
-
-
-def _op_begin_payment(b: _Batch, payment: Payment, fingerprint: bytes) -> Payment:
-    key = payment.payment_id.encode()
-    raw = b.txn.get(key, db=b.dbs["payments"])
-    if raw is not None:
-        saved, saved_fp = _decode_payment(raw)
-        if saved_fp != fingerprint:
-            raise errors.InvalidArgument(
-                "REQUEST_ID_REUSED", "request_id was used before with another payload")
-        return saved
-    payment = _with(payment, created_at_ms=b.now_ms, updated_at_ms=b.now_ms)
-    b.txn.put(key, _encode_payment(payment, fingerprint), db=b.dbs["payments"])
-    return payment
+                d["r"], d["t0"], d["t1"], d.get("e", ""), d.get("n", 0))
+    return p, bytes.fromhex(d["fp"]), d.get("due", 0)
 
 
 def _with(p: Payment, **changes) -> Payment:
-    import dataclasses
-
     return dataclasses.replace(p, **changes)
 
 
-def _load_payment(b: _Batch, payment_id: str) -> tuple[Payment, bytes]:
+def _load_payment(b: _Batch, payment_id: str) -> tuple[Payment, bytes, int]:
     raw = b.txn.get(payment_id.encode(), db=b.dbs["payments"])
     if raw is None:
         raise errors.NotFound("PAYMENT_NOT_FOUND", "no such payment")
     return _decode_payment(raw)
 
 
-def _op_settle_top_up(b: _Batch, payment_id: str) -> Payment:
-    p, fp = _load_payment(b, payment_id)
-    if p.status == PaymentStatus.SUCCEEDED:
+def _save_payment(b: _Batch, p: Payment, fp: bytes, old_due_ms: int, due_ms: int) -> None:
+    """Writes the payment and keeps its entry in the resolver's due index in step."""
+    pid = p.payment_id.encode()
+    resolve_db = b.dbs["resolve"]
+    if old_due_ms:
+        b.txn.delete(_BE64.pack(old_due_ms) + pid, db=resolve_db)
+    if due_ms:
+        b.txn.put(_BE64.pack(due_ms) + pid, b"", db=resolve_db)
+    b.txn.put(pid, _encode_payment(p, fp, due_ms), db=b.dbs["payments"])
+
+
+def _set_envelope_status(b: _Batch, env: bytes, status: int) -> None:
+    (total, remaining_fen, created, expires, count, claimed, kind, _old, flags,
+     shares) = hotpath.unpack_envelope(b.envelope(env))
+    b.envelopes[env] = hotpath.pack_envelope(total, remaining_fen, created, expires, count,
+                                             claimed, kind, status, flags, shares)
+
+
+def _op_begin_payment(b: _Batch, payment: Payment, fingerprint: bytes, due_in_ms: int,
+                      envelope: tuple | None) -> tuple[Payment, bool]:
+    """Saves a payment intent before the bank is called (or returns the saved one).
+
+    A withdrawal holds its amount at once (wallet -> ``h:<payment>``), so the
+    wallet cannot spend it twice while the bank works. A card-paid envelope is
+    created PAYING (not grabbable) with its shares already split.
+    """
+    key = payment.payment_id.encode()
+    raw = b.txn.get(key, db=b.dbs["payments"])
+    if raw is not None:
+        saved, saved_fp, _due = _decode_payment(raw)
+        if saved_fp != fingerprint:
+            raise errors.InvalidArgument(
+                "REQUEST_ID_REUSED", "request_id was used before with another payload")
+        return saved, False
+    user = payment.user_id.encode()
+    if payment.kind == "withdraw":
+        if not hotpath.debit_ok(b.account(wallet_account(user)), payment.amount_fen):
+            raise errors.FailedPrecondition(
+                "INSUFFICIENT_BALANCE", "the wallet does not cover the withdrawal",
+                balance_fen=str(b.account(wallet_account(user))))
+        tid = b"w:" + key
+        b.move(tid, wallet_account(user), hold_account(key), payment.amount_fen,
+               TxKind.WITHDRAW, key)
+        b.wallet_entry(user, TxKind.WITHDRAW, -payment.amount_fen, tid, key)
+    if envelope is not None:
+        env_id, count, kind, greeting, expires_in_s, shares, request_id, send_fp = envelope
+        expires_at_ms = b.now_ms + expires_in_s * 1000
+        b.envelopes[env_id] = hotpath.pack_envelope(
+            payment.amount_fen, payment.amount_fen, b.now_ms, expires_at_ms, count, 0, kind,
+            ENV_PAYING, 0, shares)
+        meta = {"s": user.decode(), "g": greeting, "b": "", "p": payment.payment_id,
+                "v": PAY_CARD}
+        b.txn.put(env_id, json.dumps(meta, separators=(",", ":")).encode(),
+                  db=b.dbs["env_meta"])
+        result = SendResult(env_id.decode(), ENV_PAYING, PAY_CARD, payment.payment_id)
+        b.txn.put(b"send\0" + user + b"\0" + request_id, send_fp + _encode_send(result),
+                  db=b.dbs["idem"])
+    payment = _with(payment, created_at_ms=b.now_ms, updated_at_ms=b.now_ms)
+    _save_payment(b, payment, fingerprint, 0, b.now_ms + due_in_ms)
+    return payment, True
+
+
+_DEBIT_KINDS = ("top_up", "envelope")
+
+
+def _op_finish_payment(b: _Batch, payment_id: str, outcome: PaymentStatus, reason: str,
+                       from_states: tuple[PaymentStatus, ...]) -> Payment:
+    """Takes a payment to a final state, with its money, exactly once.
+
+    Only from ``from_states``: the request handler finishes PENDING payments,
+    the resolver UNKNOWN ones; whichever comes second sees the other's result.
+    """
+    p, fp, due = _load_payment(b, payment_id)
+    if p.status not in from_states:
         return p
-    assert p.kind == "top_up" and p.status in (PaymentStatus.PENDING, PaymentStatus.UNKNOWN), p
-    user = p.user_id.encode()
     pid = payment_id.encode()
-    tid = b"t:" + pid
-    b.move(tid, clearing_account(p.bank_id.encode()), wallet_account(user), p.amount_fen,
-           TxKind.TOP_UP, pid)
-    b.wallet_entry(user, TxKind.TOP_UP, p.amount_fen, tid, pid)
-    done = _with(p, status=PaymentStatus.SUCCEEDED, updated_at_ms=b.now_ms)
-    b.txn.put(pid, _encode_payment(done, fp), db=b.dbs["payments"])
+    user = p.user_id.encode()
+    clearing = clearing_account(p.bank_id.encode())
+    env = p.envelope_id.encode()
+    note = None
+    if outcome == PaymentStatus.SUCCEEDED:
+        if p.kind == "top_up":
+            tid = b"t:" + pid
+            b.move(tid, clearing, wallet_account(user), p.amount_fen, TxKind.TOP_UP, pid)
+            b.wallet_entry(user, TxKind.TOP_UP, p.amount_fen, tid, pid)
+        elif p.kind == "envelope":
+            b.move(b"t:" + pid, clearing, escrow_account(env), p.amount_fen,
+                   TxKind.ENVELOPE_SENT, env)
+            _set_envelope_status(b, env, ENV_ACTIVE)
+            expires_at_ms = hotpath.envelope_header(b.envelope(env))[3]
+            b.txn.put(_BE64.pack(expires_at_ms) + env, b"", db=b.dbs["expiry"])
+        else:
+            b.move(b"o:" + pid, hold_account(pid), clearing, p.amount_fen, TxKind.WITHDRAW, pid)
+        note = (NOTE_SUCCEEDED, "the payment went through")
+    else:
+        assert outcome in (PaymentStatus.FAILED, PaymentStatus.REFUNDED), outcome
+        if p.kind == "withdraw":
+            tid = b"r:" + pid
+            b.move(tid, hold_account(pid), wallet_account(user), p.amount_fen,
+                   TxKind.WITHDRAW_REVERSAL, pid)
+            b.wallet_entry(user, TxKind.WITHDRAW_REVERSAL, p.amount_fen, tid, pid)
+        if p.kind == "envelope":
+            _set_envelope_status(b, env, ENV_REFUNDED if outcome == PaymentStatus.REFUNDED
+                                 else ENV_FAILED)
+        if outcome == PaymentStatus.REFUNDED:
+            note = (NOTE_REFUNDED, "the bank took the money and has returned it to your card")
+        elif reason == "LOCKED":
+            note = (NOTE_LOCKED, "the bank order is locked: it can never be charged")
+    done = _with(p, status=outcome, reason=reason, updated_at_ms=b.now_ms)
+    _save_payment(b, done, fp, due, 0)
+    if note is not None:
+        b.notify(user, note[0], p.amount_fen, payment_id=payment_id,
+                 envelope_id=p.envelope_id, message=note[1])
     return done
 
 
-def _op_fail_payment(b: _Batch, payment_id: str, reason: str) -> Payment:
-    p, fp = _load_payment(b, payment_id)
-    if p.status != PaymentStatus.PENDING:
+def _op_payment_unknown(b: _Batch, payment_id: str, resolve_in_ms: int, reason: str) -> Payment:
+    """The bank gave no clear answer: UNKNOWN, notified, and due for the resolver."""
+    p, fp, due = _load_payment(b, payment_id)
+    if p.status not in (PaymentStatus.PENDING, PaymentStatus.UNKNOWN):
         return p
-    failed = _with(p, status=PaymentStatus.FAILED, reason=reason, updated_at_ms=b.now_ms)
-    b.txn.put(payment_id.encode(), _encode_payment(failed, fp), db=b.dbs["payments"])
-    return failed
+    first = p.status == PaymentStatus.PENDING
+    unknown = _with(p, status=PaymentStatus.UNKNOWN, reason=reason, updated_at_ms=b.now_ms,
+                    attempts=p.attempts + (0 if first else 1))
+    _save_payment(b, unknown, fp, due, b.now_ms + resolve_in_ms)
+    if first:
+        if p.kind == "envelope":
+            _set_envelope_status(b, p.envelope_id.encode(), ENV_PAY_UNKNOWN)
+        b.notify(p.user_id.encode(), NOTE_UNKNOWN, p.amount_fen, payment_id=payment_id,
+                 envelope_id=p.envelope_id,
+                 message="the bank's answer is unclear; we are checking and will tell you")
+    return unknown
 
 
 class LmdbLedger(Ledger):
@@ -492,16 +602,42 @@ class LmdbLedger(Ledger):
         return await self.writer.submit(_op_grab_many, packed)
 
     async def begin_payment(self, user_id, kind, request_id, fingerprint, *, card_id,
-                            bank_id, amount_fen) -> Payment:
+                            bank_id, amount_fen, due_in_ms: int = 60_000) -> Payment:
         p = Payment(payment_id_for(user_id, kind, request_id), user_id, kind, card_id,
                     bank_id, amount_fen, PaymentStatus.PENDING)
-        return await self.writer.submit(_op_begin_payment, p, fingerprint)
+        return (await self.writer.submit(_op_begin_payment, p, fingerprint, due_in_ms, None))[0]
+
+    async def begin_card_payment(self, payment: Payment, fingerprint: bytes, due_in_ms: int,
+                                 envelope: tuple | None = None) -> tuple[Payment, bool]:
+        """Saves the intent; returns it and whether this call created it (else a retry)."""
+        return await self.writer.submit(_op_begin_payment, payment, fingerprint, due_in_ms,
+                                        envelope)
+
+    async def finish_payment(self, payment_id: str, outcome: PaymentStatus, reason: str = "",
+                             from_states: tuple = (PaymentStatus.PENDING,)) -> Payment:
+        return await self.writer.submit(_op_finish_payment, payment_id, outcome, reason,
+                                        from_states)
+
+    async def payment_unknown(self, payment_id: str, resolve_in_ms: int,
+                              reason: str = "") -> Payment:
+        return await self.writer.submit(_op_payment_unknown, payment_id, resolve_in_ms, reason)
 
     async def settle_top_up(self, payment_id) -> Payment:
-        return await self.writer.submit(_op_settle_top_up, payment_id)
+        return await self.finish_payment(payment_id, PaymentStatus.SUCCEEDED)
 
     async def fail_payment(self, payment_id, reason) -> Payment:
-        return await self.writer.submit(_op_fail_payment, payment_id, reason)
+        return await self.finish_payment(payment_id, PaymentStatus.FAILED, reason)
+
+    def due_payments(self, limit: int) -> list[str]:
+        """Payment ids whose resolve time has come, oldest first."""
+        now_ms = time.time_ns() // 1_000_000
+        out = []
+        with self.env.begin() as txn:
+            for key in txn.cursor(db=self.dbs["resolve"]).iternext(keys=True, values=False):
+                if _BE64.unpack(key[:8])[0] > now_ms or len(out) >= limit:
+                    break
+                out.append(key[8:].decode())
+        return out
 
     async def expire_due(self, limit: int) -> int:
         """Refunds up to ``limit`` expired envelopes' unclaimed money; returns how many."""
@@ -604,6 +740,27 @@ class LmdbLedger(Ledger):
         with self.env.begin() as txn:
             raw = txn.get(payment_id.encode(), db=self.dbs["payments"])
         return None if raw is None else _decode_payment(raw)[0]
+
+    def send_result(self, user_id: str, request_id: str, fingerprint: bytes
+                    ) -> SendResult | None:
+        """The first result of a SendEnvelope request id, with the envelope's live status."""
+        with self.env.begin() as txn:
+            raw = txn.get(b"send\0" + user_id.encode() + b"\0" + request_id.encode(),
+                          db=self.dbs["idem"])
+            if raw is None:
+                return None
+            if raw[:16] != fingerprint:
+                raise errors.InvalidArgument(
+                    "REQUEST_ID_REUSED", "request_id was used before with another payload")
+            saved = _decode_send(raw[16:])
+            buf = txn.get(saved.envelope_id.encode(), db=self.dbs["envelopes"])
+        return dataclasses.replace(saved, status=hotpath.envelope_header(buf)[7])
+
+    def payment_of_envelope(self, envelope_id: str) -> str:
+        """The card payment that funds an envelope ("" when paid from the balance)."""
+        with self.env.begin() as txn:
+            raw = txn.get(envelope_id.encode(), db=self.dbs["env_meta"])
+        return "" if raw is None else json.loads(raw)["p"]
 
     def notifications(self, user_id: str, after_event_id: int, limit: int) -> list[Notice]:
         """The user's events with ids above ``after_event_id``, oldest first."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-from gateway import errors
 from gateway.core import Gateway
 from gateway.services._boundary import maps_errors, subject
 from gateway.services._convert import timestamp_ms
@@ -41,4 +40,6 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
 
     @maps_errors
     async def Withdraw(self, request, context):
-        raise errors.Unimplemented("WITHDRAW_UNAVAILABLE", "withdrawals are not available yet")
+        p = await self._gw.withdraw(subject(), request.request_id, request.card_id,
+                                    request.amount_fen)
+        return pb.WithdrawResponse(payment_id=p.payment_id, status=int(p.status))
