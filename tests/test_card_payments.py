@@ -1,0 +1,272 @@
+"""Card payments against the real bank simulator, one fault type at a time.
+
+Each test switches one fault on in the running simulator (SetFaults), makes a
+card payment through the gateway, waits for the resolver where the answer was
+unclear, and checks the payment's final state, the wallet, the card at the
+bank, the user's notifications, and (in the fixture) that the books balance
+and agree with the bank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from banksim.v1 import bank_pb2, bank_pb2_grpc
+from gateway.client import Client
+from gateway.errors import reason_of
+from hongbao.v1 import envelope_pb2, notification_pb2, wallet_pb2
+from tests.conftest import Stack, run
+from tests.test_gateway import balance, grab, send, top_up
+from tests.test_notifications import _take
+
+CARD = "icbc-6222000011112222"
+CARD_OPENING_FEN = 1_000_000
+PS = wallet_pb2
+NK = notification_pb2
+
+
+@pytest.fixture
+def bank_stack(tmp_path):
+    """The stack with a short bank deadline and resolve delay, so faults resolve in seconds."""
+    config = tmp_path / "gateway.toml"
+    config.write_text("bank_timeout_s = 1.0\nresolve_delay_s = 0.5\n"
+                      "resolver_max_backoff_s = 2.0\n")
+    s = Stack(tmp_path)
+    try:
+        s.bank.start()
+        s.start_gateway("--config", str(config))
+        yield s
+        s.assert_balanced()
+    finally:
+        s.stop()
+
+
+async def set_faults(stack: Stack, **faults) -> None:
+    async with grpc.aio.insecure_channel(stack.bank.target) as ch:
+        await bank_pb2_grpc.BankAdminServiceStub(ch).SetFaults(
+            bank_pb2.SetFaultsRequest(faults=bank_pb2.FaultConfig(**faults)), timeout=5)
+
+
+async def card_balance(stack: Stack, card: str = CARD) -> int:
+    async with grpc.aio.insecure_channel(stack.bank.target) as ch:
+        r = await bank_pb2_grpc.BankAdminServiceStub(ch).GetCard(
+            bank_pb2.GetCardRequest(card_id=card), timeout=5)
+    return r.balance_fen
+
+
+async def wait_status(c: Client, meta, rid: str, amount: int, want: set[int],
+                      call: str = "TopUp", timeout_s: float = 15.0):
+    """Retries the same request until the payment reaches one of ``want``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    req_cls = PS.TopUpRequest if call == "TopUp" else PS.WithdrawRequest
+    while True:
+        r = await getattr(c.wallet, call)(req_cls(request_id=rid, card_id=CARD,
+                                                  amount_fen=amount), metadata=meta, timeout=5)
+        if r.status in want:
+            return r
+        assert asyncio.get_running_loop().time() < deadline, f"stuck in {r.status}"
+        await asyncio.sleep(0.1)
+
+
+async def kinds(c: Client, meta, n: int) -> list[int]:
+    return [e.kind for e in await _take(c, meta, 0, n)]
+
+
+def test_card_envelope_and_balance_first(bank_stack):
+    """CARD pays by card; AUTO pays from the balance when it covers the amount, sparing the bank."""
+    async def scenario():
+        async with Client(bank_stack.target) as c:
+            u = bank_stack.meta("ann")
+            by_card = await send(c, u, 3_000, 3, rid="card", card_id=CARD,
+                                 pay_method=envelope_pb2.PAY_METHOD_CARD)
+            assert by_card.status == envelope_pb2.ENVELOPE_STATUS_ACTIVE
+            assert by_card.paid_via == envelope_pb2.PAY_METHOD_CARD and by_card.payment_id
+            assert (await grab(c, bank_stack.meta("bo"), by_card.envelope_id)).amount_fen > 0
+            assert await card_balance(bank_stack) == CARD_OPENING_FEN - 3_000
+            auto_short = await send(c, u, 1_000, 1, rid="auto1", card_id=CARD)
+            assert auto_short.paid_via == envelope_pb2.PAY_METHOD_CARD
+            await top_up(c, u, 10_000, card=CARD)
+            async with grpc.aio.insecure_channel(bank_stack.bank.target) as ch:
+                admin = bank_pb2_grpc.BankAdminServiceStub(ch)
+                before = (await admin.GetStats(bank_pb2.GetStatsRequest())).orders
+                auto = await send(c, u, 2_000, 2, rid="auto2", card_id=CARD)
+                after = (await admin.GetStats(bank_pb2.GetStatsRequest())).orders
+            assert auto.paid_via == envelope_pb2.PAY_METHOD_BALANCE
+            assert after == before, "balance first: the bank saw no call"
+            again = await send(c, u, 3_000, 3, rid="card", card_id=CARD,
+                               pay_method=envelope_pb2.PAY_METHOD_CARD)
+            assert again.envelope_id == by_card.envelope_id
+            assert (await balance(c, u)).balance_fen == 8_000
+    run(scenario())
+
+
+def test_decline_and_insufficient_card_funds(bank_stack):
+    """A declined card fails at once with its reason, moves nothing, and retries say the same."""
+    async def scenario():
+        async with Client(bank_stack.target) as c:
+            u = bank_stack.meta("cy")
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await top_up(c, u, CARD_OPENING_FEN + 1, rid="big", card=CARD)
+            assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert reason_of(exc.value) == "CARD_INSUFFICIENT_FUNDS"
+            await set_faults(bank_stack, decline_rate=1.0)
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await top_up(c, u, 500, rid="declined", card=CARD)
+                assert reason_of(exc.value) == "CARD_DECLINED"
+            assert (await balance(c, u)).balance_fen == 0
+            assert await card_balance(bank_stack) == CARD_OPENING_FEN
+    run(scenario())
+
+
+def test_timeout_is_resolved_by_locking_the_order(bank_stack):
+    """A timed-out debit goes UNKNOWN, then the resolver voids it: FAILED, nothing charged."""
+    async def scenario():
+        async with Client(bank_stack.target) as c:
+            u = bank_stack.meta("di")
+            await set_faults(bank_stack, timeout_rate=1.0)
+            first = await top_up(c, u, 700, rid="t", card=CARD)
+            assert first.status == PS.PAYMENT_STATUS_UNKNOWN
+            await set_faults(bank_stack)
+            done = await wait_status(c, u, "t", 700, {PS.PAYMENT_STATUS_FAILED})
+            assert done.payment_id == first.payment_id
+            assert (await balance(c, u)).balance_fen == 0
+            assert await card_balance(bank_stack) == CARD_OPENING_FEN
+            assert await kinds(c, u, 2) == [NK.NOTIFICATION_KIND_UNKNOWN,
+                                             NK.NOTIFICATION_KIND_LOCKED]
+    run(scenario())
+
+
+def test_lost_response_is_refunded(bank_stack):
+    """The bank debited but the answer was lost: the resolver refunds, the card is whole again."""
+    async def scenario():
+        async with Client(bank_stack.target) as c:
+            u = bank_stack.meta("ed")
+            await set_faults(bank_stack, lost_response_rate=1.0)
+            first = await top_up(c, u, 900, rid="l", card=CARD)
+            assert first.status == PS.PAYMENT_STATUS_UNKNOWN
+            assert await card_balance(bank_stack) == CARD_OPENING_FEN - 900
+            await set_faults(bank_stack)
+            await wait_status(c, u, "l", 900, {PS.PAYMENT_STATUS_REFUNDED})
+            assert (await balance(c, u)).balance_fen == 0
+            assert await card_balance(bank_stack) == CARD_OPENING_FEN
+            assert await kinds(c, u, 2) == [NK.NOTIFICATION_KIND_UNKNOWN,
+                                             NK.NOTIFICATION_KIND_REFUNDED]
+    run(scenario())
+
+
+def test_late_debit_is_refunded(bank_stack):
+    """A debit that lands after the caller gave up is found by the resolver and refunded."""
+    async def scenario():
+        async with Client(bank_stack.target) as c:
+            u = bank_stack.meta("flo")
+            await set_faults(bank_stack, late_debit_rate=1.0, late_debit_delay_ms=100)
+            first = await top_up(c, u, 1_100, rid="late", card=CARD)
+            assert first.status == PS.PAYMENT_STATUS_UNKNOWN
+            await wait_status(c, u, "late", 1_100, {PS.PAYMENT_STATUS_REFUNDED})
+            await set_faults(bank_stack)
+            assert await card_balance(bank_stack) == CARD_OPENING_FEN
+    run(scenario())
+
+
+def test_late_debit_after_the_void_never_lands(bank_stack):
+    """Voided before the late debit arrives, the order is locked and the card is never charged."""
+    async def scenario():
+        async with Client(bank_stack.target) as c:
+            u = bank_stack.meta("gil")
+            await set_faults(bank_stack, late_debit_rate=1.0, late_debit_delay_ms=4000)
+            first = await top_up(c, u, 1_300, rid="late", card=CARD)
+            assert first.status == PS.PAYMENT_STATUS_UNKNOWN
+            await wait_status(c, u, "late", 1_300, {PS.PAYMENT_STATUS_FAILED})
+            await asyncio.sleep(6.5)  # past the late debit's moment
+            assert await card_balance(bank_stack) == CARD_OPENING_FEN
+            assert (await balance(c, u)).balance_fen == 0
+            await set_faults(bank_stack)
+    run(scenario())
+
+
+def test_withdrawals(bank_stack):
+    """Withdraw pays out; a lost answer resolves as paid; a timeout restores the wallet."""
+    async def scenario():
+        async with Client(bank_stack.target) as c:
+            u = bank_stack.meta("hu")
+            await top_up(c, u, 10_000, card=CARD)
+            ok = await c.wallet.Withdraw(PS.WithdrawRequest(
+                request_id="w1", card_id=CARD, amount_fen=1_000), metadata=u, timeout=5)
+            assert ok.status == PS.PAYMENT_STATUS_SUCCEEDED
+            assert await card_balance(bank_stack) == CARD_OPENING_FEN - 10_000 + 1_000
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await c.wallet.Withdraw(PS.WithdrawRequest(
+                    request_id="w-big", card_id=CARD, amount_fen=50_000), metadata=u)
+            assert reason_of(exc.value) == "INSUFFICIENT_BALANCE"
+            await set_faults(bank_stack, lost_response_rate=1.0)
+            lost = await c.wallet.Withdraw(PS.WithdrawRequest(
+                request_id="w2", card_id=CARD, amount_fen=2_000), metadata=u, timeout=5)
+            assert lost.status == PS.PAYMENT_STATUS_UNKNOWN
+            await set_faults(bank_stack, timeout_rate=1.0)
+            timed = await c.wallet.Withdraw(PS.WithdrawRequest(
+                request_id="w3", card_id=CARD, amount_fen=3_000), metadata=u, timeout=5)
+            assert timed.status == PS.PAYMENT_STATUS_UNKNOWN
+            assert (await balance(c, u)).balance_fen == 10_000 - 1_000 - 2_000 - 3_000
+            await set_faults(bank_stack)
+            await wait_status(c, u, "w2", 2_000, {PS.PAYMENT_STATUS_SUCCEEDED}, "Withdraw")
+            await wait_status(c, u, "w3", 3_000, {PS.PAYMENT_STATUS_FAILED}, "Withdraw")
+            assert (await balance(c, u)).balance_fen == 10_000 - 1_000 - 2_000
+            assert await card_balance(bank_stack) == CARD_OPENING_FEN - 10_000 + 3_000
+    run(scenario())
+
+
+def test_card_envelope_with_unclear_payment_is_cancelled(bank_stack):
+    """An envelope whose card payment went unclear is never grabbable and ends REFUNDED."""
+    async def scenario():
+        async with Client(bank_stack.target) as c:
+            u = bank_stack.meta("ivo")
+            await set_faults(bank_stack, lost_response_rate=1.0)
+            sent = await send(c, u, 2_000, 2, rid="e", card_id=CARD,
+                              pay_method=envelope_pb2.PAY_METHOD_CARD)
+            assert sent.status == envelope_pb2.ENVELOPE_STATUS_PAY_UNKNOWN
+            await set_faults(bank_stack)
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await grab(c, bank_stack.meta("jo"), sent.envelope_id)
+            assert reason_of(exc.value) == "ENVELOPE_NOT_PAID"
+            for _ in range(150):
+                again = await send(c, u, 2_000, 2, rid="e", card_id=CARD,
+                                   pay_method=envelope_pb2.PAY_METHOD_CARD)
+                if again.status == envelope_pb2.ENVELOPE_STATUS_REFUNDED:
+                    break
+                await asyncio.sleep(0.1)
+            assert again.status == envelope_pb2.ENVELOPE_STATUS_REFUNDED
+            assert await card_balance(bank_stack) == CARD_OPENING_FEN
+    run(scenario())
+
+
+def test_gateway_killed_during_the_bank_call_resolves_once(bank_stack):
+    """SIGKILL while the bank call is in flight: after restart the payment ends final, once."""
+    async def scenario_pay():
+        async with Client(bank_stack.target) as c:
+            await set_faults(bank_stack, latency_ms=800)
+            call = asyncio.ensure_future(top_up(c, bank_stack.meta("kai"), 1_700, rid="k",
+                                                card=CARD))
+            await asyncio.sleep(0.3)
+            bank_stack.gateway.kill()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call
+
+    run(scenario_pay())
+    bank_stack.start_gateway()
+
+    async def scenario_after():
+        async with Client(bank_stack.target) as c:
+            u = bank_stack.meta("kai")
+            await set_faults(bank_stack)
+            done = await wait_status(c, u, "k", 1_700,
+                                     {PS.PAYMENT_STATUS_FAILED, PS.PAYMENT_STATUS_REFUNDED},
+                                     timeout_s=20)
+            assert (await balance(c, u)).balance_fen == 0
+            assert await card_balance(bank_stack) == CARD_OPENING_FEN
+            return done
+
+    run(scenario_after())
