@@ -23,6 +23,12 @@ class Settings:
     max_top_up_fen: int = 5_000_000
     banks: tuple[str, ...] = ("icbc", "ccb", "abc", "boc")
     bank_timeout_s: float = 3.0
+    # Calls per second each bank is known to take; the payment butler keeps
+    # traffic within it. A bank missing here gets `default_bank_capacity_tps`.
+    bank_capacity_tps: dict = dataclasses.field(default_factory=dict)
+    default_bank_capacity_tps: float = 1000.0
+    # false sends every bank call straight through (for measuring what the butler saves).
+    butler_enabled: bool = True
     # Wait before asking the bank about an unclear result (`--resolve-delay-s`).
     resolve_delay_s: float = 5.0
     resolver_max_backoff_s: float = 60.0
@@ -48,6 +54,10 @@ class Settings:
     # call (about 0.1 ms on loopback), so it is off unless asked for.
     echo_request_id: bool = False
 
+    def capacities(self) -> dict[str, float]:
+        return {b: float(self.bank_capacity_tps.get(b, self.default_bank_capacity_tps))
+                for b in self.banks}
+
     def validate(self) -> Settings:
         if self.durability not in ("strict", "relaxed"):
             raise ValueError("durability must be 'strict' or 'relaxed'")
@@ -55,6 +65,11 @@ class Settings:
             raise ValueError("max_count must be in 1..65535")
         if not 1 <= self.max_share_fen <= 2**31 - 1:
             raise ValueError("max_share_fen must fit in int32")
+        unknown_banks = set(self.bank_capacity_tps) - set(self.banks)
+        if unknown_banks:
+            raise ValueError(f"bank_capacity_tps names unknown banks: {sorted(unknown_banks)}")
+        if any(not c > 0 for c in self.capacities().values()):
+            raise ValueError("bank capacities must be > 0 calls/s")
         if self.writer_max_batch < 1 or self.writer_queue_limit < self.writer_max_batch:
             raise ValueError("writer_queue_limit must be >= writer_max_batch >= 1")
         return self

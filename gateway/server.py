@@ -29,6 +29,7 @@ import hotpath
 from gateway import tickets
 from gateway.bank import BankClient
 from gateway.bus import CreditConsumer, ExpirySweeper
+from gateway.butler import ButlerOptions, PaymentButler
 from gateway.config import Settings
 from gateway.core import Gateway
 from gateway.interceptors.auth import AuthInterceptor
@@ -144,7 +145,12 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
         max_batch=settings.writer_max_batch, max_wait_s=settings.writer_max_wait_ms / 1000,
         queue_limit=settings.writer_queue_limit)
     bank = BankClient(opts.bank, settings.bank_timeout_s) if opts.bank else None
-    gateway = Gateway(ledger, settings, bank)
+    butler = None
+    if bank is not None:
+        butler = PaymentButler(bank, settings.capacities(),
+                               ButlerOptions(call_timeout_s=settings.bank_timeout_s),
+                               enabled=settings.butler_enabled)
+    gateway = Gateway(ledger, settings, bank, butler=butler)
     credit = sweeper = resolver = None
     if opts.worker_index == 0:
         if bank is not None:

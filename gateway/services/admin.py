@@ -22,7 +22,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         ledger = self._gw.ledger
         topics = [pb.TopicLag(topic="credit", lag=ledger.credit_backlog(),
                               rate_per_second=self._credit.rate_per_s if self._credit else 0.0)]
-        return pb.GetQosStatusResponse(topics=topics, writer_queue_depth=ledger.writer.depth)
+        topics.append(pb.TopicLag(topic="payment-unknown",
+                                  lag=len(ledger.due_payments(10_000))))
+        banks = [pb.BankHealth(bank_id=h["bank_id"], limit=h["limit"], in_flight=h["in_flight"],
+                               latency_ms_p99=h["latency_ms_p99"], error_rate=h["error_rate"],
+                               breaker_state=h["breaker_state"])
+                 for h in (self._gw.butler.health() if self._gw.butler else ())]
+        return pb.GetQosStatusResponse(topics=topics, banks=banks,
+                                       writer_queue_depth=ledger.writer.depth)
 
     @maps_errors
     async def SetConsumerRate(self, request, context):
