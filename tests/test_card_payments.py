@@ -270,3 +270,60 @@ def test_gateway_killed_during_the_bank_call_resolves_once(bank_stack):
             return done
 
     run(scenario_after())
+
+
+def test_bank_collapse_during_card_payments(tmp_path):
+    """A bank that collapses mid-rush: every payment ends final, books and bank agree."""
+    config = tmp_path / "gateway.toml"
+    # With the butler off nothing shields the bank, so it collapses; the
+    # resolver then has to clean up every payment the collapse left unclear.
+    config.write_text("bank_timeout_s = 0.5\nresolve_delay_s = 0.3\nresolver_max_backoff_s = 1.0\n"
+                      "butler_enabled = false\n")
+    s = Stack(tmp_path)
+    s.bank.cmd += ["--capacity-tps", "40", "--collapse-after-s", "0.5", "--collapse-for-s", "2"]
+    try:
+        s.bank.start()
+        s.start_gateway("--config", str(config))
+
+        async def scenario():
+            async with Client(s.target) as c:
+                users = [f"p{i}" for i in range(120)]
+                metas = {u: s.meta(u) for u in users}
+
+                async def pay(u, rnd):
+                    try:
+                        r = await c.wallet.TopUp(PS.TopUpRequest(
+                            request_id=f"t{rnd}", card_id=f"icbc-{100 + users.index(u)}",
+                            amount_fen=100), metadata=metas[u], timeout=5)
+                        return r.status
+                    except grpc.aio.AioRpcError as err:
+                        return reason_of(err)
+
+                outcomes = []
+                rounds = 8
+                for rnd in range(rounds):
+                    outcomes += await asyncio.gather(*(pay(u, rnd) for u in users))
+                async with grpc.aio.insecure_channel(s.bank.target) as ch:
+                    stats = await bank_pb2_grpc.BankAdminServiceStub(ch).GetStats(
+                        bank_pb2.GetStatsRequest())
+                assert {b.bank_id: b.collapses for b in stats.banks}["icbc"] >= 1
+                assert any(o in (PS.PAYMENT_STATUS_UNKNOWN, "BANK_CIRCUIT_OPEN", "BANK_BUSY")
+                           for o in outcomes), outcomes
+                # Everything settles: no payment stays unclear.
+                deadline = asyncio.get_running_loop().time() + 30
+                while True:
+                    pending = []
+                    for u in users:
+                        for rnd in range(rounds):
+                            st = await pay(u, rnd)
+                            if st in (PS.PAYMENT_STATUS_UNKNOWN, PS.PAYMENT_STATUS_PENDING):
+                                pending.append((u, rnd))
+                    if not pending:
+                        break
+                    assert asyncio.get_running_loop().time() < deadline, pending[:5]
+                    await asyncio.sleep(0.5)
+
+        run(scenario())
+        s.assert_balanced()
+    finally:
+        s.stop()
