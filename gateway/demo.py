@@ -3,7 +3,8 @@
 Starts the bank simulator and the gateway as real processes on an embedded
 LMDB in a temporary folder; a few hundred users top up from their cards,
 senders pay group envelopes from their wallets, and everyone in each group
-races to grab. Prints a summary, runs ``hongbao reconcile`` against the live
+races to grab; then, with the bank misbehaving, users pay envelopes by card
+and withdraw, and every unclear payment is resolved. Prints a summary, runs ``hongbao reconcile`` against the live
 books and the bank, and stops every process it started.
 """
 
@@ -16,10 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
 
+from banksim.v1 import bank_pb2, bank_pb2_grpc
 from gateway import tickets
 from gateway.client import Client
 from gateway.errors import reason_of
@@ -31,6 +34,22 @@ SENDERS = 60
 GROUP_SIZE = 40
 TOP_UP_FEN = 50_000
 CONCURRENCY = 128
+CARD_PAYERS = 120
+# The bank misbehaves during the card phase: each a probability per new order.
+CARD_FAULTS = {"decline_rate": 0.05, "timeout_rate": 0.05, "lost_response_rate": 0.05,
+               "late_debit_rate": 0.05, "late_debit_delay_ms": 500, "latency_ms": 20}
+ENV_STATE = {envelope_pb2.ENVELOPE_STATUS_ACTIVE: "succeeded",
+             envelope_pb2.ENVELOPE_STATUS_PAY_UNKNOWN: "unknown",
+             envelope_pb2.ENVELOPE_STATUS_PAYING: "paying",
+             envelope_pb2.ENVELOPE_STATUS_REFUNDED: "refunded",
+             envelope_pb2.ENVELOPE_STATUS_FAILED: "failed (order locked)",
+             envelope_pb2.ENVELOPE_STATUS_SOLD_OUT: "succeeded",
+             envelope_pb2.ENVELOPE_STATUS_EXPIRED: "succeeded"}
+PAY_STATE = {wallet_pb2.PAYMENT_STATUS_SUCCEEDED: "succeeded",
+             wallet_pb2.PAYMENT_STATUS_UNKNOWN: "unknown",
+             wallet_pb2.PAYMENT_STATUS_PENDING: "pending",
+             wallet_pb2.PAYMENT_STATUS_REFUNDED: "refunded",
+             wallet_pb2.PAYMENT_STATUS_FAILED: "failed (order locked)"}
 
 
 class Progress:
@@ -77,7 +96,59 @@ async def _run_all(coros, phase: str, progress: Progress) -> list:
     return results
 
 
-async def _scenario(target: str, data_dir: Path, rng: random.Random) -> dict:
+async def _set_faults(bank_target: str, **faults) -> None:
+    async with grpc.aio.insecure_channel(bank_target) as ch:
+        await bank_pb2_grpc.BankAdminServiceStub(ch).SetFaults(
+            bank_pb2.SetFaultsRequest(faults=bank_pb2.FaultConfig(**faults)), timeout=5)
+
+
+async def _card_phase(c: Client, bank_target: str, users: list[str], meta: dict,
+                      rng: random.Random, progress: Progress) -> dict:
+    """Card-paid envelopes and withdrawals with the bank misbehaving; every one resolved."""
+    await _set_faults(bank_target, **CARD_FAULTS)
+    payers = rng.sample(users, CARD_PAYERS)
+
+    def envelope_req(i: int, u: str):
+        return envelope_pb2.SendEnvelopeRequest(
+            request_id=f"card-{i}", total_fen=1_000, count=5,
+            kind=envelope_pb2.ENVELOPE_KIND_LUCKY, card_id=f"icbc-{7000 + i}",
+            pay_method=envelope_pb2.PAY_METHOD_CARD, greeting="新春快乐")
+
+    def withdraw_req(i: int, u: str):
+        return wallet_pb2.WithdrawRequest(request_id=f"wd-{i}", card_id=f"ccb-{8000 + i}",
+                                          amount_fen=2_000)
+
+    async def first(i: int, u: str):
+        try:
+            if i % 2 == 0:
+                r = await c.envelopes.SendEnvelope(envelope_req(i, u), metadata=meta[u],
+                                                   timeout=10)
+                return ENV_STATE.get(r.status, "other")
+            r = await c.wallet.Withdraw(withdraw_req(i, u), metadata=meta[u], timeout=10)
+            return PAY_STATE.get(r.status, "other")
+        except grpc.aio.AioRpcError as err:
+            return reason_of(err) or err.code().name
+
+    initial = await _run_all([first(i, u) for i, u in enumerate(payers)],
+                             "card payments (faults)", progress)
+    await _set_faults(bank_target)
+    final = list(initial)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        open_ = [i for i, s in enumerate(final) if s in ("unknown", "paying", "pending")]
+        if not open_:
+            break
+        await asyncio.sleep(0.5)
+        for i in open_:
+            final[i] = await first(i, payers[i])
+    unknown = [i for i, s in enumerate(initial) if s == "unknown"]
+    return {"total": len(payers), "initial": Counter(initial),
+            "resolved": Counter(final[i] for i in unknown), "still_open": sum(
+                1 for s in final if s in ("unknown", "paying", "pending"))}
+
+
+async def _scenario(target: str, bank_target: str, data_dir: Path,
+                    rng: random.Random) -> dict:
     ring = tickets.KeyRing.load_or_create(data_dir)
     users = [f"user{i:04d}" for i in range(USERS)]
     meta = {u: Client.bearer(tickets.mint(ring, u, ["pay", "grab", "read"], 3600)[0])
@@ -146,7 +217,8 @@ async def _scenario(target: str, data_dir: Path, rng: random.Random) -> dict:
             if all(t.lag == 0 for t in qos.topics):
                 break
             await asyncio.sleep(0.1)
-        stats["credit_lag"] = sum(t.lag for t in qos.topics)
+        stats["credit_lag"] = sum(t.lag for t in qos.topics if t.topic == "credit")
+        stats["card"] = await _card_phase(c, bank_target, users, meta, rng, progress)
 
         views = []
         for env_id in envelope_ids[:60]:
@@ -180,6 +252,13 @@ def _print_summary(stats: dict) -> None:
     print(f"  credit backlog         {stats['credit_lag']} after the rush")
     print(f"  wallets hold           {fen(stats['wallet_fen'])} "
           f"(+ {fen(stats['pending_fen'])} pending)")
+    card = stats["card"]
+    fmt = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
+    print(f"  card payments          {card['total']} with bank faults on "
+          f"(half envelopes paid by card, half withdrawals)")
+    print(f"    first answers        {fmt(card['initial'])}")
+    print(f"    unknown, resolved as {fmt(card['resolved'])}")
+    print(f"    still unclear        {card['still_open']}")
     print("\nBest luck (手气最佳), a few envelopes")
     shown = 0
     for v in stats["views"]:
@@ -197,7 +276,12 @@ def main() -> int:
         root = Path(tmp)
         print(f"Spring Festival eve on loopback (data in {root})")
         bank = banksim_proc(root / "bank", log_path=root / "banksim.log")
-        gw = gateway_proc(root / "gateway", log_path=root / "gateway.log")
+        config = root / "gateway.toml"
+        # Short bank deadline and resolve delay, so unclear payments settle while you watch.
+        config.write_text("bank_timeout_s = 1.0\nresolve_delay_s = 1.0\n"
+                          "resolver_max_backoff_s = 2.0\n")
+        gw = gateway_proc(root / "gateway", "--config", str(config),
+                          log_path=root / "gateway.log")
         try:
             bank.start()
             gw.bank = bank.target  # type: ignore[attr-defined]
@@ -205,7 +289,7 @@ def main() -> int:
             gw.start()
             print(f"  bank simulator pid {bank.pid} on {bank.target}; "
                   f"gateway pid {gw.pid} on {gw.target}\n")
-            stats = asyncio.run(_scenario(gw.target, root / "gateway", rng))
+            stats = asyncio.run(_scenario(gw.target, bank.target, root / "gateway", rng))
             _print_summary(stats)
             print("\nhongbao reconcile (live, cross-checked with the bank)")
             rec = subprocess.run(
