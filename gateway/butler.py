@@ -370,6 +370,9 @@ class PaymentButler:
             raise
         if refusal is not None:
             raise refusal
+        if s.state != CLOSED:  # the breaker opened between our admission and our turn to run
+            self._release(s)
+            raise self._reject_open(s)
         return s.epoch
 
     def _admit_probe(self, s: _Steward) -> int:
@@ -488,6 +491,8 @@ class PaymentButler:
             s.probe_successes += 1
             if s.probe_successes >= self.options.probe_count:
                 self._close(s)
+            return
+        if s.state != CLOSED:
             return
         if outcome == _OK:
             s.consecutive_failures = 0

@@ -197,6 +197,30 @@ def test_breaker_opens_on_timeouts_and_closes_after_recovery(bank):
     run(scenario())
 
 
+def test_without_a_known_order_the_next_real_calls_are_the_probes(bank):
+    """A butler that never had a definite answer from the bank probes with the next real calls,
+    at most probe_count at a time, the others failing fast, and closes when they succeed."""
+
+    async def scenario():
+        async with butler_on(bank, timeout_s=0.3, cool_down_s=0.3, probe_count=2,
+                             breaker_consecutive_failures=2) as (butler, link):
+            await link.set_faults(timeout_rate=1.0)
+            outcomes = await asyncio.gather(*(attempt(lambda i=i: butler.debit(
+                f"tmo-{i}", f"{BANK}-0001", 3)) for i in range(2)))
+            assert [kind for kind, _, _ in outcomes] == ["UNCLEAR"] * 2
+            await link.set_faults(latency_ms=100)
+            await wait_for_state(butler, "half_open", 1.0)
+            assert butler.health()[0]["probes"] == 0  # no query probe: nothing to query
+            outcomes = await asyncio.gather(*(attempt(lambda i=i: butler.debit(
+                f"probe-{i}", f"{BANK}-0001", 3)) for i in range(4)))
+            assert sorted(kind for kind, _, _ in outcomes) == [
+                "ANSWER", "ANSWER", "BANK_CIRCUIT_OPEN", "BANK_CIRCUIT_OPEN"]
+            assert butler.health()[0]["breaker_state"] == "closed"
+            assert (await butler.debit("after", f"{BANK}-0001", 3)).settled
+
+    run(scenario())
+
+
 def test_breaker_opens_when_the_bank_collapses_and_closes_after_it_recovers(bank):
     """A bank driven into collapse by other clients holds the butler's calls; the breaker opens
     and stays open until the bank answers its probes again."""
@@ -205,7 +229,7 @@ def test_breaker_opens_when_the_bank_collapses_and_closes_after_it_recovers(bank
         async with butler_on(bank, timeout_s=0.4, cool_down_s=0.3, probe_timeout_s=0.3,
                              breaker_consecutive_failures=3) as (butler, link):
             assert (await butler.debit("before", f"{BANK}-0001", 7)).settled
-            await link.set_faults(collapse_after_s=0.3, collapse_for_s=1.5)
+            await link.set_faults(collapse_after_s=0.3, collapse_for_s=2.5)
             rogue = BankClient(bank.target, timeout_s=0.3)
             try:
                 outcomes = await offer(rogue.debit, 10 * CAPACITY_TPS, 0.9, "rogue")
