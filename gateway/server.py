@@ -209,6 +209,8 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     if metrics:
         metrics.close()
+    if butler:
+        await butler.close()
     if bank:
         await bank.close()
     ledger.close()
