@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
-NAMES = ("hotpath", "tickets", "ledger", "butler")
+NAMES = ("hotpath", "tickets", "ledger", "butler", "balance_first")
 
 
 def _load(name: str):

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="the Spring-Festival-eve scenario, end to end")
     _reconcile_parser(sub)
     bench = sub.add_parser("bench", help="run the benchmarks in bench/")
-    bench.add_argument("names", nargs="*", help="hotpath, ledger, tickets (default: all)")
+    bench.add_argument("names", nargs="*",
+                       help="hotpath, tickets, ledger, butler, balance_first (default: all)")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return _cmd_serve(args)
