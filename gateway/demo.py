@@ -4,8 +4,9 @@ Starts the bank simulator and the gateway as real processes on an embedded
 LMDB in a temporary folder; a few hundred users top up from their cards,
 senders pay group envelopes from their wallets, and everyone in each group
 races to grab; then, with the bank misbehaving, users pay envelopes by card
-and withdraw, and every unclear payment is resolved. Prints a summary, runs ``hongbao reconcile`` against the live
-books and the bank, and stops every process it started.
+and withdraw, and every unclear payment is resolved. Prints a summary, runs
+``hongbao reconcile`` against the live books and the bank, and stops every
+process it started.
 """
 
 from __future__ import annotations
