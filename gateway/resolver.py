@@ -52,16 +52,19 @@ class Resolver:
         self._sem = asyncio.Semaphore(concurrency)
         self._stopping = asyncio.Event()
         self.resolved: dict[str, int] = {}
+        # Payments taken up per second (SetConsumerRate "payment-unknown"); 0 pauses.
+        self.rate_per_s = 1000.0
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def run(self) -> None:
         while not self._stopping.is_set():
-            due = self._ledger.due_payments(self._batch)
+            take = min(self._batch, int(self.rate_per_s * self._interval_s))
+            due = self._ledger.due_payments(take) if take > 0 else []
             if due:
                 await asyncio.gather(*(self._guarded(pid) for pid in due))
-            if len(due) < self._batch:
+            if len(due) < self._batch or take < self._batch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self._interval_s)
 

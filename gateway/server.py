@@ -172,7 +172,8 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     notification_pb2_grpc.add_NotificationServiceServicer_to_server(
         NotificationServicer(gateway), server)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(keyring), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(gateway, credit), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(gateway, credit, resolver), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

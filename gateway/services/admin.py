@@ -13,17 +13,20 @@ from hongbao.v1 import admin_pb2_grpc
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, gateway: Gateway, credit: CreditConsumer | None) -> None:
+    def __init__(self, gateway: Gateway, credit: CreditConsumer | None,
+                 resolver=None) -> None:
         self._gw = gateway
         self._credit = credit
+        self._resolver = resolver
 
     @maps_errors
     async def GetQosStatus(self, request, context):
         ledger = self._gw.ledger
         topics = [pb.TopicLag(topic="credit", lag=ledger.credit_backlog(),
                               rate_per_second=self._credit.rate_per_s if self._credit else 0.0)]
-        topics.append(pb.TopicLag(topic="payment-unknown",
-                                  lag=len(ledger.due_payments(10_000))))
+        topics.append(pb.TopicLag(
+            topic="payment-unknown", lag=len(ledger.due_payments(10_000)),
+            rate_per_second=self._resolver.rate_per_s if self._resolver else 0.0))
         banks = [pb.BankHealth(bank_id=h["bank_id"], limit=h["limit"], in_flight=h["in_flight"],
                                latency_ms_p99=h["latency_ms_p99"], error_rate=h["error_rate"],
                                breaker_state=h["breaker_state"])
@@ -33,16 +36,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @maps_errors
     async def SetConsumerRate(self, request, context):
-        if request.topic != "credit":
-            raise errors.NotFound("UNKNOWN_TOPIC", f"no topic {request.topic!r}")
+        consumers = {"credit": self._credit, "payment-unknown": self._resolver}
+        if request.topic not in consumers:
+            raise errors.NotFound("UNKNOWN_TOPIC", f"no topic {request.topic!r}; "
+                                  f"topics: {', '.join(consumers)}")
         rate = request.rate_per_second
         if not math.isfinite(rate) or not 0 <= rate <= 10_000_000:
             raise errors.InvalidArgument("BAD_RATE", "rate_per_second must be in 0..10000000")
-        if self._credit is None:
+        consumer = consumers[request.topic]
+        if consumer is None:
             raise errors.FailedPrecondition(
-                "NO_CONSUMER_HERE", "this worker runs no consumers; ask worker 0")
-        self._credit.rate_per_s = rate
-        return pb.SetConsumerRateResponse(topic="credit", rate_per_second=rate)
+                "NO_CONSUMER_HERE", "this worker runs no consumer of that topic; ask worker 0")
+        consumer.rate_per_s = rate
+        return pb.SetConsumerRateResponse(topic=request.topic, rate_per_second=rate)
 
     @maps_errors
     async def Reconcile(self, request, context):
