@@ -1,33 +1,27 @@
-"""The bank's error hierarchy and the one place it becomes a gRPC status.
+"""The bank's error hierarchy: the gateway's, under the bank's own ErrorInfo domain.
 
 Domain code raises a ``BankError`` subclass (its status code is a class
 attribute, its reason per instance); the servicers turn it into a status with a
-``google.rpc.ErrorInfo`` detail, the same shape ``gateway.errors`` produces, so
-one ``reason_of`` reads both. The domain differs so a log says who refused.
+``google.rpc.ErrorInfo`` detail through the same boundary as the gateway
+(:func:`gateway.errors.abort`), so one ``reason_of`` reads both. The domain
+differs so a log says who refused.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, NoReturn
-
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+
+from gateway import errors as _errors
 
 DOMAIN = "banksim"
+abort = _errors.abort
+to_status = _errors.to_status
 
 
-class BankError(Exception):
+class BankError(_errors.GatewayError):
     """An operating error reported to the caller; never a programmer error."""
 
-    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
-
-    def __init__(self, reason: str, message: str = "", **metadata: str) -> None:
-        super().__init__(message or reason)
-        self.reason = reason
-        self.message = message or reason
-        self.metadata = {k: str(v) for k, v in metadata.items()}
+    domain = DOMAIN
 
 
 class InvalidArgument(BankError):
@@ -48,20 +42,3 @@ class Unavailable(BankError):
 
 class DeadlineExceeded(BankError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-def to_status(err: BankError) -> grpc.Status:
-    """The rich status for ``err``: code, message and one ErrorInfo detail."""
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = status_pb2.Status(
-        code=getattr(code_pb2, err.code.name), message=err.message, details=[detail]
-    )
-    return rpc_status.to_status(status)
-
-
-async def abort(context: grpc.aio.ServicerContext, err: BankError) -> NoReturn:
-    """Ends the call with ``err`` mapped to its status (raises, never returns)."""
-    await context.abort_with_status(to_status(err))
-    raise AssertionError("abort_with_status returned")  # pragma: no cover

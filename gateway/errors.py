@@ -24,6 +24,8 @@ class GatewayError(Exception):
     """An operating error reported to the caller; never a programmer error."""
 
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    # The ErrorInfo domain: who refused (the bank simulator has its own).
+    domain: ClassVar[str] = DOMAIN
 
     def __init__(self, reason: str, message: str = "", **metadata: str) -> None:
         super().__init__(message or reason)
@@ -69,6 +71,10 @@ class Unavailable(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(GatewayError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class Unimplemented(GatewayError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
@@ -84,7 +90,8 @@ class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_me
 
 def to_status(err: GatewayError) -> grpc.Status:
     """The rich status for ``err``: code, message and one ErrorInfo detail."""
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=err.domain,
+                                       metadata=err.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     status = status_pb2.Status(
