@@ -18,15 +18,17 @@ import tempfile
 import time
 
 import hotpath
-from gateway.ledger import KIND_LUCKY, LmdbLedger
+from gateway.ledger import KIND_LUCKY, LmdbLedger, Payment, PaymentStatus, payment_id_for
 
 SHARES = 100
 
 
 async def _prepare(led: LmdbLedger, envelopes: int) -> list[str]:
-    p = await led.begin_payment("sender", "top_up", "fund", b"f" * 16, card_id="icbc-1",
-                                bank_id="icbc", amount_fen=envelopes * SHARES * 200)
-    await led.settle_top_up(p.payment_id)
+    amount = envelopes * SHARES * 200
+    p, _created = await led.begin_payment(
+        Payment(payment_id_for("sender", "top_up", "fund"), "sender", "top_up", "icbc-1",
+                "icbc", amount, PaymentStatus.PENDING), b"f" * 16, 60_000)
+    await led.finish_payment(p.payment_id, PaymentStatus.SUCCEEDED)
     ids = []
     for i in range(envelopes):
         r = await led.send_from_balance(

@@ -17,11 +17,13 @@ import structlog
 import hotpath
 from gateway import errors
 from gateway.bank import BankBusy, BankClient, BankUnclear
+from gateway.butler import PaymentButler
 from gateway.config import Settings
 from gateway.ledger import (
     ENV_SOLD_OUT,
     KIND_LUCKY,
     KIND_NORMAL,
+    CardEnvelope,
     EnvelopeView,
     GrabOutcome,
     GrabResult,
@@ -30,10 +32,10 @@ from gateway.ledger import (
     PaymentStatus,
     SendResult,
     WalletEntry,
+    new_envelope_id,
     payment_id_for,
     request_digest,
 )
-from gateway.ledger._lmdb import new_envelope_id
 
 log = structlog.get_logger(__name__)
 
@@ -84,7 +86,8 @@ class Gateway:
     """Envelopes and wallets over a :class:`Ledger`, a grab gate and a bank."""
 
     def __init__(self, ledger: Ledger, settings: Settings, bank: BankClient | None = None,
-                 gate: hotpath.GrabGate | None = None, butler=None) -> None:
+                 gate: hotpath.GrabGate | None = None,
+                 butler: PaymentButler | None = None) -> None:
         self.ledger = ledger
         self.settings = settings
         self.bank = bank
@@ -136,15 +139,17 @@ class Gateway:
                                           max_count=self.settings.max_count)
         fp = fingerprint("send", cmd.total_fen, cmd.count, cmd.kind, cmd.greeting, method,
                          cmd.card_id, cmd.expires_in_s)
+        existing = None
+        if cmd.card_id:
+            existing = self.ledger.send_result(user_id, cmd.request_id, fp)
         if method == PAY_AUTO and cmd.card_id:
             # Balance first: the wallet pays whenever it covers the amount, and
             # the bank is spared; a retry finds whichever way paid the first time.
-            existing = self.ledger.send_result(user_id, cmd.request_id, fp)
             short = existing is None and self.ledger.balance(user_id)[0] < cmd.total_fen
             if short or (existing is not None and existing.paid_via == PAY_CARD):
                 method = PAY_CARD
         if method == PAY_CARD:
-            return await self._send_by_card(user_id, cmd, expires_in_s, shares, fp)
+            return await self._send_by_card(user_id, cmd, expires_in_s, shares, fp, existing)
         return await self.ledger.send_from_balance(
             user_id, cmd.request_id, fp, total_fen=cmd.total_fen, count=cmd.count,
             kind=cmd.kind, greeting=cmd.greeting, expires_in_s=expires_in_s, shares=shares)
@@ -162,9 +167,7 @@ class Gateway:
         found = self.ledger.find_grab(user_id, envelope_id)
         if found is None:
             return None
-        view, digest = found
-        state = self.ledger.envelope_state(envelope_id)
-        remaining = state[0] - state[1] if state else 0
+        view, digest, remaining = found
         if digest != request_digest(request_id):
             return GrabResult(GrabOutcome.ALREADY_GRABBED, 0, remaining)
         return GrabResult(GrabOutcome.GRABBED, view.amount_fen, remaining, view.credited)
@@ -334,15 +337,14 @@ class Gateway:
                                         payment_id=payment.payment_id)
 
     async def _card_payment(self, user_id: str, kind: str, request_id: str, card_id: str,
-                            amount_fen: int, envelope: tuple | None = None) -> Payment:
+                            amount_fen: int, envelope: CardEnvelope | None = None) -> Payment:
         bank_id = self._check_card_amount(request_id, card_id, amount_fen)
-        fp = fingerprint(kind, card_id, amount_fen)
-        if envelope is not None:
-            fp = envelope[-1]
+        fp = (envelope.send_fingerprint if envelope is not None
+              else fingerprint(kind, card_id, amount_fen))
         intent = Payment(payment_id_for(user_id, kind, request_id), user_id, kind, card_id,
                          bank_id, amount_fen, PaymentStatus.PENDING,
-                         envelope_id=envelope[0].decode() if envelope else "")
-        payment, created = await self.ledger.begin_card_payment(
+                         envelope_id=envelope.envelope_id if envelope else "")
+        payment, created = await self.ledger.begin_payment(
             intent, fp, self._due_in_ms(), envelope)
         if created:
             payment = await self._call_bank(payment)
@@ -362,18 +364,17 @@ class Gateway:
         return await self._card_payment(user_id, "withdraw", request_id, card_id, amount_fen)
 
     async def _send_by_card(self, user_id: str, cmd: SendCommand, expires_in_s: int,
-                            shares: list[int], fp: bytes) -> SendResult:
+                            shares: list[int], fp: bytes,
+                            existing: SendResult | None) -> SendResult:
         if not cmd.card_id:
             raise errors.InvalidArgument("CARD_REQUIRED", "paying by card needs card_id")
-        existing = self.ledger.send_result(user_id, cmd.request_id, fp)
         if existing is not None:
             payment = self.ledger.get_payment(existing.payment_id)
             if payment is not None:
                 self._refusal(payment)
             return existing
-        env_id = new_envelope_id().encode()
-        envelope = (env_id, cmd.count, cmd.kind, cmd.greeting, expires_in_s, shares,
-                    cmd.request_id.encode(), fp)
+        envelope = CardEnvelope(new_envelope_id(), cmd.count, cmd.kind, cmd.greeting,
+                                expires_in_s, shares, cmd.request_id, fp)
         payment = await self._card_payment(user_id, "envelope", cmd.request_id, cmd.card_id,
                                            cmd.total_fen, envelope)
         state = self.ledger.envelope_state(payment.envelope_id)
@@ -381,4 +382,5 @@ class Gateway:
                           payment.payment_id)
 
 
-_UNAVAILABLE_REASONS = frozenset({"BANK_BUSY", "BANK_CIRCUIT_OPEN", "BANK_UNAVAILABLE"})
+# Refusals that say "not now" rather than "no": nothing reached the bank.
+_UNAVAILABLE_REASONS = frozenset({"BANK_BUSY", "BANK_CIRCUIT_OPEN"})

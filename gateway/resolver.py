@@ -28,8 +28,7 @@ import structlog
 from banksim.v1 import bank_pb2
 from gateway import errors
 from gateway.bank import BankBusy, BankClient, BankUnclear
-from gateway.ledger import PaymentStatus
-from gateway.ledger._lmdb import LmdbLedger
+from gateway.ledger import Ledger, PaymentStatus
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +39,7 @@ _OPEN = (PaymentStatus.PENDING, PaymentStatus.UNKNOWN)
 
 
 class Resolver:
-    def __init__(self, ledger: LmdbLedger, bank: BankClient, *, delay_s: float,
+    def __init__(self, ledger: Ledger, bank: BankClient, *, delay_s: float,
                  max_backoff_s: float = 60.0, interval_s: float = 0.2, batch: int = 64,
                  concurrency: int = 16) -> None:
         self._ledger = ledger

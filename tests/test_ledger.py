@@ -8,7 +8,15 @@ import pytest
 
 import hotpath
 from gateway import errors, reconcile
-from gateway.ledger import KIND_LUCKY, GrabOutcome, LmdbLedger, PaymentStatus, TxKind
+from gateway.ledger import (
+    KIND_LUCKY,
+    GrabOutcome,
+    LmdbLedger,
+    Payment,
+    PaymentStatus,
+    TxKind,
+    payment_id_for,
+)
 from gateway.ledger._lmdb import _BE64, _op_apply_credits
 from tests.conftest import run
 
@@ -20,10 +28,14 @@ def ledger(tmp_path):
     led.close()
 
 
+def _top_up(user: str, rid: str, amount: int) -> Payment:
+    return Payment(payment_id_for(user, "top_up", rid), user, "top_up", "icbc-1", "icbc",
+                   amount, PaymentStatus.PENDING)
+
+
 async def _fund(led: LmdbLedger, user: str, amount: int, rid: str = "t1") -> None:
-    p = await led.begin_payment(user, "top_up", rid, b"f" * 16, card_id="icbc-1",
-                                bank_id="icbc", amount_fen=amount)
-    await led.settle_top_up(p.payment_id)
+    p, _created = await led.begin_payment(_top_up(user, rid, amount), b"f" * 16, 60_000)
+    await led.finish_payment(p.payment_id, PaymentStatus.SUCCEEDED)
 
 
 async def _send(led, user, total, count, rid="s1"):
@@ -156,9 +168,8 @@ def test_transactions_page_newest_first(ledger):
 def test_failed_payment_moves_nothing(ledger):
     """A payment the bank refused ends FAILED and leaves every account as it was."""
     async def scenario():
-        p = await ledger.begin_payment("ivy", "top_up", "r", b"f" * 16, card_id="icbc-1",
-                                       bank_id="icbc", amount_fen=100)
-        return await ledger.fail_payment(p.payment_id, "CARD_DECLINED")
+        p, _created = await ledger.begin_payment(_top_up("ivy", "r", 100), b"f" * 16, 60_000)
+        return await ledger.finish_payment(p.payment_id, PaymentStatus.FAILED, "CARD_DECLINED")
 
     p = run(scenario())
     assert p.status == PaymentStatus.FAILED and p.reason == "CARD_DECLINED"

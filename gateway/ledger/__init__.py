@@ -10,6 +10,7 @@ from gateway.ledger._base import (
     ENV_SOLD_OUT,
     KIND_LUCKY,
     KIND_NORMAL,
+    CardEnvelope,
     EnvelopeView,
     GrabOutcome,
     GrabResult,
@@ -21,6 +22,7 @@ from gateway.ledger._base import (
     SendResult,
     TxKind,
     WalletEntry,
+    new_envelope_id,
 )
 from gateway.ledger._lmdb import LmdbLedger, payment_id_for, request_digest
 
@@ -34,6 +36,7 @@ __all__ = [
     "ENV_SOLD_OUT",
     "KIND_LUCKY",
     "KIND_NORMAL",
+    "CardEnvelope",
     "EnvelopeView",
     "GrabOutcome",
     "GrabResult",
@@ -46,6 +49,7 @@ __all__ = [
     "SendResult",
     "TxKind",
     "WalletEntry",
+    "new_envelope_id",
     "payment_id_for",
     "request_digest",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import secrets
 from typing import NamedTuple
 
 # Envelope kinds and statuses share their numbers with hongbao.v1.
@@ -133,6 +134,24 @@ class Payment:
     attempts: int = 0  # resolver attempts that found the bank unclear
 
 
+class CardEnvelope(NamedTuple):
+    """An envelope to create with its card payment (see Ledger.begin_payment)."""
+
+    envelope_id: str
+    count: int
+    kind: int
+    greeting: str
+    expires_in_s: int
+    shares: list[int]
+    request_id: str  # of the SendEnvelope call: its idempotency record is written too
+    send_fingerprint: bytes
+
+
+def new_envelope_id() -> str:
+    """80 random bits: unguessable, so nobody can grab an envelope not shared with them."""
+    return "env_" + secrets.token_hex(10)
+
+
 class Ledger(abc.ABC):
     """The gateway's books. Implementations MUST:
 
@@ -167,8 +186,23 @@ class Ledger(abc.ABC):
         """(user, envelope, request id) grabs in one request; a GrabResult or GatewayError each."""
 
     @abc.abstractmethod
-    def find_grab(self, user_id: str, envelope_id: str) -> tuple[GrabView, bytes] | None:
-        """The user's grab of an envelope and its request digest (a read)."""
+    def find_grab(self, user_id: str, envelope_id: str
+                  ) -> tuple[GrabView, bytes, int] | None:
+        """The user's grab of an envelope, its request digest and the shares left (one read)."""
+
+    @abc.abstractmethod
+    def envelope_state(self, envelope_id: str) -> tuple[int, int, int, int] | None:
+        """(count, claimed, status, expires_at_ms) of an envelope, or None."""
+
+    @abc.abstractmethod
+    def grabbers(self, envelope_id: str) -> list[bytes]:
+        """The user ids (bytes) that hold a share of the envelope."""
+
+    @abc.abstractmethod
+    def send_result(self, user_id: str, request_id: str, fingerprint: bytes
+                    ) -> SendResult | None:
+        """The first result of a SendEnvelope request id, with the envelope's live status;
+        InvalidArgument if the id was used with another payload."""
 
     @abc.abstractmethod
     def get_envelope(self, envelope_id: str) -> EnvelopeView:
@@ -185,19 +219,37 @@ class Ledger(abc.ABC):
         """Wallet entries newest first, and the cursor of the next page (None at the end)."""
 
     @abc.abstractmethod
-    async def begin_payment(
-        self, user_id: str, kind: str, request_id: str, fingerprint: bytes, *,
-        card_id: str, bank_id: str, amount_fen: int,
-    ) -> Payment:
-        """Saves a payment intent (PENDING) before the bank is called, or returns the saved one."""
+    async def begin_payment(self, payment: Payment, fingerprint: bytes, due_in_ms: int,
+                            envelope: CardEnvelope | None = None) -> tuple[Payment, bool]:
+        """Saves a payment intent (PENDING) before the bank is called.
+
+        Returns it and whether this call created it; a retry gets the saved
+        one (another payload under the same id raises InvalidArgument). A
+        withdrawal holds its amount out of the wallet at once; a card-paid
+        envelope is created PAYING, not grabbable. The intent is due for the
+        resolver after ``due_in_ms`` unless it is finished first.
+        """
 
     @abc.abstractmethod
-    async def settle_top_up(self, payment_id: str) -> Payment:
-        """The bank debited the card: credit the wallet from the bank clearing account."""
+    async def finish_payment(self, payment_id: str, outcome: PaymentStatus, reason: str = "",
+                             from_states: tuple[PaymentStatus, ...] = (PaymentStatus.PENDING,)
+                             ) -> Payment:
+        """Takes a payment in one of ``from_states`` to SUCCEEDED, FAILED or REFUNDED, with
+        its money, exactly once; otherwise returns it unchanged."""
 
     @abc.abstractmethod
-    async def fail_payment(self, payment_id: str, reason: str) -> Payment:
-        """The bank definitely refused: the payment ends FAILED, nothing moves."""
+    async def payment_unknown(self, payment_id: str, resolve_in_ms: int,
+                              reason: str = "") -> Payment:
+        """Marks an open payment UNKNOWN (notifying the user the first time) and due for
+        the resolver in ``resolve_in_ms``."""
+
+    @abc.abstractmethod
+    def get_payment(self, payment_id: str) -> Payment | None:
+        """The payment, or None."""
+
+    @abc.abstractmethod
+    def due_payments(self, limit: int) -> list[str]:
+        """Ids of open payments whose resolve time has come, oldest first."""
 
     @abc.abstractmethod
     async def expire_due(self, limit: int) -> int:
@@ -206,6 +258,15 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     async def apply_credits(self, limit: int) -> int:
         """Applies up to ``limit`` pending grab credits to wallets, each exactly once."""
+
+    @abc.abstractmethod
+    def credit_backlog(self) -> int:
+        """Grabs whose credit has not landed in a wallet yet (the credit bus's lag)."""
+
+    @property
+    @abc.abstractmethod
+    def queue_depth(self) -> int:
+        """Write requests waiting to be committed."""
 
     @abc.abstractmethod
     def notifications(self, user_id: str, after_event_id: int, limit: int) -> list[Notice]:

@@ -20,6 +20,9 @@ payments        payment id                                   JSON payment intent
 wallet_tx       user ``\\0`` big-endian seq                   kind, amount, time, ids
 bus:credit      big-endian seq                               grab key (outbox)
 expiry          big-endian expiry ms + envelope id           empty
+resolve         big-endian due ms + payment id               empty (resolver's queue)
+notifications   user ``\\0`` big-endian seq                  kind, amount, time, ids,
+                                                             message
 meta            name                                         counters
 ==============  ===========================================  =====================
 
@@ -34,7 +37,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import secrets
 import struct
 import time
 from pathlib import Path
@@ -52,6 +54,7 @@ from gateway.ledger._base import (
     ENV_PAYING,
     ENV_REFUNDED,
     ENV_SOLD_OUT,
+    CardEnvelope,
     EnvelopeView,
     GrabOutcome,
     GrabResult,
@@ -63,6 +66,7 @@ from gateway.ledger._base import (
     SendResult,
     TxKind,
     WalletEntry,
+    new_envelope_id,
 )
 from gateway.ledger._writer import GroupCommitWriter
 
@@ -103,11 +107,6 @@ def clearing_account(bank: bytes) -> bytes:
 def hold_account(payment: bytes) -> bytes:
     """Money of a withdrawal in flight: out of the wallet, not yet at the bank."""
     return b"h:" + payment
-
-
-def new_envelope_id() -> str:
-    """80 random bits: unguessable, so nobody can grab an envelope not shared with them."""
-    return "env_" + secrets.token_hex(10)
 
 
 def payment_id_for(user_id: str, kind: str, request_id: str) -> str:
@@ -405,10 +404,6 @@ def _decode_payment(raw: bytes) -> tuple[Payment, bytes, int]:
     return p, bytes.fromhex(d["fp"]), d.get("due", 0)
 
 
-def _with(p: Payment, **changes) -> Payment:
-    return dataclasses.replace(p, **changes)
-
-
 def _load_payment(b: _Batch, payment_id: str) -> tuple[Payment, bytes, int]:
     raw = b.txn.get(payment_id.encode(), db=b.dbs["payments"])
     if raw is None:
@@ -435,7 +430,7 @@ def _set_envelope_status(b: _Batch, env: bytes, status: int) -> None:
 
 
 def _op_begin_payment(b: _Batch, payment: Payment, fingerprint: bytes, due_in_ms: int,
-                      envelope: tuple | None) -> tuple[Payment, bool]:
+                      envelope: CardEnvelope | None) -> tuple[Payment, bool]:
     """Saves a payment intent before the bank is called (or returns the saved one).
 
     A withdrawal holds its amount at once (wallet -> ``h:<payment>``), so the
@@ -461,24 +456,22 @@ def _op_begin_payment(b: _Batch, payment: Payment, fingerprint: bytes, due_in_ms
                TxKind.WITHDRAW, key)
         b.wallet_entry(user, TxKind.WITHDRAW, -payment.amount_fen, tid, key)
     if envelope is not None:
-        env_id, count, kind, greeting, expires_in_s, shares, request_id, send_fp = envelope
-        expires_at_ms = b.now_ms + expires_in_s * 1000
+        e = envelope
+        env_id = e.envelope_id.encode()
+        expires_at_ms = b.now_ms + e.expires_in_s * 1000
         b.envelopes[env_id] = hotpath.pack_envelope(
-            payment.amount_fen, payment.amount_fen, b.now_ms, expires_at_ms, count, 0, kind,
-            ENV_PAYING, 0, shares)
-        meta = {"s": user.decode(), "g": greeting, "b": "", "p": payment.payment_id,
+            payment.amount_fen, payment.amount_fen, b.now_ms, expires_at_ms, e.count, 0, e.kind,
+            ENV_PAYING, 0, e.shares)
+        meta = {"s": user.decode(), "g": e.greeting, "b": "", "p": payment.payment_id,
                 "v": PAY_CARD}
         b.txn.put(env_id, json.dumps(meta, separators=(",", ":")).encode(),
                   db=b.dbs["env_meta"])
-        result = SendResult(env_id.decode(), ENV_PAYING, PAY_CARD, payment.payment_id)
-        b.txn.put(b"send\0" + user + b"\0" + request_id, send_fp + _encode_send(result),
-                  db=b.dbs["idem"])
-    payment = _with(payment, created_at_ms=b.now_ms, updated_at_ms=b.now_ms)
+        result = SendResult(e.envelope_id, ENV_PAYING, PAY_CARD, payment.payment_id)
+        b.txn.put(b"send\0" + user + b"\0" + e.request_id.encode(),
+                  e.send_fingerprint + _encode_send(result), db=b.dbs["idem"])
+    payment = dataclasses.replace(payment, created_at_ms=b.now_ms, updated_at_ms=b.now_ms)
     _save_payment(b, payment, fingerprint, 0, b.now_ms + due_in_ms)
     return payment, True
-
-
-_DEBIT_KINDS = ("top_up", "envelope")
 
 
 def _op_finish_payment(b: _Batch, payment_id: str, outcome: PaymentStatus, reason: str,
@@ -524,7 +517,7 @@ def _op_finish_payment(b: _Batch, payment_id: str, outcome: PaymentStatus, reaso
             note = (NOTE_REFUNDED, "the bank took the money and has returned it to your card")
         elif reason == "LOCKED":
             note = (NOTE_LOCKED, "the bank order is locked: it can never be charged")
-    done = _with(p, status=outcome, reason=reason, updated_at_ms=b.now_ms)
+    done = dataclasses.replace(p, status=outcome, reason=reason, updated_at_ms=b.now_ms)
     _save_payment(b, done, fp, due, 0)
     if note is not None:
         b.notify(user, note[0], p.amount_fen, payment_id=payment_id,
@@ -538,8 +531,9 @@ def _op_payment_unknown(b: _Batch, payment_id: str, resolve_in_ms: int, reason: 
     if p.status not in (PaymentStatus.PENDING, PaymentStatus.UNKNOWN):
         return p
     first = p.status == PaymentStatus.PENDING
-    unknown = _with(p, status=PaymentStatus.UNKNOWN, reason=reason, updated_at_ms=b.now_ms,
-                    attempts=p.attempts + (0 if first else 1))
+    unknown = dataclasses.replace(p, status=PaymentStatus.UNKNOWN, reason=reason,
+                                  updated_at_ms=b.now_ms,
+                                  attempts=p.attempts + (0 if first else 1))
     _save_payment(b, unknown, fp, due, b.now_ms + resolve_in_ms)
     if first:
         if p.kind == "envelope":
@@ -601,15 +595,7 @@ class LmdbLedger(Ledger):
         packed = [(e.encode(), u.encode(), request_digest(r)) for u, e, r in items]
         return await self.writer.submit(_op_grab_many, packed)
 
-    async def begin_payment(self, user_id, kind, request_id, fingerprint, *, card_id,
-                            bank_id, amount_fen, due_in_ms: int = 60_000) -> Payment:
-        p = Payment(payment_id_for(user_id, kind, request_id), user_id, kind, card_id,
-                    bank_id, amount_fen, PaymentStatus.PENDING)
-        return (await self.writer.submit(_op_begin_payment, p, fingerprint, due_in_ms, None))[0]
-
-    async def begin_card_payment(self, payment: Payment, fingerprint: bytes, due_in_ms: int,
-                                 envelope: tuple | None = None) -> tuple[Payment, bool]:
-        """Saves the intent; returns it and whether this call created it (else a retry)."""
+    async def begin_payment(self, payment, fingerprint, due_in_ms, envelope=None):
         return await self.writer.submit(_op_begin_payment, payment, fingerprint, due_in_ms,
                                         envelope)
 
@@ -621,12 +607,6 @@ class LmdbLedger(Ledger):
     async def payment_unknown(self, payment_id: str, resolve_in_ms: int,
                               reason: str = "") -> Payment:
         return await self.writer.submit(_op_payment_unknown, payment_id, resolve_in_ms, reason)
-
-    async def settle_top_up(self, payment_id) -> Payment:
-        return await self.finish_payment(payment_id, PaymentStatus.SUCCEEDED)
-
-    async def fail_payment(self, payment_id, reason) -> Payment:
-        return await self.finish_payment(payment_id, PaymentStatus.FAILED, reason)
 
     def due_payments(self, limit: int) -> list[str]:
         """Payment ids whose resolve time has come, oldest first."""
@@ -649,12 +629,15 @@ class LmdbLedger(Ledger):
     # -- reads (any thread; each in its own short read transaction) ------------
 
     def find_grab(self, user_id, envelope_id):
+        env = envelope_id.encode()
         with self.env.begin() as txn:
-            raw = txn.get(envelope_id.encode() + b"/" + user_id.encode(), db=self.dbs["grabs"])
-        if raw is None:
-            return None
+            raw = txn.get(env + b"/" + user_id.encode(), db=self.dbs["grabs"])
+            if raw is None:
+                return None
+            header = hotpath.envelope_header(txn.get(env, db=self.dbs["envelopes"]))
         amount, at_ms, index, flags, digest = hotpath.unpack_grab(raw)
-        return GrabView(user_id, amount, at_ms, index, bool(flags & _CREDITED)), digest
+        view = GrabView(user_id, amount, at_ms, index, bool(flags & _CREDITED))
+        return view, digest, header[4] - header[5]
 
     def envelope_state(self, envelope_id: str) -> tuple[int, int, int, int] | None:
         """(count, claimed, status, expires_at_ms) of an envelope, or None."""
@@ -756,12 +739,6 @@ class LmdbLedger(Ledger):
             buf = txn.get(saved.envelope_id.encode(), db=self.dbs["envelopes"])
         return dataclasses.replace(saved, status=hotpath.envelope_header(buf)[7])
 
-    def payment_of_envelope(self, envelope_id: str) -> str:
-        """The card payment that funds an envelope ("" when paid from the balance)."""
-        with self.env.begin() as txn:
-            raw = txn.get(envelope_id.encode(), db=self.dbs["env_meta"])
-        return "" if raw is None else json.loads(raw)["p"]
-
     def notifications(self, user_id: str, after_event_id: int, limit: int) -> list[Notice]:
         """The user's events with ids above ``after_event_id``, oldest first."""
         prefix = user_id.encode() + b"\0"
@@ -778,6 +755,10 @@ class LmdbLedger(Ledger):
                 out.append(Notice(_BE64.unpack(key[len(prefix):])[0], kind, payment_id,
                                   envelope_id, amount, message, at_ms))
         return out
+
+    @property
+    def queue_depth(self) -> int:
+        return self.writer.depth
 
     def credit_backlog(self) -> int:
         """Grabs waiting for their credit to land in a wallet."""

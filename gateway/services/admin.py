@@ -32,7 +32,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                breaker_state=h["breaker_state"])
                  for h in (self._gw.butler.health() if self._gw.butler else ())]
         return pb.GetQosStatusResponse(topics=topics, banks=banks,
-                                       writer_queue_depth=ledger.writer.depth)
+                                       writer_queue_depth=ledger.queue_depth)
 
     @maps_errors
     async def SetConsumerRate(self, request, context):
