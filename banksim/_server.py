@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
-import tempfile
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,6 +17,7 @@ from banksim._faults import Faults
 from banksim._ledger import Ledger
 from banksim._service import BankAdminService, BankService
 from banksim.v1 import bank_pb2, bank_pb2_grpc
+from gateway.procs import write_port_file
 
 log = structlog.get_logger("banksim.server")
 
@@ -41,21 +40,6 @@ class Settings:
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-def _write_port_file(path: str, port: int) -> None:
-    """Writes the bound port atomically: a reader sees no file or the whole number."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".banksim-port-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{port}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 async def serve(settings: Settings) -> int:
@@ -94,7 +78,7 @@ async def _serve(settings: Settings, sim: BankSim) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if settings.port_file:
-        _write_port_file(settings.port_file, port)
+        write_port_file(settings.port_file, port)
     log.info("banksim_serving", host=settings.host, port=port, data_dir=settings.data_dir,
              banks=sorted(settings.banks), seed=settings.seed,
              card_balance_fen=settings.card_balance_fen)

@@ -16,19 +16,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
-
-from banksim.v1 import bank_pb2, bank_pb2_grpc
 from gateway import tickets
+from gateway.bank import BankClient
 from gateway.client import Client
 from gateway.procs import banksim_proc, gateway_proc
 from hongbao.v1 import envelope_pb2, wallet_pb2
 
 
 async def _orders(bank_target: str) -> int:
-    async with grpc.aio.insecure_channel(bank_target) as ch:
-        stats = await bank_pb2_grpc.BankAdminServiceStub(ch).GetStats(bank_pb2.GetStatsRequest())
-    return stats.orders
+    bank = BankClient(bank_target, timeout_s=5)
+    try:
+        return (await bank.stats()).orders
+    finally:
+        await bank.close()
 
 
 async def _scenario(gw: str, bank: str, data_dir: Path, users: int, sends: int) -> dict:

@@ -73,6 +73,18 @@ class BankClient:
     async def stats(self) -> bank_pb2.GetStatsResponse:
         return await self._call(self._admin.GetStats, bank_pb2.GetStatsRequest())
 
+    # -- the simulator's controls (demo, tests, benchmarks) -------------------------
+
+    async def set_faults(self, bank_id: str = "", **faults: float) -> None:
+        """Replaces the fault settings of one bank, or of all with ``bank_id`` empty."""
+        await self._call(self._admin.SetFaults, bank_pb2.SetFaultsRequest(
+            bank_id=bank_id, faults=bank_pb2.FaultConfig(**faults)))
+
+    async def card_balance(self, card_id: str) -> int:
+        """The card's balance at the bank (or the one it would open with)."""
+        resp = await self._call(self._admin.GetCard, bank_pb2.GetCardRequest(card_id=card_id))
+        return resp.balance_fen
+
     async def _call(self, method, request):
         try:
             return await method(request, timeout=self.timeout_s)

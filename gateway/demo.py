@@ -23,8 +23,8 @@ from pathlib import Path
 
 import grpc
 
-from banksim.v1 import bank_pb2, bank_pb2_grpc
 from gateway import tickets
+from gateway.bank import BankClient
 from gateway.client import Client
 from gateway.errors import reason_of
 from gateway.procs import banksim_proc, gateway_proc
@@ -98,9 +98,11 @@ async def _run_all(coros, phase: str, progress: Progress) -> list:
 
 
 async def _set_faults(bank_target: str, **faults) -> None:
-    async with grpc.aio.insecure_channel(bank_target) as ch:
-        await bank_pb2_grpc.BankAdminServiceStub(ch).SetFaults(
-            bank_pb2.SetFaultsRequest(faults=bank_pb2.FaultConfig(**faults)), timeout=5)
+    bank = BankClient(bank_target, timeout_s=5)
+    try:
+        await bank.set_faults(**faults)
+    finally:
+        await bank.close()
 
 
 async def _card_phase(c: Client, bank_target: str, users: list[str], meta: dict,

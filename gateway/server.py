@@ -35,6 +35,7 @@ from gateway.core import Gateway
 from gateway.interceptors.auth import AuthInterceptor
 from gateway.interceptors.logging import LoggingInterceptor
 from gateway.ledger import LmdbLedger
+from gateway.procs import write_port_file
 from gateway.resolver import Resolver
 from gateway.services.admin import AdminServicer
 from gateway.services.auth import AuthServicer
@@ -80,13 +81,6 @@ class ServeOptions:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     reuse_port: bool = False
-
-
-def write_port_file(path: Path, port: int) -> None:
-    """Atomically, so a reader never sees a half-written number."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{port}\n")
-    os.replace(tmp, path)
 
 
 def _credentials(opts: ServeOptions) -> grpc.ServerCredentials | None:
@@ -187,8 +181,12 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     tasks = [asyncio.create_task(w.run()) for w in (credit, sweeper, resolver) if w is not None]
-    metrics = (await _serve_metrics(opts.metrics_port, gateway, credit)
-               if opts.metrics_port is not None else None)
+    metrics = None
+    if opts.metrics_port is not None:
+        # Workers share the gRPC port but not the metrics one: worker i serves
+        # metrics on metrics_port + i (port 0 lets each pick its own).
+        port_i = opts.metrics_port + opts.worker_index if opts.metrics_port else 0
+        metrics = await _serve_metrics(port_i, gateway, credit)
     if opts.port_file:
         write_port_file(opts.port_file, port)
     log.info("serving", address=f"{opts.host}:{port}", worker=opts.worker_index,

@@ -14,7 +14,7 @@ import asyncio
 import grpc
 import pytest
 
-from banksim.v1 import bank_pb2, bank_pb2_grpc
+from gateway.bank import BankClient
 from gateway.client import Client
 from gateway.errors import reason_of
 from hongbao.v1 import envelope_pb2, notification_pb2, wallet_pb2
@@ -45,16 +45,27 @@ def bank_stack(tmp_path):
 
 
 async def set_faults(stack: Stack, **faults) -> None:
-    async with grpc.aio.insecure_channel(stack.bank.target) as ch:
-        await bank_pb2_grpc.BankAdminServiceStub(ch).SetFaults(
-            bank_pb2.SetFaultsRequest(faults=bank_pb2.FaultConfig(**faults)), timeout=5)
+    bank = BankClient(stack.bank.target, timeout_s=5)
+    try:
+        await bank.set_faults(**faults)
+    finally:
+        await bank.close()
+
+
+async def bank_stats(stack: Stack):
+    bank = BankClient(stack.bank.target, timeout_s=5)
+    try:
+        return await bank.stats()
+    finally:
+        await bank.close()
 
 
 async def card_balance(stack: Stack, card: str = CARD) -> int:
-    async with grpc.aio.insecure_channel(stack.bank.target) as ch:
-        r = await bank_pb2_grpc.BankAdminServiceStub(ch).GetCard(
-            bank_pb2.GetCardRequest(card_id=card), timeout=5)
-    return r.balance_fen
+    bank = BankClient(stack.bank.target, timeout_s=5)
+    try:
+        return await bank.card_balance(card)
+    finally:
+        await bank.close()
 
 
 async def wait_status(c: Client, meta, rid: str, amount: int, want: set[int],
@@ -89,11 +100,9 @@ def test_card_envelope_and_balance_first(bank_stack):
             auto_short = await send(c, u, 1_000, 1, rid="auto1", card_id=CARD)
             assert auto_short.paid_via == envelope_pb2.PAY_METHOD_CARD
             await top_up(c, u, 10_000, card=CARD)
-            async with grpc.aio.insecure_channel(bank_stack.bank.target) as ch:
-                admin = bank_pb2_grpc.BankAdminServiceStub(ch)
-                before = (await admin.GetStats(bank_pb2.GetStatsRequest())).orders
-                auto = await send(c, u, 2_000, 2, rid="auto2", card_id=CARD)
-                after = (await admin.GetStats(bank_pb2.GetStatsRequest())).orders
+            before = (await bank_stats(bank_stack)).orders
+            auto = await send(c, u, 2_000, 2, rid="auto2", card_id=CARD)
+            after = (await bank_stats(bank_stack)).orders
             assert auto.paid_via == envelope_pb2.PAY_METHOD_BALANCE
             assert after == before, "balance first: the bank saw no call"
             again = await send(c, u, 3_000, 3, rid="card", card_id=CARD,
@@ -303,9 +312,7 @@ def test_bank_collapse_during_card_payments(tmp_path):
                 rounds = 8
                 for rnd in range(rounds):
                     outcomes += await asyncio.gather(*(pay(u, rnd) for u in users))
-                async with grpc.aio.insecure_channel(s.bank.target) as ch:
-                    stats = await bank_pb2_grpc.BankAdminServiceStub(ch).GetStats(
-                        bank_pb2.GetStatsRequest())
+                stats = await bank_stats(s)
                 assert {b.bank_id: b.collapses for b in stats.banks}["icbc"] >= 1
                 assert any(o in (PS.PAYMENT_STATUS_UNKNOWN, "BANK_CIRCUIT_OPEN", "BANK_BUSY")
                            for o in outcomes), outcomes

@@ -226,6 +226,19 @@ def test_map_grows_when_full(tmp_path):
         led.close()
 
 
-def test_sequence_keys_are_big_endian():
-    """Bus and wallet keys sort by sequence number (big-endian), which paging relies on."""
+def test_sequence_keys_are_big_endian(ledger):
+    """Wallet entries page newest first past 256 entries, where little-endian keys would not."""
     assert _BE64.pack(1) < _BE64.pack(256) < _BE64.pack(2**40)
+
+    async def scenario():
+        for i in range(300):
+            await _fund(ledger, "many", 1 + i, rid=f"t{i}")
+
+    run(scenario())
+    seen, cursor = [], None
+    while True:
+        page, cursor = ledger.list_transactions("many", 100, cursor)
+        seen += [e.amount_fen for e in page]
+        if cursor is None:
+            break
+    assert seen == list(range(300, 0, -1))

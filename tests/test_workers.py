@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import urllib.request
 
 from gateway.client import Client
 from hongbao.v1 import envelope_pb2
@@ -15,7 +17,10 @@ GRABBED = envelope_pb2.GRAB_OUTCOME_GRABBED
 def test_two_workers_give_each_share_once(stack):
     """With --workers 2, users racing over many connections get each share exactly once."""
     stack.gateway.stop()
-    stack.start_gateway("--workers", "2")
+    with socket.socket() as probe:  # two free ports in a row for the workers' metrics
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    stack.start_gateway("--workers", "2", "--metrics-port", str(metrics_port))
 
     async def scenario():
         clients = [Client(stack.target) for _ in range(6)]
@@ -41,5 +46,8 @@ def test_two_workers_give_each_share_once(stack):
                 await c.close()
 
     winners, owner_balance = run(scenario())
+    for i in range(2):  # each worker serves its own metrics page, on metrics_port + i
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + i}/", timeout=5) as r:
+            assert b"hongbao_writer_queue_depth" in r.read()
     assert len(winners) == 30 and sum(winners.values()) == 6_000
     assert owner_balance.balance_fen == 94_000
