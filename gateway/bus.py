@@ -19,7 +19,29 @@ from gateway.ledger import Ledger
 log = structlog.get_logger(__name__)
 
 
-class CreditConsumer:
+class BackgroundLoop:
+    """A loop of worker 0 that stops promptly: every wait ends early on :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleeps up to ``seconds`` (just yields when <= 0), waking at once on stop."""
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+
+class CreditConsumer(BackgroundLoop):
     """Applies pending credits in batches, at a rate that can change at run time."""
 
     topic = "credit"
@@ -27,20 +49,17 @@ class CreditConsumer:
     def __init__(self, ledger: Ledger, *, batch: int = 1024, rate_per_s: float = 100_000.0,
                  idle_sleep_s: float = 0.01) -> None:
         assert batch >= 1 and rate_per_s >= 0
+        super().__init__()
         self._ledger = ledger
         self._batch = batch
         self.rate_per_s = rate_per_s  # credits per second; 0 pauses the topic
         self._idle_sleep_s = idle_sleep_s
-        self._stopping = asyncio.Event()
         self.applied = 0
 
-    def stop(self) -> None:
-        self._stopping.set()
-
     async def run(self) -> None:
-        while not self._stopping.is_set():
+        while not self.stopping:
             if self.rate_per_s <= 0:
-                await self._sleep(0.1)
+                await self.pause(0.1)
                 continue
             # A slice of at most 100 ms of the rate, so a new rate bites quickly.
             limit = max(1, min(self._batch, int(self.rate_per_s * 0.1)))
@@ -54,31 +73,21 @@ class CreditConsumer:
             pause = self._idle_sleep_s if n == 0 else 0.0
             if n:
                 pause = max(pause, n / self.rate_per_s - (time.monotonic() - started))
-            await self._sleep(pause)
-
-    async def _sleep(self, pause_s: float) -> None:
-        if pause_s <= 0:
-            await asyncio.sleep(0)
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), pause_s)
+            await self.pause(pause)
 
 
-class ExpirySweeper:
+class ExpirySweeper(BackgroundLoop):
     """Every ``interval_s``, refunds envelopes whose expiry has passed, in bounded batches."""
 
     def __init__(self, ledger: Ledger, *, interval_s: float = 1.0, batch: int = 500) -> None:
+        super().__init__()
         self._ledger = ledger
         self._interval_s = interval_s
         self._batch = batch
-        self._stopping = asyncio.Event()
         self.refunded = 0
 
-    def stop(self) -> None:
-        self._stopping.set()
-
     async def run(self) -> None:
-        while not self._stopping.is_set():
+        while not self.stopping:
             try:
                 n = await self._ledger.expire_due(self._batch)
             except errors.GatewayError as err:
@@ -86,5 +95,4 @@ class ExpirySweeper:
                 n = 0
             self.refunded += n
             if n < self._batch:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self._interval_s)
+                await self.pause(self._interval_s)

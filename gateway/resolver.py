@@ -20,7 +20,6 @@ succeeded).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 import structlog
@@ -28,6 +27,7 @@ import structlog
 from banksim.v1 import bank_pb2
 from gateway import errors
 from gateway.bank import BankBusy, BankClient, BankUnclear
+from gateway.bus import BackgroundLoop
 from gateway.ledger import Ledger, PaymentStatus
 
 log = structlog.get_logger(__name__)
@@ -38,10 +38,11 @@ VOIDED = bank_pb2.ORDER_STATUS_VOIDED
 _OPEN = (PaymentStatus.PENDING, PaymentStatus.UNKNOWN)
 
 
-class Resolver:
+class Resolver(BackgroundLoop):
     def __init__(self, ledger: Ledger, bank: BankClient, *, delay_s: float,
                  max_backoff_s: float = 60.0, interval_s: float = 0.2, batch: int = 64,
                  concurrency: int = 16) -> None:
+        super().__init__()
         self._ledger = ledger
         self._bank = bank
         self._delay_ms = int(delay_s * 1000)
@@ -49,23 +50,18 @@ class Resolver:
         self._interval_s = interval_s
         self._batch = batch
         self._sem = asyncio.Semaphore(concurrency)
-        self._stopping = asyncio.Event()
         self.resolved: dict[str, int] = {}
         # Payments taken up per second (SetConsumerRate "payment-unknown"); 0 pauses.
         self.rate_per_s = 1000.0
 
-    def stop(self) -> None:
-        self._stopping.set()
-
     async def run(self) -> None:
-        while not self._stopping.is_set():
+        while not self.stopping:
             take = min(self._batch, int(self.rate_per_s * self._interval_s))
             due = self._ledger.due_payments(take) if take > 0 else []
             if due:
                 await asyncio.gather(*(self._guarded(pid) for pid in due))
             if len(due) < self._batch or take < self._batch:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self._interval_s)
+                await self.pause(self._interval_s)
 
     async def _guarded(self, payment_id: str) -> None:
         async with self._sem:

@@ -291,3 +291,46 @@ def test_last_shares_raced_by_many_users_go_out_once(stack):
     assert sum(r.outcome == envelope_pb2.GRAB_OUTCOME_SOLD_OUT for r in late) == 197
     assert len({g.user_id for g in view.grabs}) == 20
     assert sum(g.amount_fen for g in view.grabs) == 5_000
+
+
+def test_batch_grab_on_behalf_of_users(stack):
+    """BatchGrab grabs for named users in batches; a bad item is refused alone, the rest go on."""
+    async def scenario():
+        async with Client(stack.target) as c:
+            owner = stack.meta("owner")
+            await top_up(c, owner, 10_000)
+            sent = await send(c, owner, 4_000, 4)
+            upstream = stack.meta("upstream", scopes=("batch",))
+
+            def batch(batch_id, users):
+                return envelope_pb2.BatchGrabRequest(batch_id=batch_id, items=[
+                    envelope_pb2.BatchGrabItem(user_id=u, envelope_id=sent.envelope_id,
+                                               request_id="b") for u in users])
+
+            call = c.envelopes.BatchGrab(iter([batch(1, ["u1", "u2", "bad user", "u1"]),
+                                               batch(2, ["u3", "u4", "u5"])]),
+                                         metadata=upstream, timeout=10)
+            responses = [r async for r in call]
+            assert [r.batch_id for r in responses] == [1, 2]
+            first, second = responses[0].results, responses[1].results
+            assert [r.outcome for r in first] == [GRABBED, GRABBED, 0, GRABBED]
+            assert first[0].amount_fen == first[3].amount_fen  # u1 twice: one share, replayed
+            assert (first[2].code, first[2].reason) == (
+                grpc.StatusCode.INVALID_ARGUMENT.value[0], "BAD_USER_ID")
+            assert [r.outcome for r in second] == [
+                GRABBED, GRABBED, envelope_pb2.GRAB_OUTCOME_SOLD_OUT]
+            taken = [r.amount_fen for r in (first[0], first[1], second[0], second[1])]
+            assert sum(taken) == 4_000
+            b = await wait_credited(c, stack.meta("u1"))
+            assert b.balance_fen == first[0].amount_fen
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                async for _ in c.envelopes.BatchGrab(iter([batch(3, ["u6"])]),
+                                                     metadata=stack.meta("u6"), timeout=10):
+                    pass
+            assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                async for _ in c.envelopes.BatchGrab(iter([batch(4, ["x"] * 1001)]),
+                                                     metadata=upstream, timeout=10):
+                    pass
+            assert reason_of(exc.value) == "BATCH_TOO_LARGE"
+    run(scenario())

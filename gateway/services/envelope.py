@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from gateway import errors
 from gateway.core import Gateway, SendCommand
-from gateway.interceptors.auth import claims
 from gateway.ledger import GrabOutcome, GrabResult
 from gateway.services._boundary import maps_errors, subject
 from gateway.services._convert import timestamp_ms
@@ -61,7 +60,6 @@ class EnvelopeServicer(envelope_pb2_grpc.EnvelopeServiceServicer):
         item refused on its own carries its code and reason; the batch goes on.
         """
         limit = self._gw.settings.batch_grab_max_items
-        claims()  # the interceptor checked the `batch` scope
         async for batch in request_iterator:
             if len(batch.items) > limit:
                 raise errors.InvalidArgument("BATCH_TOO_LARGE",
