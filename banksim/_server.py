@@ -17,7 +17,7 @@ from banksim._faults import Faults
 from banksim._ledger import Ledger
 from banksim._service import BankAdminService, BankService
 from banksim.v1 import bank_pb2, bank_pb2_grpc
-from gateway.procs import write_port_file
+from gateway.ops.procs import write_port_file
 
 log = structlog.get_logger("banksim.server")
 

@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway import tickets
-from gateway.bank import BankClient
 from gateway.client import Client
-from gateway.procs import banksim_proc, gateway_proc
+from gateway.ops.procs import banksim_proc, gateway_proc
+from gateway.payments.bank import BankClient
+from gateway.security import tickets
 from hongbao.v1 import envelope_pb2, wallet_pb2
 
 

@@ -25,10 +25,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from gateway.bank import BankBusy, BankClient, BankUnclear
-from gateway.butler import ButlerOptions, PaymentButler
 from gateway.errors import Unavailable
-from gateway.procs import banksim_proc
+from gateway.ops.procs import banksim_proc
+from gateway.payments.bank import BankBusy, BankClient, BankUnclear
+from gateway.payments.butler import ButlerOptions, PaymentButler
 
 BANK = "icbc"
 CARDS = 1000

@@ -38,10 +38,10 @@ from typing import Any, NamedTuple
 import grpc
 import structlog
 
-from gateway import tickets
-from gateway.interceptors import auth as auth_mod
-from gateway.interceptors.auth import AuthInterceptor
-from gateway.interceptors.logging import LoggingInterceptor, configure_logging
+from gateway.security import tickets
+from gateway.transport.interceptors import auth as auth_mod
+from gateway.transport.interceptors.auth import AuthInterceptor
+from gateway.transport.interceptors.logging import LoggingInterceptor, configure_logging
 from hongbao.v1 import wallet_pb2, wallet_pb2_grpc
 
 GOAL_VERIFY_US = 5.0

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import tickets
 from gateway.client import Client
-from gateway.procs import Proc, banksim_proc, gateway_proc
+from gateway.ops.procs import Proc, banksim_proc, gateway_proc
+from gateway.security import tickets
 
 
 def run(coro):
@@ -56,7 +56,7 @@ class Stack:
 
     def reconcile(self, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "reconcile", "--data-dir", str(self.data_dir),
+            [sys.executable, "-m", "gateway.ops.cli", "reconcile", "--data-dir", str(self.data_dir),
              "--bank", self.bank.target, *extra], capture_output=True, text=True, timeout=120)
 
     def assert_balanced(self) -> None:

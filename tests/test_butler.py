@@ -13,10 +13,10 @@ import pytest
 
 from banksim.v1 import bank_pb2 as pb
 from banksim.v1 import bank_pb2_grpc
-from gateway.bank import BankAnswer, BankBusy, BankClient, BankUnclear
-from gateway.butler import ButlerOptions, PaymentButler
 from gateway.errors import InvalidArgument, Unavailable
-from gateway.procs import Proc, banksim_proc
+from gateway.ops.procs import Proc, banksim_proc
+from gateway.payments.bank import BankAnswer, BankBusy, BankClient, BankUnclear
+from gateway.payments.butler import ButlerOptions, PaymentButler
 from tests.conftest import run
 
 CAPACITY_TPS = 50

@@ -14,9 +14,9 @@ import asyncio
 import grpc
 import pytest
 
-from gateway.bank import BankClient
 from gateway.client import Client
 from gateway.errors import reason_of
+from gateway.payments.bank import BankClient
 from hongbao.v1 import envelope_pb2, notification_pb2, wallet_pb2
 from tests.conftest import Stack, run
 from tests.test_gateway import balance, grab, send, top_up

@@ -8,7 +8,7 @@ import sys
 
 def test_demo_runs_and_balances():
     """The demo exits 0, reports BALANCED and agrees with the bank."""
-    out = subprocess.run([sys.executable, "-m", "gateway.cli", "demo"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "gateway.ops.cli", "demo"], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "BALANCED: every fen is accounted for" in out.stdout

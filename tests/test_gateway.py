@@ -203,7 +203,7 @@ def test_tickets_and_scopes_are_enforced(stack):
 
 def test_issue_ticket_needs_the_issuer_key(stack):
     """AuthService mints tickets only for callers presenting the issuer key."""
-    from gateway import tickets
+    from gateway.security import tickets
 
     async def scenario():
         async with Client(stack.target) as c:

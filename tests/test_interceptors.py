@@ -14,11 +14,11 @@ import pytest
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway import tickets
 from gateway.errors import reason_of
-from gateway.interceptors import auth as auth_mod
-from gateway.interceptors.auth import AuthInterceptor, claims, current_claims
-from gateway.interceptors.logging import (
+from gateway.security import tickets
+from gateway.transport.interceptors import auth as auth_mod
+from gateway.transport.interceptors.auth import AuthInterceptor, claims, current_claims
+from gateway.transport.interceptors.logging import (
     REQUEST_ID_HEADER,
     LoggingInterceptor,
     configure_logging,

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import hotpath
-from gateway import errors, reconcile
+from gateway import errors
 from gateway.ledger import (
     KIND_LUCKY,
     GrabOutcome,
@@ -18,6 +18,7 @@ from gateway.ledger import (
     payment_id_for,
 )
 from gateway.ledger._lmdb import _BE64, _op_apply_credits
+from gateway.ops import reconcile
 from tests.conftest import run
 
 

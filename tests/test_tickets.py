@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import tickets
 from gateway.errors import InvalidArgument, Unauthenticated
-from gateway.tickets import Claims, KeyFileError, KeyRing, mint, verify
+from gateway.security import tickets
+from gateway.security.tickets import Claims, KeyFileError, KeyRing, mint, verify
 
 NOW = 1_760_000_000.0
 

@@ -1,6 +1,6 @@
 """The gateway's books: the :class:`Ledger` interface and its LMDB implementation."""
 
-from gateway.ledger._base import (
+from gateway.ledger._contract import (
     ENV_ACTIVE,
     ENV_EXPIRED,
     ENV_FAILED,

@@ -46,7 +46,7 @@ import structlog
 
 import hotpath
 from gateway import errors
-from gateway.ledger._base import (
+from gateway.ledger._contract import (
     ENV_ACTIVE,
     ENV_EXPIRED,
     ENV_FAILED,

@@ -39,7 +39,7 @@ import grpc
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from gateway.interceptors.auth import (
+from gateway.transport.interceptors.auth import (
     ASYNC,
     ASYNC_GEN,
     behaviour_kind,

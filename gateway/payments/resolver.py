@@ -26,9 +26,9 @@ import structlog
 
 from banksim.v1 import bank_pb2
 from gateway import errors
-from gateway.bank import BankBusy, BankClient, BankUnclear
-from gateway.bus import BackgroundLoop
 from gateway.ledger import Ledger, PaymentStatus
+from gateway.payments.bank import BankBusy, BankClient, BankUnclear
+from gateway.usecases.background import BackgroundLoop
 
 log = structlog.get_logger(__name__)
 

@@ -1,12 +1,12 @@
-"""WalletService: thin translation between hongbao.v1 and :class:`gateway.core.Gateway`."""
+"""WalletService: thin translation between hongbao.v1 and :class:`gateway.usecases.Gateway`."""
 
 from __future__ import annotations
 
 import time
 
-from gateway.core import Gateway
-from gateway.services._boundary import maps_errors, subject
-from gateway.services._convert import timestamp_ms
+from gateway.transport.servicers._boundary import maps_errors, subject
+from gateway.transport.servicers._convert import timestamp_ms
+from gateway.usecases import Gateway
 from hongbao.v1 import wallet_pb2 as pb
 from hongbao.v1 import wallet_pb2_grpc
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
-from gateway import errors, reconcile
-from gateway.bus import CreditConsumer
-from gateway.core import Gateway
-from gateway.services._boundary import maps_errors
+from gateway import errors
+from gateway.ops import reconcile
+from gateway.transport.servicers._boundary import maps_errors
+from gateway.usecases import Gateway
+from gateway.usecases.background import CreditConsumer
 from hongbao.v1 import admin_pb2 as pb
 from hongbao.v1 import admin_pb2_grpc
 

@@ -16,8 +16,6 @@ import structlog
 
 import hotpath
 from gateway import errors
-from gateway.bank import BankBusy, BankClient, BankUnclear
-from gateway.butler import PaymentButler
 from gateway.config import Settings
 from gateway.ledger import (
     ENV_SOLD_OUT,
@@ -36,6 +34,8 @@ from gateway.ledger import (
     payment_id_for,
     request_digest,
 )
+from gateway.payments.bank import BankBusy, BankClient, BankUnclear
+from gateway.payments.butler import PaymentButler
 
 log = structlog.get_logger(__name__)
 

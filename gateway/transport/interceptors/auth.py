@@ -1,7 +1,7 @@
 """Ticket check: every call names a verified subject with the scope its method needs.
 
 The interceptor reads ``authorization: Bearer <ticket>``, verifies the ticket
-(:func:`gateway.tickets.verify`) and compares its scopes with :data:`METHOD_SCOPES`.
+(:func:`gateway.security.tickets.verify`) and compares its scopes with :data:`METHOD_SCOPES`.
 A method with no entry there is refused (fail closed), except the exempt ones: the
 health and reflection services, and ``AuthService/IssueTicket``, whose servicer
 checks the issuer key itself.
@@ -35,7 +35,7 @@ import grpc
 import structlog
 
 from gateway.errors import GatewayError, PermissionDenied, Unauthenticated, to_status
-from gateway.tickets import DEFAULT_LEEWAY_S, Claims, KeyRing, verify
+from gateway.security.tickets import DEFAULT_LEEWAY_S, Claims, KeyRing, verify
 
 __all__ = [
     "EXEMPT",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from gateway import errors, tickets
-from gateway.services._boundary import maps_errors
-from gateway.services._convert import timestamp_ms
+from gateway import errors
+from gateway.security import tickets
+from gateway.transport.servicers._boundary import maps_errors
+from gateway.transport.servicers._convert import timestamp_ms
 from hongbao.v1 import auth_pb2 as pb
 from hongbao.v1 import auth_pb2_grpc
 

@@ -1,12 +1,12 @@
-"""EnvelopeService: thin translation between hongbao.v1 and :class:`gateway.core.Gateway`."""
+"""EnvelopeService: thin translation between hongbao.v1 and :class:`gateway.usecases.Gateway`."""
 
 from __future__ import annotations
 
 from gateway import errors
-from gateway.core import Gateway, SendCommand
 from gateway.ledger import GrabOutcome, GrabResult
-from gateway.services._boundary import maps_errors, subject
-from gateway.services._convert import timestamp_ms
+from gateway.transport.servicers._boundary import maps_errors, subject
+from gateway.transport.servicers._convert import timestamp_ms
+from gateway.usecases import Gateway, SendCommand
 from hongbao.v1 import envelope_pb2 as pb
 from hongbao.v1 import envelope_pb2_grpc
 

@@ -70,8 +70,8 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from gateway.bank import BankAnswer, BankBusy, BankUnclear
 from gateway.errors import InvalidArgument, Unavailable
+from gateway.payments.bank import BankAnswer, BankBusy, BankUnclear
 
 log = structlog.get_logger(__name__)
 
@@ -269,7 +269,7 @@ class _Steward:
 class PaymentButler:
     """Steers every bank call of a process: see the module docstring.
 
-    ``bank`` is a :class:`gateway.bank.BankClient` or anything with the same async
+    ``bank`` is a :class:`gateway.payments.bank.BankClient` or anything with the same async
     ``debit``, ``credit`` and ``query``; ``capacities_tps`` maps each bank id to the
     calls per second it is known to take.
     """

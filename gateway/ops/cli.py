@@ -35,8 +35,8 @@ def _serve_parser(sub) -> None:
 
 def _cmd_serve(args) -> int:
     from gateway.config import Settings
-    from gateway.interceptors.logging import configure_logging
-    from gateway.server import ServeOptions, serve, supervise
+    from gateway.transport.interceptors.logging import configure_logging
+    from gateway.transport.server import ServeOptions, serve, supervise
 
     configure_logging(args.log_level)
     settings = Settings.load(args.config, durability=args.durability,
@@ -81,7 +81,8 @@ def _ticket_parser(sub) -> None:
 
 
 def _cmd_ticket(args) -> int:
-    from gateway import errors, tickets
+    from gateway import errors
+    from gateway.security import tickets
 
     scopes = [s for s in args.scope.split(",") if s]
     try:
@@ -103,9 +104,9 @@ def _reconcile_parser(sub) -> None:
 
 
 def _cmd_reconcile(args) -> int:
-    from gateway import reconcile
-    from gateway.bank import BankClient
     from gateway.ledger._lmdb import open_readonly
+    from gateway.ops import reconcile
+    from gateway.payments.bank import BankClient
 
     ledger = open_readonly(args.data_dir)
     try:
@@ -148,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "reconcile":
         return _cmd_reconcile(args)
     if args.cmd == "demo":
-        from gateway.demo import main as demo_main
+        from gateway.ops.demo import main as demo_main
 
         return demo_main()
     if args.cmd == "bench":
-        from gateway.benchrun import main as bench_main
+        from gateway.ops.benchrun import main as bench_main
 
         return bench_main(args.names)
     parser.error(f"unknown command {args.cmd}")

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import grpc
 
-from gateway import tickets
-from gateway.bank import BankClient
 from gateway.client import Client
 from gateway.errors import reason_of
-from gateway.procs import banksim_proc, gateway_proc
+from gateway.ops.procs import banksim_proc, gateway_proc
+from gateway.payments.bank import BankClient
+from gateway.security import tickets
 from hongbao.v1 import admin_pb2, envelope_pb2, wallet_pb2
 
 USERS = 300
@@ -296,7 +296,7 @@ def main() -> int:
             _print_summary(stats)
             print("\nhongbao reconcile (live, cross-checked with the bank)")
             rec = subprocess.run(
-                [sys.executable, "-m", "gateway.cli", "reconcile", "--data-dir",
+                [sys.executable, "-m", "gateway.ops.cli", "reconcile", "--data-dir",
                  str(root / "gateway"), "--bank", bank.target],
                 capture_output=True, text=True, timeout=120)
             print("\n".join("  " + line for line in rec.stdout.splitlines()))

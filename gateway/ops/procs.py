@@ -107,7 +107,7 @@ def gateway_proc(data_dir: Path, *extra: str, bank: str | None = None,
                  log_path: Path | None = None, env: dict | None = None) -> Proc:
     data_dir.mkdir(parents=True, exist_ok=True)
     port_file = data_dir / "gateway.port"
-    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--port-file",
+    cmd = [sys.executable, "-m", "gateway.ops.cli", "serve", "--port", "0", "--port-file",
            str(port_file), "--data-dir", str(data_dir), *extra]
     if bank:
         cmd += ["--bank", bank]

@@ -6,7 +6,7 @@ import functools
 import inspect
 
 from gateway import errors
-from gateway.interceptors.auth import claims
+from gateway.transport.interceptors.auth import claims
 
 
 def maps_errors(method):

@@ -26,22 +26,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import hotpath
-from gateway import tickets
-from gateway.bank import BankClient
-from gateway.bus import CreditConsumer, ExpirySweeper
-from gateway.butler import ButlerOptions, PaymentButler
 from gateway.config import Settings
-from gateway.core import Gateway
-from gateway.interceptors.auth import AuthInterceptor
-from gateway.interceptors.logging import LoggingInterceptor
 from gateway.ledger import LmdbLedger
-from gateway.procs import write_port_file
-from gateway.resolver import Resolver
-from gateway.services.admin import AdminServicer
-from gateway.services.auth import AuthServicer
-from gateway.services.envelope import EnvelopeServicer
-from gateway.services.notification import NotificationServicer
-from gateway.services.wallet import WalletServicer
+from gateway.ops.procs import write_port_file
+from gateway.payments.bank import BankClient
+from gateway.payments.butler import ButlerOptions, PaymentButler
+from gateway.payments.resolver import Resolver
+from gateway.security import tickets
+from gateway.transport.interceptors.auth import AuthInterceptor
+from gateway.transport.interceptors.logging import LoggingInterceptor
+from gateway.transport.servicers.admin import AdminServicer
+from gateway.transport.servicers.auth import AuthServicer
+from gateway.transport.servicers.envelope import EnvelopeServicer
+from gateway.transport.servicers.notification import NotificationServicer
+from gateway.transport.servicers.wallet import WalletServicer
+from gateway.usecases import Gateway
+from gateway.usecases.background import CreditConsumer, ExpirySweeper
 from hongbao.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -234,7 +234,7 @@ def supervise(argv_without_workers: list[str], opts: ServeOptions, wait_s: float
     for i in range(opts.workers):
         pf = run_dir / f"worker-{i}.port"
         pf.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "gateway.cli", *argv_without_workers, "--port", str(port),
+        cmd = [sys.executable, "-m", "gateway.ops.cli", *argv_without_workers, "--port", str(port),
                "--worker-index", str(i), "--reuse-port", "--port-file", str(pf)]
         children.append((subprocess.Popen(cmd), pf))
     deadline = time.monotonic() + wait_s

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.core import Gateway
-from gateway.services._boundary import maps_errors, subject
-from gateway.services._convert import timestamp_ms
+from gateway.transport.servicers._boundary import maps_errors, subject
+from gateway.transport.servicers._convert import timestamp_ms
+from gateway.usecases import Gateway
 from hongbao.v1 import notification_pb2 as pb
 from hongbao.v1 import notification_pb2_grpc
 

@@ -1,0 +1,173 @@
+"""Every name the books use: tables, account names, transfer ids, record keys, ids.
+
+Defined once here, above any backend, so the money rules, the audit and every
+storage backend agree on them. Keys are bytes; numbers in keys are big-endian
+fixed width so that byte order is numeric order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import struct
+
+# -- tables ---------------------------------------------------------------------------
+ACCOUNTS = "accounts"  # account name -> int64 balance
+TRANSFERS = "transfers"  # transfer id -> amount, time, kind, debit, credit, reference
+ENVELOPES = "envelopes"  # envelope id -> header + pre-split shares
+ENV_META = "env_meta"  # envelope id -> JSON: sender, greeting, best luck, payment
+GRABS = "grabs"  # grab key -> amount, time, share index, flags, request digest
+IDEM = "idem"  # idempotency key -> fingerprint + first result
+PAYMENTS = "payments"  # payment id -> JSON payment intent
+WALLET_TX = "wallet_tx"  # user \0 seq -> kind, amount, time, ids
+CREDIT_OUTBOX = "bus:credit"  # seq -> grab key: credits still to apply
+EXPIRY = "expiry"  # expiry ms + envelope id -> empty (the sweeper's queue)
+META = "meta"  # counter name -> value
+NOTIFICATIONS = "notifications"  # user \0 seq -> kind, amount, time, ids, message
+RESOLVE = "resolve"  # due ms + payment id -> empty (the resolver's queue)
+
+TABLES = (ACCOUNTS, TRANSFERS, ENVELOPES, ENV_META, GRABS, IDEM, PAYMENTS, WALLET_TX,
+          CREDIT_OUTBOX, EXPIRY, META, NOTIFICATIONS, RESOLVE)
+
+SEQ = b"seq"  # META: the last sequence number handed out (wallet entries, notices, outbox)
+
+_BE64 = struct.Struct(">Q")
+BE64_MAX = (1 << 64) - 1
+
+
+def be64(n: int) -> bytes:
+    return _BE64.pack(n)
+
+
+def unbe64(raw: bytes) -> int:
+    return _BE64.unpack(raw[:8])[0]
+
+
+# -- accounts -------------------------------------------------------------------------
+# The one-letter prefixes are part of the stored format; the audit reads them back.
+WALLET, PENDING, ESCROW, CLEARING, HOLD = b"w:", b"p:", b"e:", b"c:", b"h:"
+
+
+def wallet_account(user: bytes) -> bytes:
+    return WALLET + user
+
+
+def pending_account(user: bytes) -> bytes:
+    """Grabbed money on its way to the wallet (the credit outbox's balance)."""
+    return PENDING + user
+
+
+def escrow_account(env: bytes) -> bytes:
+    return ESCROW + env
+
+
+def clearing_account(bank: bytes) -> bytes:
+    """The bank's side of card payments: the only account that may go negative."""
+    return CLEARING + bank
+
+
+def hold_account(payment: bytes) -> bytes:
+    """Money of a withdrawal in flight: out of the wallet, not yet at the bank."""
+    return HOLD + payment
+
+
+def may_go_negative(account: bytes) -> bool:
+    return account.startswith(CLEARING)
+
+
+# -- transfer ids -----------------------------------------------------------------------
+
+def send_tid(env: bytes) -> bytes:
+    """Wallet -> escrow of a balance-paid envelope."""
+    return b"s:" + env
+
+
+def grab_tid(env: bytes, index: int) -> bytes:
+    """Escrow -> pending credit, for share ``index``."""
+    return b"g:" + env + b":" + str(index).encode()
+
+
+def credit_tid(env: bytes, index: int) -> bytes:
+    """Pending credit -> wallet, for share ``index``."""
+    return b"c:" + env + b":" + str(index).encode()
+
+
+def expiry_tid(env: bytes) -> bytes:
+    """Escrow -> sender's wallet: the unclaimed rest of an expired envelope."""
+    return b"x:" + env
+
+
+def card_in_tid(payment: bytes) -> bytes:
+    """Clearing -> wallet (top-up) or escrow (card-paid envelope)."""
+    return b"t:" + payment
+
+
+def withdraw_hold_tid(payment: bytes) -> bytes:
+    """Wallet -> hold, when a withdrawal starts."""
+    return b"w:" + payment
+
+
+def payout_tid(payment: bytes) -> bytes:
+    """Hold -> clearing, when the bank paid a withdrawal out."""
+    return b"o:" + payment
+
+
+def reversal_tid(payment: bytes) -> bytes:
+    """Hold -> wallet, when a withdrawal did not happen."""
+    return b"r:" + payment
+
+
+# -- record keys --------------------------------------------------------------------------
+
+def grab_key(env: bytes, user: bytes) -> bytes:
+    return env + b"/" + user
+
+
+def split_grab_key(key: bytes) -> tuple[bytes, bytes]:
+    env, user = key.split(b"/", 1)
+    return env, user
+
+
+def grabs_prefix(env: bytes) -> bytes:
+    return env + b"/"
+
+
+def send_idem_key(user: bytes, request_id: bytes) -> bytes:
+    return b"send\0" + user + b"\0" + request_id
+
+
+def user_seq_key(user: bytes, seq: int) -> bytes:
+    """WALLET_TX and NOTIFICATIONS: a user's entries in sequence order."""
+    return user + b"\0" + be64(seq)
+
+
+def user_prefix(user: bytes) -> bytes:
+    return user + b"\0"
+
+
+def due_key(due_ms: int, ident: bytes) -> bytes:
+    """EXPIRY and RESOLVE: entries in due-time order."""
+    return be64(due_ms) + ident
+
+
+# -- ids ------------------------------------------------------------------------------------
+
+def new_envelope_id() -> str:
+    """80 random bits: unguessable, so nobody can grab an envelope not shared with them."""
+    return "env_" + secrets.token_hex(10)
+
+
+def payment_id_for(user_id: str, kind: str, request_id: str) -> str:
+    """Deterministic, so a retry after a crash reuses the bank order id (the bank dedups it)."""
+    digest = hashlib.blake2b(f"{kind}\0{user_id}\0{request_id}".encode(), digest_size=10)
+    return "pay_" + digest.hexdigest()
+
+
+def request_digest(request_id: str) -> bytes:
+    """What a grab record keeps of its request id, to tell a retry from another request."""
+    return hashlib.blake2b(request_id.encode(), digest_size=16).digest()
+
+
+def fingerprint(*parts: object) -> bytes:
+    """What a request asked for, so a reused request_id with another payload is caught."""
+    return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=16).digest()

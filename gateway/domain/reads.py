@@ -1,0 +1,142 @@
+"""The ledger's queries: plain functions over one read transaction (any backend)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import hotpath
+from gateway import errors
+from gateway.domain import keys, records
+from gateway.domain.model import (
+    Balance,
+    EnvelopeState,
+    EnvelopeView,
+    GrabFound,
+    GrabView,
+    Notice,
+    Payment,
+    SendResult,
+    WalletPage,
+)
+from gateway.domain.store import Tx, scan_prefix
+
+
+def find_grab(tx: Tx, user_id: str, envelope_id: str) -> GrabFound | None:
+    env = envelope_id.encode()
+    raw = tx.get(keys.GRABS, keys.grab_key(env, user_id.encode()))
+    if raw is None:
+        return None
+    buf = tx.get(keys.ENVELOPES, env)
+    assert buf is not None, envelope_id
+    header = hotpath.envelope_header(buf)
+    amount, at_ms, index, flags, digest = hotpath.unpack_grab(raw)
+    view = GrabView(user_id, amount, at_ms, index, bool(flags & records.GRAB_CREDITED))
+    return GrabFound(view, digest, header[4] - header[5])
+
+
+def envelope_state(tx: Tx, envelope_id: str) -> EnvelopeState | None:
+    buf = tx.get(keys.ENVELOPES, envelope_id.encode())
+    if buf is None:
+        return None
+    h = hotpath.envelope_header(buf)
+    return EnvelopeState(h[4], h[5], h[7], h[3])
+
+
+def grabbers(tx: Tx, envelope_id: str) -> list[bytes]:
+    prefix = keys.grabs_prefix(envelope_id.encode())
+    return [key[len(prefix):] for key, _raw in scan_prefix(tx, keys.GRABS, prefix)]
+
+
+def get_envelope(tx: Tx, envelope_id: str) -> EnvelopeView:
+    env = envelope_id.encode()
+    buf = tx.get(keys.ENVELOPES, env)
+    if buf is None:
+        raise errors.NotFound("ENVELOPE_NOT_FOUND", "no such envelope")
+    raw_meta = tx.get(keys.ENV_META, env)
+    assert raw_meta is not None, envelope_id
+    meta = records.unpack_env_meta(raw_meta)
+    prefix = keys.grabs_prefix(env)
+    grabs = []
+    for key, raw in scan_prefix(tx, keys.GRABS, prefix):
+        amount, at_ms, index, flags, _d = hotpath.unpack_grab(raw)
+        grabs.append(GrabView(key[len(prefix):].decode(), amount, at_ms, index,
+                              bool(flags & records.GRAB_CREDITED)))
+    (total, remaining_fen, created, expires, count, claimed, kind, status, _flags,
+     _shares) = hotpath.unpack_envelope(buf)
+    grabs.sort(key=lambda g: g.share_index)
+    return EnvelopeView(envelope_id, meta["s"], total, count, kind, status, remaining_fen,
+                        count - claimed, meta["g"], created, expires, tuple(grabs), meta["b"])
+
+
+def balance(tx: Tx, user_id: str) -> Balance:
+    user = user_id.encode()
+    w = tx.get(keys.ACCOUNTS, keys.wallet_account(user))
+    p = tx.get(keys.ACCOUNTS, keys.pending_account(user))
+    return Balance(0 if w is None else hotpath.unpack_i64(w),
+                   0 if p is None else hotpath.unpack_i64(p))
+
+
+def list_transactions(tx: Tx, user_id: str, page_size: int, before_seq: int | None
+                      ) -> WalletPage:
+    """Wallet entries newest first; the cursor is the sequence number to continue below."""
+    prefix = keys.user_prefix(user_id.encode())
+    upper = keys.user_seq_key(user_id.encode(),
+                              keys.BE64_MAX if before_seq is None else before_seq)
+    entries = []
+    last_seq = None
+    for key, raw in tx.scan_back(keys.WALLET_TX, upper):
+        if not key.startswith(prefix):
+            break
+        if len(entries) == page_size:
+            return WalletPage(entries, last_seq)
+        last_seq = keys.unbe64(key[len(prefix):])
+        entries.append(records.unpack_wallet_entry(raw))
+    return WalletPage(entries, None)
+
+
+def get_payment(tx: Tx, payment_id: str) -> Payment | None:
+    raw = tx.get(keys.PAYMENTS, payment_id.encode())
+    return None if raw is None else records.unpack_payment(raw)[0]
+
+
+def send_result(tx: Tx, user_id: str, request_id: str, fingerprint: bytes
+                ) -> SendResult | None:
+    """The first result of a SendEnvelope request id, with the envelope's live status."""
+    raw = tx.get(keys.IDEM, keys.send_idem_key(user_id.encode(), request_id.encode()))
+    if raw is None:
+        return None
+    saved_fp, saved = records.unpack_send_result(raw)
+    if saved_fp != fingerprint:
+        raise errors.InvalidArgument(
+            "REQUEST_ID_REUSED", "request_id was used before with another payload")
+    buf = tx.get(keys.ENVELOPES, saved.envelope_id.encode())
+    assert buf is not None, saved.envelope_id
+    return dataclasses.replace(saved, status=hotpath.envelope_header(buf)[7])
+
+
+def notifications(tx: Tx, user_id: str, after_event_id: int, limit: int) -> list[Notice]:
+    """The user's events with ids above ``after_event_id``, oldest first."""
+    user = user_id.encode()
+    prefix = keys.user_prefix(user)
+    start = keys.user_seq_key(user, min(max(after_event_id, 0) + 1, keys.BE64_MAX))
+    out: list[Notice] = []
+    for key, raw in scan_prefix(tx, keys.NOTIFICATIONS, prefix, start):
+        if len(out) >= limit:
+            break
+        out.append(records.unpack_notice(keys.unbe64(key[len(prefix):]), raw))
+    return out
+
+
+def due_payments(tx: Tx, now_ms: int, limit: int) -> list[str]:
+    """Ids of open payments whose resolve time has come, oldest first."""
+    out = []
+    for key, _empty in tx.scan(keys.RESOLVE):
+        if keys.unbe64(key) > now_ms or len(out) >= limit:
+            break
+        out.append(key[8:].decode())
+    return out
+
+
+def credit_backlog(tx: Tx) -> int:
+    """Grabs whose credit has not reached a wallet yet."""
+    return tx.count(keys.CREDIT_OUTBOX)

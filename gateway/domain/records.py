@@ -1,0 +1,97 @@
+"""How the money rules' records are laid out in bytes, for every backend alike.
+
+Envelope, grab and transfer records are packed by ``hotpath`` (fixed-width
+binary, on the hot path); the rest are here. A backend stores the bytes and
+never looks inside them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from gateway.domain.model import (
+    Notice,
+    Payment,
+    PaymentKind,
+    PaymentStatus,
+    SendResult,
+    TxKind,
+    WalletEntry,
+)
+
+GRAB_CREDITED = 1  # grab record flag: its credit reached the wallet
+
+_WTX = struct.Struct("<Bqq")  # kind, signed amount, created_at_ms
+_NOTE = struct.Struct("<Bqq")  # kind, amount_fen, created_at_ms
+_JSON = {"separators": (",", ":")}
+
+
+def pack_wallet_entry(kind: int, signed_fen: int, at_ms: int, tid: bytes, ref: bytes) -> bytes:
+    return _WTX.pack(kind, signed_fen, at_ms) + bytes([len(tid)]) + tid + ref
+
+
+def unpack_wallet_entry(raw: bytes) -> WalletEntry:
+    kind, amount, at_ms = _WTX.unpack_from(raw)
+    tlen = raw[_WTX.size]
+    tid = raw[_WTX.size + 1:_WTX.size + 1 + tlen].decode()
+    ref = raw[_WTX.size + 1 + tlen:].decode()
+    return WalletEntry(tid, TxKind(kind), amount, ref, at_ms)
+
+
+def pack_notice(kind: int, amount_fen: int, at_ms: int, payment_id: str, envelope_id: str,
+                message: str) -> bytes:
+    parts = [p.encode() for p in (payment_id, envelope_id, message)]
+    return _NOTE.pack(kind, amount_fen, at_ms) + b"\0".join(parts)
+
+
+def unpack_notice(event_id: int, raw: bytes) -> Notice:
+    kind, amount, at_ms = _NOTE.unpack_from(raw)
+    payment_id, envelope_id, message = raw[_NOTE.size:].decode().split("\0", 2)
+    return Notice(event_id, kind, payment_id, envelope_id, amount, message, at_ms)
+
+
+def pack_env_meta(sender: str, greeting: str, best_luck: str, payment_id: str,
+                  paid_via: int) -> bytes:
+    return json.dumps({"s": sender, "g": greeting, "b": best_luck, "p": payment_id,
+                       "v": int(paid_via)}, **_JSON).encode()
+
+
+def unpack_env_meta(raw: bytes) -> dict:
+    """``s`` sender, ``g`` greeting, ``b`` best luck, ``p`` payment id, ``v`` paid via."""
+    return json.loads(raw)
+
+
+def with_best_luck(raw: bytes, user_id: str) -> bytes:
+    meta = json.loads(raw)
+    meta["b"] = user_id
+    return json.dumps(meta, **_JSON).encode()
+
+
+def pack_send_result(fp: bytes, r: SendResult) -> bytes:
+    """An idempotency record: the request's fingerprint, then its first result."""
+    assert len(fp) == 16, fp
+    return fp + json.dumps([r.envelope_id, int(r.status), int(r.paid_via),
+                            r.payment_id]).encode()
+
+
+def unpack_send_result(raw: bytes) -> tuple[bytes, SendResult]:
+    env_id, status, paid_via, payment_id = json.loads(raw[16:])
+    return raw[:16], SendResult(env_id, status, paid_via, payment_id)
+
+
+def pack_payment(p: Payment, fingerprint: bytes, due_ms: int = 0) -> bytes:
+    return json.dumps({
+        "id": p.payment_id, "u": p.user_id, "k": str(p.kind), "c": p.card_id, "bk": p.bank_id,
+        "a": p.amount_fen, "s": int(p.status), "r": p.reason, "t0": p.created_at_ms,
+        "t1": p.updated_at_ms, "fp": fingerprint.hex(), "e": p.envelope_id, "due": due_ms,
+        "n": p.attempts,
+    }, **_JSON).encode()
+
+
+def unpack_payment(raw: bytes) -> tuple[Payment, bytes, int]:
+    """The payment, its request fingerprint and its due time in the resolver's queue."""
+    d = json.loads(raw)
+    p = Payment(d["id"], d["u"], PaymentKind(d["k"]), d["c"], d["bk"], d["a"],
+                PaymentStatus(d["s"]), d["r"], d["t0"], d["t1"], d.get("e", ""), d.get("n", 0))
+    return p, bytes.fromhex(d["fp"]), d.get("due", 0)

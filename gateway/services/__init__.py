@@ -1,1 +1,0 @@
-"""Thin gRPC servicers over the domain layer (gateway.core)."""
