@@ -11,14 +11,13 @@ import re
 import struct
 from dataclasses import dataclass
 
+from banksim import cards
 from banksim._errors import InvalidArgument
 
 MAX_AMOUNT_FEN = 10**12
 INT64_MAX = 2**63 - 1
 
-_CARD_ID = re.compile(r"([a-z][a-z0-9_]{0,15})-([0-9]{1,32})")
 _ORDER_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-BANK_ID = re.compile(r"[a-z][a-z0-9_]{0,15}")
 
 
 class OrderStatus(enum.IntEnum):
@@ -45,10 +44,10 @@ class DeclineReason(enum.IntEnum):
 
 def bank_of(card_id: str, banks: frozenset[str]) -> str:
     """The bank a card belongs to; INVALID_ARGUMENT for a malformed id or unknown bank."""
-    match = _CARD_ID.fullmatch(card_id)
-    if match is None:
+    parsed = cards.parse_card_id(card_id)
+    if parsed is None:
         raise InvalidArgument("INVALID_CARD_ID", "card id must be <bank_id>-<1..32 digits>")
-    bank_id = match.group(1)
+    bank_id = parsed[0]
     if bank_id not in banks:
         raise InvalidArgument("UNKNOWN_BANK", f"no bank {bank_id!r}", bank_id=bank_id)
     return bank_id

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
+import tempfile
 from dataclasses import dataclass, field
 
 import grpc
@@ -17,7 +19,6 @@ from banksim._faults import Faults
 from banksim._ledger import Ledger
 from banksim._service import BankAdminService, BankService
 from banksim.v1 import bank_pb2, bank_pb2_grpc
-from gateway.ops.procs import write_port_file
 
 log = structlog.get_logger("banksim.server")
 
@@ -36,6 +37,21 @@ class Settings:
     seed: int = 0
     map_size: int = 256 << 20
     grace_s: float = 2.0
+
+
+def write_port_file(path: str | os.PathLike[str], port: int) -> None:
+    """Writes the bound port atomically: a reader sees no file or the whole number."""
+    # The temp file sits in the same directory, so os.replace is a rename on one filesystem.
+    fd, tmp = tempfile.mkstemp(prefix=".port-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{port}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _address(host: str, port: int) -> str:
@@ -59,7 +75,8 @@ async def _serve(settings: Settings, sim: BankSim) -> int:
     )
     bank_pb2_grpc.add_BankServiceServicer_to_server(BankService(sim), server)
     bank_pb2_grpc.add_BankAdminServiceServicer_to_server(BankAdminService(sim), server)
-    health_servicer = health.aio.HealthServicer()
+    # grpc-stubs 1.53 types grpc_health.v1.health without its aio submodule; grpcio has it.
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [
         bank_pb2.DESCRIPTOR.services_by_name["BankService"].full_name,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -33,6 +33,20 @@ def _check_enums() -> None:
 
 
 _check_enums()
+
+
+# protoc's .pyi types an enum field as the proto enum class, whose values are plain ints
+# at run time; the numbers are the domain's (_check_enums), so a cast is the conversion.
+def _status(status: OrderStatus) -> pb.OrderStatus:
+    return cast(pb.OrderStatus, status.value)
+
+
+def _kind(kind: OrderKind) -> pb.OrderKind:
+    return cast(pb.OrderKind, kind.value)
+
+
+def _reason(reason: DeclineReason) -> pb.DeclineReason:
+    return cast(pb.DeclineReason, reason.value)
 
 _S = TypeVar("_S")
 _Req = TypeVar("_Req")
@@ -62,16 +76,16 @@ class BankService(bank_pb2_grpc.BankServiceServicer):
     async def Debit(self, request: pb.DebitRequest, context: Any) -> pb.DebitResponse:
         answer = await self._sim.move(OrderKind.DEBIT, request.order_id, request.card_id,
                                       request.amount_fen, context.time_remaining)
-        return pb.DebitResponse(order_id=answer.order_id, status=answer.status.value,
-                                decline_reason=answer.decline_reason.value,
+        return pb.DebitResponse(order_id=answer.order_id, status=_status(answer.status),
+                                decline_reason=_reason(answer.decline_reason),
                                 bank_id=answer.bank_id)
 
     @_boundary
     async def Credit(self, request: pb.CreditRequest, context: Any) -> pb.CreditResponse:
         answer = await self._sim.move(OrderKind.CREDIT, request.order_id, request.card_id,
                                       request.amount_fen, context.time_remaining)
-        return pb.CreditResponse(order_id=answer.order_id, status=answer.status.value,
-                                 decline_reason=answer.decline_reason.value,
+        return pb.CreditResponse(order_id=answer.order_id, status=_status(answer.status),
+                                 decline_reason=_reason(answer.decline_reason),
                                  bank_id=answer.bank_id)
 
     @_boundary
@@ -81,21 +95,21 @@ class BankService(bank_pb2_grpc.BankServiceServicer):
         found = await self._sim.query(request.order_id, context.time_remaining)
         if found is None:
             return pb.QueryOrderResponse(order_id=request.order_id,
-                                         status=OrderStatus.NOT_FOUND.value)
+                                         status=_status(OrderStatus.NOT_FOUND))
         return pb.QueryOrderResponse(
-            order_id=request.order_id, status=found.status.value, kind=found.kind.value,
+            order_id=request.order_id, status=_status(found.status), kind=_kind(found.kind),
             card_id=found.card_id, amount_fen=found.amount_fen, bank_id=found.bank_id,
         )
 
     @_boundary
     async def VoidOrder(self, request: pb.VoidOrderRequest, context: Any) -> pb.VoidOrderResponse:
         status = await self._sim.void(request.order_id, context.time_remaining)
-        return pb.VoidOrderResponse(order_id=request.order_id, status=status.value)
+        return pb.VoidOrderResponse(order_id=request.order_id, status=_status(status))
 
     @_boundary
     async def Refund(self, request: pb.RefundRequest, context: Any) -> pb.RefundResponse:
         status = await self._sim.refund(request.order_id, context.time_remaining)
-        return pb.RefundResponse(order_id=request.order_id, status=status.value)
+        return pb.RefundResponse(order_id=request.order_id, status=_status(status))
 
 
 class BankAdminService(bank_pb2_grpc.BankAdminServiceServicer):

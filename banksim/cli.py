@@ -24,7 +24,8 @@ from typing import Any
 
 from banksim._errors import BankError
 from banksim._faults import DEFAULT_COLLAPSE_AFTER_S, FAULT_KEYS, Faults
-from banksim._model import BANK_ID, INT64_MAX
+from banksim._model import INT64_MAX
+from banksim.cards import BANK_ID
 
 DEFAULT_BANKS = ("icbc", "ccb", "abc", "boc")
 _GENERAL_DEFAULTS: dict[str, Any] = {

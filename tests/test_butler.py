@@ -15,7 +15,7 @@ from banksim.v1 import bank_pb2 as pb
 from banksim.v1 import bank_pb2_grpc
 from gateway.errors import InvalidArgument, Unavailable
 from gateway.ops.procs import Proc, banksim_proc
-from gateway.payments.bank import BankAnswer, BankBusy, BankClient, BankUnclear
+from gateway.payments.bank import BankAnswer, BankBusy, BankClient, BankUnclear, OrderStatus
 from gateway.payments.butler import ButlerOptions, PaymentButler
 from tests.conftest import run
 
@@ -282,7 +282,7 @@ def test_ambiguous_and_declined_results_pass_through(bank):
             assert answer == BankAnswer(False, pb.ORDER_STATUS_DECLINED, "CARD_DECLINED")
             await link.set_faults()
             found = await butler.query("lost-1", f"{BANK}-0001")
-            assert found.status == pb.ORDER_STATUS_SETTLED
+            assert found == OrderStatus.SETTLED
             health = butler.health()[0]
             assert health["breaker_state"] == "closed" and health["calls"] == 3
             assert health["error_rate"] == pytest.approx(1 / 3)

@@ -132,7 +132,8 @@ class GrabFound(NamedTuple):
     remaining_count: int
 
 
-class EnvelopeState(NamedTuple):
+@dataclasses.dataclass(frozen=True, slots=True)
+class EnvelopeState:
     """The few envelope fields the grab gate needs."""
 
     count: int
@@ -215,7 +216,8 @@ class PaymentBegun(NamedTuple):
     created: bool  # False: a retry found the intent saved by an earlier call
 
 
-class CardEnvelope(NamedTuple):
+@dataclasses.dataclass(frozen=True, slots=True)
+class CardEnvelope:
     """An envelope to create with its card payment (see Ledger.begin_payment)."""
 
     envelope_id: str

@@ -16,6 +16,7 @@ from gateway.domain.model import (
     Notice,
     Payment,
     SendResult,
+    WalletEntry,
     WalletPage,
 )
 from gateway.domain.store import Tx, scan_prefix
@@ -82,7 +83,7 @@ def list_transactions(tx: Tx, user_id: str, page_size: int, before_seq: int | No
     prefix = keys.user_prefix(user_id.encode())
     upper = keys.user_seq_key(user_id.encode(),
                               keys.BE64_MAX if before_seq is None else before_seq)
-    entries = []
+    entries: list[WalletEntry] = []
     last_seq = None
     for key, raw in tx.scan_back(keys.WALLET_TX, upper):
         if not key.startswith(prefix):
@@ -129,7 +130,7 @@ def notifications(tx: Tx, user_id: str, after_event_id: int, limit: int) -> list
 
 def due_payments(tx: Tx, now_ms: int, limit: int) -> list[str]:
     """Ids of open payments whose resolve time has come, oldest first."""
-    out = []
+    out: list[str] = []
     for key, _empty in tx.scan(keys.RESOLVE):
         if keys.unbe64(key) > now_ms or len(out) >= limit:
             break

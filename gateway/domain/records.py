@@ -24,7 +24,7 @@ GRAB_CREDITED = 1  # grab record flag: its credit reached the wallet
 
 _WTX = struct.Struct("<Bqq")  # kind, signed amount, created_at_ms
 _NOTE = struct.Struct("<Bqq")  # kind, amount_fen, created_at_ms
-_JSON = {"separators": (",", ":")}
+_COMPACT = (",", ":")
 
 
 def pack_wallet_entry(kind: int, signed_fen: int, at_ms: int, tid: bytes, ref: bytes) -> bytes:
@@ -54,7 +54,7 @@ def unpack_notice(event_id: int, raw: bytes) -> Notice:
 def pack_env_meta(sender: str, greeting: str, best_luck: str, payment_id: str,
                   paid_via: int) -> bytes:
     return json.dumps({"s": sender, "g": greeting, "b": best_luck, "p": payment_id,
-                       "v": int(paid_via)}, **_JSON).encode()
+                       "v": int(paid_via)}, separators=_COMPACT).encode()
 
 
 def unpack_env_meta(raw: bytes) -> dict:
@@ -65,7 +65,7 @@ def unpack_env_meta(raw: bytes) -> dict:
 def with_best_luck(raw: bytes, user_id: str) -> bytes:
     meta = json.loads(raw)
     meta["b"] = user_id
-    return json.dumps(meta, **_JSON).encode()
+    return json.dumps(meta, separators=_COMPACT).encode()
 
 
 def pack_send_result(fp: bytes, r: SendResult) -> bytes:
@@ -86,7 +86,7 @@ def pack_payment(p: Payment, fingerprint: bytes, due_ms: int = 0) -> bytes:
         "a": p.amount_fen, "s": int(p.status), "r": p.reason, "t0": p.created_at_ms,
         "t1": p.updated_at_ms, "fp": fingerprint.hex(), "e": p.envelope_id, "due": due_ms,
         "n": p.attempts,
-    }, **_JSON).encode()
+    }, separators=_COMPACT).encode()
 
 
 def unpack_payment(raw: bytes) -> tuple[Payment, bytes, int]:

@@ -1,55 +1,18 @@
-"""The gateway's books: the :class:`Ledger` interface and its LMDB implementation."""
+"""The gateway's books: the :class:`Ledger` contract and its backends.
 
-from gateway.ledger._contract import (
-    ENV_ACTIVE,
-    ENV_EXPIRED,
-    ENV_FAILED,
-    ENV_PAY_UNKNOWN,
-    ENV_PAYING,
-    ENV_REFUNDED,
-    ENV_SOLD_OUT,
-    KIND_LUCKY,
-    KIND_NORMAL,
-    CardEnvelope,
-    EnvelopeView,
-    GrabOutcome,
-    GrabResult,
-    GrabView,
-    Ledger,
-    Notice,
-    Payment,
-    PaymentStatus,
-    SendResult,
-    TxKind,
-    WalletEntry,
-    new_envelope_id,
-)
-from gateway.ledger._lmdb import LmdbLedger, payment_id_for, request_digest
+Owns: the contract (``_contract``: every read and write as an async method
+with typed results, plus the audit and the writer statistics), the generic
+implementation over the domain rules (:class:`BooksLedger`), and two
+backends: LMDB, embedded and durable with group commit (``_lmdb``,
+``_writer``), and memory (``_memory``), for tests and simulations.
 
-__all__ = [
-    "ENV_ACTIVE",
-    "ENV_EXPIRED",
-    "ENV_FAILED",
-    "ENV_PAYING",
-    "ENV_PAY_UNKNOWN",
-    "ENV_REFUNDED",
-    "ENV_SOLD_OUT",
-    "KIND_LUCKY",
-    "KIND_NORMAL",
-    "CardEnvelope",
-    "EnvelopeView",
-    "GrabOutcome",
-    "GrabResult",
-    "GrabView",
-    "Ledger",
-    "LmdbLedger",
-    "Notice",
-    "Payment",
-    "PaymentStatus",
-    "SendResult",
-    "TxKind",
-    "WalletEntry",
-    "new_envelope_id",
-    "payment_id_for",
-    "request_digest",
-]
+May import: ``gateway.domain``, ``gateway.errors``, ``lmdb``. Nothing outside
+this package imports a private name of it or touches LMDB.
+"""
+
+from gateway.domain.audit import Report
+from gateway.ledger._contract import BooksLedger, Ledger
+from gateway.ledger._lmdb import LmdbLedger, LmdbSnapshot
+from gateway.ledger._memory import MemoryLedger
+
+__all__ = ["BooksLedger", "Ledger", "LmdbLedger", "LmdbSnapshot", "MemoryLedger", "Report"]

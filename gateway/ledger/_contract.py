@@ -1,155 +1,47 @@
-"""The ledger interface the services use, and the values it returns.
+"""The ledger contract every backend satisfies, and the generic implementation.
 
-Services talk only to :class:`Ledger`; the LMDB implementation is the first
-one, and a distributed backend can be added beside it without touching them.
-Amounts are int64 fen; every money movement is a double-entry transfer with a
-unique id; the sum over all accounts is always zero.
+:class:`Ledger` is what the use cases, the background workers, the admin
+service and reconcile see. Every method is async, reads included: a read of
+the embedded backends is one short local transaction that returns at once
+(an ``await`` of it costs about a microsecond, measured in
+``bench/bench_ledger.py``), and a backend that is not local (the cluster
+work) can wait without changing a caller.
+
+:class:`BooksLedger` implements the whole contract with the backend-neutral
+money rules of ``gateway.domain``; a backend supplies only two things: a
+write path that runs a rule in a (group-committed) write transaction, and a
+read path that runs a query in a consistent read transaction.
 """
 
 from __future__ import annotations
 
 import abc
-import dataclasses
-import enum
-import secrets
-from typing import NamedTuple
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-# Envelope kinds and statuses share their numbers with hongbao.v1.
-KIND_LUCKY = 1
-KIND_NORMAL = 2
-ENV_ACTIVE = 1
-ENV_SOLD_OUT = 2
-ENV_EXPIRED = 3
-ENV_PAYING = 4
-ENV_PAY_UNKNOWN = 5
-ENV_FAILED = 6
-ENV_REFUNDED = 7
+from gateway import errors
+from gateway.domain import audit, reads, rules
+from gateway.domain.audit import Report
+from gateway.domain.keys import new_envelope_id, request_digest
+from gateway.domain.model import (
+    Balance,
+    CardEnvelope,
+    EnvelopeState,
+    EnvelopeView,
+    GrabFound,
+    GrabResult,
+    LedgerStats,
+    Notice,
+    Payment,
+    PaymentBegun,
+    PaymentStatus,
+    SendResult,
+    WalletPage,
+)
+from gateway.domain.store import Books, Tx
 
-
-class GrabOutcome(enum.IntEnum):
-    GRABBED = 1
-    ALREADY_GRABBED = 2
-    SOLD_OUT = 3
-    EXPIRED = 4
-
-
-class PaymentStatus(enum.IntEnum):
-    PENDING = 1
-    SUCCEEDED = 2
-    FAILED = 3
-    UNKNOWN = 4
-    REFUNDED = 5
-
-
-class TxKind(enum.IntEnum):
-    """Transfer kinds; also the wallet transaction kinds of hongbao.v1."""
-
-    TOP_UP = 1
-    WITHDRAW = 2
-    ENVELOPE_SENT = 3
-    ENVELOPE_CREDIT = 4
-    EXPIRY_REFUND = 5
-    WITHDRAW_REVERSAL = 6
-    GRAB = 20  # escrow -> pending credit; not a wallet movement
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SendResult:
-    envelope_id: str
-    status: int
-    paid_via: int
-    payment_id: str
-
-
-class GrabResult(NamedTuple):
-    """A tuple, not a dataclass: one is built per grab on the writer thread."""
-
-    outcome: GrabOutcome
-    amount_fen: int = 0
-    remaining_count: int = 0
-    credited: bool = False
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class GrabView:
-    user_id: str
-    amount_fen: int
-    grabbed_at_ms: int
-    share_index: int
-    credited: bool
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EnvelopeView:
-    envelope_id: str
-    sender_id: str
-    total_fen: int
-    count: int
-    kind: int
-    status: int
-    remaining_fen: int
-    remaining_count: int
-    greeting: str
-    created_at_ms: int
-    expires_at_ms: int
-    grabs: tuple[GrabView, ...]
-    best_luck_user_id: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class WalletEntry:
-    transaction_id: str
-    kind: TxKind
-    amount_fen: int  # signed: + into the wallet, - out of it
-    reference_id: str
-    created_at_ms: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Notice:
-    """One event of a user's notification feed; ``event_id`` only grows."""
-
-    event_id: int
-    kind: int  # hongbao.v1.NotificationKind
-    payment_id: str
-    envelope_id: str
-    amount_fen: int
-    message: str
-    created_at_ms: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Payment:
-    payment_id: str
-    user_id: str
-    kind: str  # "top_up", "withdraw" or "envelope"
-    card_id: str
-    bank_id: str
-    amount_fen: int
-    status: PaymentStatus
-    reason: str = ""
-    created_at_ms: int = 0
-    updated_at_ms: int = 0
-    envelope_id: str = ""  # the envelope a card payment funds
-    attempts: int = 0  # resolver attempts that found the bank unclear
-
-
-class CardEnvelope(NamedTuple):
-    """An envelope to create with its card payment (see Ledger.begin_payment)."""
-
-    envelope_id: str
-    count: int
-    kind: int
-    greeting: str
-    expires_in_s: int
-    shares: list[int]
-    request_id: str  # of the SendEnvelope call: its idempotency record is written too
-    send_fingerprint: bytes
-
-
-def new_envelope_id() -> str:
-    """80 random bits: unguessable, so nobody can grab an envelope not shared with them."""
-    return "env_" + secrets.token_hex(10)
+T = TypeVar("T")
 
 
 class Ledger(abc.ABC):
@@ -159,8 +51,11 @@ class Ledger(abc.ABC):
       (unless configured as relaxed, which they must log);
     - refuse a request they cannot honour with a ``GatewayError`` and change
       nothing;
-    - keep the sum over all accounts at zero and every transfer id unique.
+    - keep the sum over all accounts at zero and every transfer id unique;
+    - answer every read from one consistent snapshot.
     """
+
+    # -- envelopes and grabs -------------------------------------------------------
 
     @abc.abstractmethod
     async def send_from_balance(
@@ -182,45 +77,53 @@ class Ledger(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def grab_many(self, items: list[tuple[str, str, str]]) -> list:
+    async def grab_many(self, items: list[tuple[str, str, str]]
+                        ) -> list[GrabResult | errors.GatewayError]:
         """(user, envelope, request id) grabs in one request; a GrabResult or GatewayError each."""
 
     @abc.abstractmethod
-    def find_grab(self, user_id: str, envelope_id: str
-                  ) -> tuple[GrabView, bytes, int] | None:
+    async def find_grab(self, user_id: str, envelope_id: str) -> GrabFound | None:
         """The user's grab of an envelope, its request digest and the shares left (one read)."""
 
     @abc.abstractmethod
-    def envelope_state(self, envelope_id: str) -> tuple[int, int, int, int] | None:
-        """(count, claimed, status, expires_at_ms) of an envelope, or None."""
+    async def envelope_state(self, envelope_id: str) -> EnvelopeState | None:
+        """Count, claimed, status and expiry of an envelope, or None."""
 
     @abc.abstractmethod
-    def grabbers(self, envelope_id: str) -> list[bytes]:
+    async def grabbers(self, envelope_id: str) -> list[bytes]:
         """The user ids (bytes) that hold a share of the envelope."""
 
     @abc.abstractmethod
-    def send_result(self, user_id: str, request_id: str, fingerprint: bytes
-                    ) -> SendResult | None:
+    async def send_result(self, user_id: str, request_id: str, fingerprint: bytes
+                          ) -> SendResult | None:
         """The first result of a SendEnvelope request id, with the envelope's live status;
         InvalidArgument if the id was used with another payload."""
 
     @abc.abstractmethod
-    def get_envelope(self, envelope_id: str) -> EnvelopeView:
+    async def get_envelope(self, envelope_id: str) -> EnvelopeView:
         """The envelope with its grabs in grab order; NotFound if unknown."""
 
-    @abc.abstractmethod
-    def balance(self, user_id: str) -> tuple[int, int]:
-        """(wallet balance, pending credit) in fen."""
+    # -- wallets -------------------------------------------------------------------
 
     @abc.abstractmethod
-    def list_transactions(
-        self, user_id: str, page_size: int, before_seq: int | None
-    ) -> tuple[list[WalletEntry], int | None]:
+    async def balance(self, user_id: str) -> Balance:
+        """The wallet balance and the pending credit, in fen."""
+
+    @abc.abstractmethod
+    async def list_transactions(self, user_id: str, page_size: int, before_seq: int | None
+                                ) -> WalletPage:
         """Wallet entries newest first, and the cursor of the next page (None at the end)."""
 
     @abc.abstractmethod
+    async def notifications(self, user_id: str, after_event_id: int, limit: int
+                            ) -> list[Notice]:
+        """The user's notification events after ``after_event_id``, oldest first."""
+
+    # -- card payments -------------------------------------------------------------
+
+    @abc.abstractmethod
     async def begin_payment(self, payment: Payment, fingerprint: bytes, due_in_ms: int,
-                            envelope: CardEnvelope | None = None) -> tuple[Payment, bool]:
+                            envelope: CardEnvelope | None = None) -> PaymentBegun:
         """Saves a payment intent (PENDING) before the bank is called.
 
         Returns it and whether this call created it; a retry gets the saved
@@ -244,12 +147,14 @@ class Ledger(abc.ABC):
         the resolver in ``resolve_in_ms``."""
 
     @abc.abstractmethod
-    def get_payment(self, payment_id: str) -> Payment | None:
+    async def get_payment(self, payment_id: str) -> Payment | None:
         """The payment, or None."""
 
     @abc.abstractmethod
-    def due_payments(self, limit: int) -> list[str]:
-        """Ids of open payments whose resolve time has come, oldest first."""
+    async def due_payments(self, limit: int, now_ms: int | None = None) -> list[str]:
+        """Ids of open payments whose resolve time has come (by ``now_ms``), oldest first."""
+
+    # -- background work -----------------------------------------------------------
 
     @abc.abstractmethod
     async def expire_due(self, limit: int) -> int:
@@ -259,19 +164,110 @@ class Ledger(abc.ABC):
     async def apply_credits(self, limit: int) -> int:
         """Applies up to ``limit`` pending grab credits to wallets, each exactly once."""
 
-    @abc.abstractmethod
-    def credit_backlog(self) -> int:
-        """Grabs whose credit has not landed in a wallet yet (the credit bus's lag)."""
-
-    @property
-    @abc.abstractmethod
-    def queue_depth(self) -> int:
-        """Write requests waiting to be committed."""
+    # -- operations ----------------------------------------------------------------
 
     @abc.abstractmethod
-    def notifications(self, user_id: str, after_event_id: int, limit: int) -> list[Notice]:
-        """The user's notification events after ``after_event_id``, oldest first."""
+    async def audit(self) -> Report:
+        """The conservation checks (``gateway.domain.audit``) on one consistent snapshot."""
+
+    @abc.abstractmethod
+    async def stats(self) -> LedgerStats:
+        """The writer's and the credit outbox's counters."""
 
     @abc.abstractmethod
     def close(self) -> None:
         """Commits what is queued and closes the store."""
+
+
+class BooksLedger(Ledger):
+    """The contract over the domain rules; a backend supplies :meth:`write` and :meth:`read`."""
+
+    @abc.abstractmethod
+    async def write(self, rule: Callable[..., T], *args: Any) -> T:
+        """Runs ``rule(books, *args)`` in a write transaction; returns once it is durable."""
+
+    @abc.abstractmethod
+    def read(self, query: Callable[..., T], *args: Any) -> T:
+        """Runs ``query(tx, *args)`` in one read transaction (synchronous and short)."""
+
+    @abc.abstractmethod
+    def _writer_stats(self) -> tuple[int, int, int, int, float, float]:
+        """Queue depth, batches, requests, largest batch, apply and commit seconds."""
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def send_from_balance(self, user_id, request_id, fingerprint, *, total_fen, count,
+                                kind, greeting, expires_in_s, shares) -> SendResult:
+        return await self.write(
+            rules.send_from_balance, user_id.encode(), request_id.encode(), fingerprint,
+            new_envelope_id().encode(), total_fen, count, kind, greeting, expires_in_s, shares)
+
+    async def grab(self, user_id, envelope_id, request_id) -> GrabResult:
+        return await self.write(rules.grab, envelope_id.encode(), user_id.encode(),
+                                 request_digest(request_id))
+
+    async def grab_many(self, items):
+        packed = [(e.encode(), u.encode(), request_digest(r)) for u, e, r in items]
+        return await self.write(rules.grab_many, packed)
+
+    async def begin_payment(self, payment, fingerprint, due_in_ms, envelope=None):
+        return await self.write(rules.begin_payment, payment, fingerprint, due_in_ms,
+                                 envelope)
+
+    async def finish_payment(self, payment_id, outcome, reason="",
+                             from_states=(PaymentStatus.PENDING,)) -> Payment:
+        return await self.write(rules.finish_payment, payment_id, outcome, reason,
+                                 from_states)
+
+    async def payment_unknown(self, payment_id, resolve_in_ms, reason="") -> Payment:
+        return await self.write(rules.payment_unknown, payment_id, resolve_in_ms, reason)
+
+    async def expire_due(self, limit: int) -> int:
+        return await self.write(rules.expire_due, limit)
+
+    async def apply_credits(self, limit: int) -> int:
+        return await self.write(rules.apply_credits, limit)
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def find_grab(self, user_id, envelope_id):
+        return self.read(reads.find_grab, user_id, envelope_id)
+
+    async def envelope_state(self, envelope_id):
+        return self.read(reads.envelope_state, envelope_id)
+
+    async def grabbers(self, envelope_id):
+        return self.read(reads.grabbers, envelope_id)
+
+    async def send_result(self, user_id, request_id, fingerprint):
+        return self.read(reads.send_result, user_id, request_id, fingerprint)
+
+    async def get_envelope(self, envelope_id):
+        return self.read(reads.get_envelope, envelope_id)
+
+    async def balance(self, user_id):
+        return self.read(reads.balance, user_id)
+
+    async def list_transactions(self, user_id, page_size, before_seq):
+        return self.read(reads.list_transactions, user_id, page_size, before_seq)
+
+    async def notifications(self, user_id, after_event_id, limit):
+        return self.read(reads.notifications, user_id, after_event_id, limit)
+
+    async def get_payment(self, payment_id):
+        return self.read(reads.get_payment, payment_id)
+
+    async def due_payments(self, limit, now_ms=None):
+        when = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        return self.read(reads.due_payments, when, limit)
+
+    async def audit(self) -> Report:
+        return self.read(audit.audit)
+
+    async def stats(self) -> LedgerStats:
+        depth, batches, requests, biggest, apply_s, commit_s = self._writer_stats()
+        return LedgerStats(depth, batches, requests, biggest, apply_s, commit_s,
+                           self.read(reads.credit_backlog))
+
+
+__all__ = ["Books", "BooksLedger", "Ledger", "Tx"]

@@ -176,10 +176,10 @@ class GroupCommitWriter:
                     break
             except Exception as exc:  # a bug: fail the batch loudly, write nothing
                 log.exception("writer_batch_failed", size=len(batch))
-                err = errors.Internal("WRITE_FAILED", f"internal error: {type(exc).__name__}")
-                return [err] * len(batch)
-        err = errors.ResourceExhausted("LEDGER_FULL", "the ledger map cannot grow further")
-        return [err] * len(batch)
+                bug = errors.Internal("WRITE_FAILED", f"internal error: {type(exc).__name__}")
+                return [bug] * len(batch)
+        full = errors.ResourceExhausted("LEDGER_FULL", "the ledger map cannot grow further")
+        return [full] * len(batch)
 
     def _apply(self, batch: list[_Request]) -> list:
         results: list = []

@@ -36,7 +36,8 @@ def _serve_parser(sub) -> None:
 def _cmd_serve(args) -> int:
     from gateway.config import Settings
     from gateway.transport.interceptors.logging import configure_logging
-    from gateway.transport.server import ServeOptions, serve, supervise
+    from gateway.transport.server import ServeOptions, serve
+    from gateway.transport.supervisor import supervise
 
     configure_logging(args.log_level)
     settings = Settings.load(args.config, durability=args.durability,
@@ -104,23 +105,9 @@ def _reconcile_parser(sub) -> None:
 
 
 def _cmd_reconcile(args) -> int:
-    from gateway.ledger._lmdb import open_readonly
-    from gateway.ops import reconcile
-    from gateway.payments.bank import BankClient
+    from gateway.ops.reconcile import reconcile_dir
 
-    ledger = open_readonly(args.data_dir)
-    try:
-        report = reconcile.audit(ledger)
-    finally:
-        ledger.env.close()
-    if args.bank:
-        async def check():
-            bank = BankClient(args.bank, timeout_s=10)
-            try:
-                await reconcile.cross_check_bank(report, bank)
-            finally:
-                await bank.close()
-        asyncio.run(check())
+    report = reconcile_dir(args.data_dir, args.bank)
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.balanced else 1
 

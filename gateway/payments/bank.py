@@ -1,5 +1,7 @@
 """The gateway's client of the bank (banksim.v1), speaking in domain terms.
 
+The only module of the gateway that speaks the bank's protocol: everything
+else sees :class:`BankAnswer`, :class:`OrderStatus` and :class:`BankTotals`.
 Every call has a deadline. An answer is either definite (:class:`BankAnswer`:
 settled or declined) or it is not, and then :class:`BankUnclear` says so: the
 money may or may not have moved, and only asking the bank later can tell.
@@ -8,12 +10,41 @@ money may or may not have moved, and only asking the bank later can tell.
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import grpc
 
+from banksim import cards
 from banksim.v1 import bank_pb2, bank_pb2_grpc
 
 SETTLED = bank_pb2.ORDER_STATUS_SETTLED
+
+
+class OrderStatus(enum.IntEnum):
+    """What the bank says about an order id (banksim.v1.OrderStatus, same numbers)."""
+
+    UNSPECIFIED = bank_pb2.ORDER_STATUS_UNSPECIFIED
+    NOT_FOUND = bank_pb2.ORDER_STATUS_NOT_FOUND
+    SETTLED = bank_pb2.ORDER_STATUS_SETTLED
+    DECLINED = bank_pb2.ORDER_STATUS_DECLINED
+    VOIDED = bank_pb2.ORDER_STATUS_VOIDED
+    REFUNDED = bank_pb2.ORDER_STATUS_REFUNDED
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BankTotals:
+    """The bank's own ledger totals for the merchant (gateway) account."""
+
+    merchant_balance_fen: int
+    total_debited_fen: int
+    total_credited_fen: int
+    total_refunded_fen: int
+
+
+def bank_of_card(card_id: str) -> str | None:
+    """The bank a card id names, or None when it is malformed (the bank's own rule)."""
+    parsed = cards.parse_card_id(card_id)
+    return None if parsed is None else parsed[0]
 
 
 class BankUnclear(Exception):
@@ -50,7 +81,7 @@ class BankClient:
         self._admin = bank_pb2_grpc.BankAdminServiceStub(self._channel)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def debit(self, order_id: str, card_id: str, amount_fen: int) -> BankAnswer:
         req = bank_pb2.DebitRequest(order_id=order_id, card_id=card_id, amount_fen=amount_fen)
@@ -60,20 +91,31 @@ class BankClient:
         req = bank_pb2.CreditRequest(order_id=order_id, card_id=card_id, amount_fen=amount_fen)
         return self._answer(await self._call(self._bank.Credit, req))
 
-    async def query(self, order_id: str) -> bank_pb2.QueryOrderResponse:
-        return await self._call(self._bank.QueryOrder,
+    async def query(self, order_id: str) -> OrderStatus:
+        resp = await self._call(self._bank.QueryOrder,
                                 bank_pb2.QueryOrderRequest(order_id=order_id))
+        return OrderStatus(resp.status)
 
-    async def void(self, order_id: str) -> bank_pb2.VoidOrderResponse:
-        return await self._call(self._bank.VoidOrder, bank_pb2.VoidOrderRequest(order_id=order_id))
+    async def void(self, order_id: str) -> OrderStatus:
+        """Locks the order id; the answer is VOIDED, or SETTLED/REFUNDED if it had settled."""
+        resp = await self._call(self._bank.VoidOrder,
+                                bank_pb2.VoidOrderRequest(order_id=order_id))
+        return OrderStatus(resp.status)
 
-    async def refund(self, order_id: str) -> bank_pb2.RefundResponse:
-        return await self._call(self._bank.Refund, bank_pb2.RefundRequest(order_id=order_id))
+    async def refund(self, order_id: str) -> OrderStatus:
+        resp = await self._call(self._bank.Refund, bank_pb2.RefundRequest(order_id=order_id))
+        return OrderStatus(resp.status)
 
-    async def stats(self) -> bank_pb2.GetStatsResponse:
-        return await self._call(self._admin.GetStats, bank_pb2.GetStatsRequest())
+    async def totals(self) -> BankTotals:
+        s = await self._call(self._admin.GetStats, bank_pb2.GetStatsRequest())
+        return BankTotals(s.merchant_balance_fen, s.total_debited_fen, s.total_credited_fen,
+                          s.total_refunded_fen)
 
     # -- the simulator's controls (demo, tests, benchmarks) -------------------------
+
+    async def stats(self) -> bank_pb2.GetStatsResponse:
+        """The simulator's raw per-bank counters."""
+        return await self._call(self._admin.GetStats, bank_pb2.GetStatsRequest())
 
     async def set_faults(self, bank_id: str = "", **faults: float) -> None:
         """Replaces the fault settings of one bank, or of all with ``bank_id`` empty."""

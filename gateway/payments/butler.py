@@ -71,7 +71,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from gateway.errors import InvalidArgument, Unavailable
-from gateway.payments.bank import BankAnswer, BankBusy, BankUnclear
+from gateway.payments.bank import BankAnswer, BankBusy, BankUnclear, OrderStatus, bank_of_card
 
 log = structlog.get_logger(__name__)
 
@@ -95,7 +95,7 @@ class BankLike(Protocol):
 
     async def credit(self, order_id: str, card_id: str, amount_fen: int) -> BankAnswer: ...
 
-    async def query(self, order_id: str) -> Any: ...
+    async def query(self, order_id: str) -> OrderStatus: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -165,8 +165,11 @@ class ButlerOptions:
 
 
 def bank_of(card_id: str) -> str:
-    """The bank a card belongs to: its prefix (``icbc-6222...`` -> ``icbc``)."""
-    return card_id.partition("-")[0]
+    """The bank a card belongs to (``icbc-6222...`` -> ``icbc``), by the bank's own rule."""
+    bank = bank_of_card(card_id)
+    if bank is None:
+        raise InvalidArgument("BAD_CARD_ID", "card_id must be <bank>-<digits>")
+    return bank
 
 
 class _Window:
@@ -306,7 +309,7 @@ class PaymentButler:
                               lambda: self._bank.credit(order_id, card_id, amount_fen),
                               order_id=order_id)
 
-    async def query(self, order_id: str, card_id: str) -> Any:
+    async def query(self, order_id: str, card_id: str) -> OrderStatus:
         """QueryOrder through the butler, steered to the bank of ``card_id``."""
         return await self.run(bank_of(card_id), lambda: self._bank.query(order_id),
                               order_id=order_id)

@@ -24,18 +24,15 @@ import asyncio
 import grpc
 import structlog
 
-from banksim.v1 import bank_pb2
 from gateway import errors
-from gateway.ledger import Ledger, PaymentStatus
-from gateway.payments.bank import BankBusy, BankClient, BankUnclear
-from gateway.usecases.background import BackgroundLoop
+from gateway.domain.model import PaymentKind, PaymentStatus
+from gateway.ledger import Ledger
+from gateway.loops import BackgroundLoop
+from gateway.payments.bank import BankBusy, BankClient, BankUnclear, OrderStatus
 
 log = structlog.get_logger(__name__)
 
-SETTLED = bank_pb2.ORDER_STATUS_SETTLED
-REFUNDED = bank_pb2.ORDER_STATUS_REFUNDED
-VOIDED = bank_pb2.ORDER_STATUS_VOIDED
-_OPEN = (PaymentStatus.PENDING, PaymentStatus.UNKNOWN)
+SETTLED, REFUNDED, VOIDED = OrderStatus.SETTLED, OrderStatus.REFUNDED, OrderStatus.VOIDED
 
 
 class Resolver(BackgroundLoop):
@@ -57,7 +54,7 @@ class Resolver(BackgroundLoop):
     async def run(self) -> None:
         while not self.stopping:
             take = min(self._batch, int(self.rate_per_s * self._interval_s))
-            due = self._ledger.due_payments(take) if take > 0 else []
+            due = await self._ledger.due_payments(take) if take > 0 else []
             if due:
                 await asyncio.gather(*(self._guarded(pid) for pid in due))
             if len(due) < self._batch or take < self._batch:
@@ -73,8 +70,8 @@ class Resolver(BackgroundLoop):
                 log.warning("resolver_backoff", payment_id=payment_id, reason=err.reason)
 
     async def _later(self, payment_id: str, why: str) -> None:
-        p = self._ledger.get_payment(payment_id)
-        if p is None or p.status not in _OPEN:
+        p = await self._ledger.get_payment(payment_id)
+        if p is None or not p.open:
             return
         backoff_ms = min(self._max_backoff_ms, self._delay_ms * 2 ** min(p.attempts, 10))
         log.info("resolve_later", payment_id=payment_id, backoff_ms=backoff_ms, why=why)
@@ -89,8 +86,8 @@ class Resolver(BackgroundLoop):
                  reason=reason)
 
     async def resolve(self, payment_id: str) -> None:
-        p = self._ledger.get_payment(payment_id)
-        if p is None or p.status not in _OPEN:
+        p = await self._ledger.get_payment(payment_id)
+        if p is None or not p.open:
             return
         if p.status == PaymentStatus.PENDING:
             # Claim it first: from now on a late handler cannot finish it.
@@ -98,27 +95,25 @@ class Resolver(BackgroundLoop):
                                                    "HANDLER_DID_NOT_FINISH")
             if p.status != PaymentStatus.UNKNOWN:
                 return
-        order = await self._bank.query(payment_id)
-        if p.kind == "withdraw":
-            status = order.status
+        status = await self._bank.query(payment_id)
+        if p.kind == PaymentKind.WITHDRAW:
             if status != SETTLED:
-                status = (await self._bank.void(payment_id)).status
+                status = await self._bank.void(payment_id)
             if status == SETTLED:
                 await self._finish(payment_id, PaymentStatus.SUCCEEDED)
             elif status == VOIDED:
                 await self._finish(payment_id, PaymentStatus.FAILED, "LOCKED")
             else:
-                raise BankUnclear(f"withdrawal order is {bank_pb2.OrderStatus.Name(status)}")
+                raise BankUnclear(f"withdrawal order is {status.name}")
             return
-        status = order.status
         if status not in (SETTLED, REFUNDED):
-            status = (await self._bank.void(payment_id)).status
+            status = await self._bank.void(payment_id)
         if status == VOIDED:
             await self._finish(payment_id, PaymentStatus.FAILED, "LOCKED")
             return
         if status == SETTLED:
-            status = (await self._bank.refund(payment_id)).status
+            status = await self._bank.refund(payment_id)
         if status == REFUNDED:
             await self._finish(payment_id, PaymentStatus.REFUNDED)
             return
-        raise BankUnclear(f"debit order is {bank_pb2.OrderStatus.Name(status)}")
+        raise BankUnclear(f"debit order is {status.name}")

@@ -1,44 +1,23 @@
-"""Consumers of the ledger's durable bus (non-core work off the grab path).
+"""Time-driven work of worker 0, off the request path (peak shaving, SPEC lesson 3).
 
-The credit consumer moves grabbed shares from pending credit into wallets.
-Delivery is at-least-once and the handler is idempotent by grab id, so a
-crash between applying and acknowledging can only repeat a no-op.
+The credit consumer drains the ledger's credit outbox (written in the same
+transaction as each grab), moving grabbed shares from pending credit into
+wallets at a rate that can change at run time; each credit is idempotent by
+grab id, so a crash between applying and acknowledging can only repeat a
+no-op. The expiry sweeper returns what expired envelopes left unclaimed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 
 import structlog
 
 from gateway import errors
 from gateway.ledger import Ledger
+from gateway.loops import BackgroundLoop
 
 log = structlog.get_logger(__name__)
-
-
-class BackgroundLoop:
-    """A loop of worker 0 that stops promptly: every wait ends early on :meth:`stop`."""
-
-    def __init__(self) -> None:
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
-
-    async def pause(self, seconds: float) -> None:
-        """Sleeps up to ``seconds`` (just yields when <= 0), waking at once on stop."""
-        if seconds <= 0:
-            await asyncio.sleep(0)
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
 
 
 class CreditConsumer(BackgroundLoop):

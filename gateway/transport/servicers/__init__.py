@@ -1,1 +1,1 @@
-"""Thin gRPC servicers over the domain layer (gateway.usecases)."""
+"""Thin gRPC servicers over the use cases (``gateway.usecases``)."""

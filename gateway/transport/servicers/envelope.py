@@ -1,9 +1,9 @@
-"""EnvelopeService: thin translation between hongbao.v1 and :class:`gateway.usecases.Gateway`."""
+"""EnvelopeService: thin translation between hongbao.v1 and the sending and grabbing use cases."""
 
 from __future__ import annotations
 
 from gateway import errors
-from gateway.ledger import GrabOutcome, GrabResult
+from gateway.domain.model import GrabOutcome, GrabResult
 from gateway.transport.servicers._boundary import maps_errors, subject
 from gateway.transport.servicers._convert import timestamp_ms
 from gateway.usecases import Gateway, SendCommand
@@ -27,13 +27,13 @@ class EnvelopeServicer(envelope_pb2_grpc.EnvelopeServiceServicer):
             request_id=request.request_id, total_fen=request.total_fen, count=request.count,
             kind=request.kind, greeting=request.greeting, pay_method=request.pay_method,
             card_id=request.card_id, expires_in_s=request.expires_in_seconds)
-        r = await self._gw.send_envelope(subject(), cmd)
+        r = await self._gw.sending.send(subject(), cmd)
         return pb.SendEnvelopeResponse(envelope_id=r.envelope_id, status=r.status,
                                        paid_via=r.paid_via, payment_id=r.payment_id)
 
     @maps_errors
     async def GrabEnvelope(self, request, context):
-        r = await self._gw.grab(subject(), request.envelope_id, request.request_id)
+        r = await self._gw.grabbing.grab(subject(), request.envelope_id, request.request_id)
         return pb.GrabEnvelopeResponse(outcome=int(r.outcome), amount_fen=r.amount_fen,
                                        remaining_count=r.remaining_count,
                                        credit_status=_credit_status(r))
@@ -65,7 +65,7 @@ class EnvelopeServicer(envelope_pb2_grpc.EnvelopeServiceServicer):
                 raise errors.InvalidArgument("BATCH_TOO_LARGE",
                                              f"a batch holds at most {limit} items")
             items = [(i.user_id, i.envelope_id, i.request_id) for i in batch.items]
-            results = await self._gw.grab_batch(items)
+            results = await self._gw.grabbing.grab_batch(items)
             yield pb.BatchGrabResponse(
                 batch_id=batch.batch_id,
                 results=[self._batch_result(i, r)
@@ -73,7 +73,7 @@ class EnvelopeServicer(envelope_pb2_grpc.EnvelopeServiceServicer):
 
     @maps_errors
     async def GetEnvelope(self, request, context):
-        v = self._gw.get_envelope(request.envelope_id)
+        v = await self._gw.grabbing.get_envelope(request.envelope_id)
         env = pb.Envelope(
             envelope_id=v.envelope_id, sender_id=v.sender_id, total_fen=v.total_fen,
             count=v.count, kind=v.kind, status=v.status, remaining_fen=v.remaining_fen,

@@ -1,6 +1,6 @@
 """NotificationService: a server stream of the caller's payment events.
 
-Events live in the caller's durable feed in LMDB (written in the same
+Events live in the caller's durable feed in the ledger (written in the same
 transaction as the change they report), so a stream can resume after any
 disconnect, or a restart, from the last event id it saw. New events are
 picked up by polling the feed; any worker process can serve any user.
@@ -29,7 +29,7 @@ class NotificationServicer(notification_pb2_grpc.NotificationServiceServicer):
         user = subject()
         after = request.after_event_id
         while True:
-            events = self._gw.ledger.notifications(user, after, _PAGE)
+            events = await self._gw.wallet.notifications(user, after, _PAGE)
             for e in events:
                 yield pb.WatchNotificationsResponse(notification=pb.Notification(
                     event_id=e.event_id, kind=e.kind, payment_id=e.payment_id,

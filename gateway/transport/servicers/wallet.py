@@ -1,4 +1,4 @@
-"""WalletService: thin translation between hongbao.v1 and :class:`gateway.usecases.Gateway`."""
+"""WalletService: thin translation between hongbao.v1 and the wallet and card use cases."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
 
     @maps_errors
     async def GetBalance(self, request, context):
-        balance_fen, pending_fen = self._gw.balance(subject())
+        balance_fen, pending_fen = await self._gw.wallet.balance(subject())
         return pb.GetBalanceResponse(balance_fen=balance_fen, pending_credit_fen=pending_fen,
                                      stale=False, as_of=timestamp_ms(time.time_ns() // 10**6))
 
     @maps_errors
     async def ListTransactions(self, request, context):
-        entries, token = self._gw.list_transactions(subject(), request.page_size,
+        entries, token = await self._gw.wallet.list_transactions(subject(), request.page_size,
                                                     request.page_token)
         return pb.ListTransactionsResponse(
             transactions=[pb.Transaction(
@@ -34,12 +34,12 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
 
     @maps_errors
     async def TopUp(self, request, context):
-        p = await self._gw.top_up(subject(), request.request_id, request.card_id,
+        p = await self._gw.cards.top_up(subject(), request.request_id, request.card_id,
                                   request.amount_fen)
         return pb.TopUpResponse(payment_id=p.payment_id, status=int(p.status))
 
     @maps_errors
     async def Withdraw(self, request, context):
-        p = await self._gw.withdraw(subject(), request.request_id, request.card_id,
+        p = await self._gw.cards.withdraw(subject(), request.request_id, request.card_id,
                                     request.amount_fen)
         return pb.WithdrawResponse(payment_id=p.payment_id, status=int(p.status))

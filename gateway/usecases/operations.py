@@ -1,0 +1,79 @@
+"""What an operator asks of a running gateway: live QoS state, consumer rates, reconcile."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Protocol
+
+from gateway import errors
+from gateway.domain.audit import Report
+from gateway.domain.model import LedgerStats
+from gateway.ledger import Ledger
+from gateway.payments.bank import BankClient
+from gateway.payments.butler import PaymentButler
+from gateway.payments.crosscheck import cross_check_bank
+
+MAX_RATE_PER_S = 10_000_000
+_DUE_SCAN_LIMIT = 10_000  # the payment-unknown lag is counted up to this many
+
+
+class RateControlled(Protocol):
+    rate_per_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TopicLag:
+    topic: str
+    lag: int
+    rate_per_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QosStatus:
+    topics: list[TopicLag]
+    banks: list[dict[str, Any]]  # the butler's health rows
+    writer_queue_depth: int
+
+
+class Operations:
+    """``consumers`` maps a topic to the worker draining it (None on workers other than 0)."""
+
+    def __init__(self, ledger: Ledger, butler: PaymentButler | None, bank: BankClient | None,
+                 consumers: dict[str, RateControlled | None]) -> None:
+        self._ledger = ledger
+        self._butler = butler
+        self._bank = bank
+        self._consumers = consumers
+
+    async def ledger_stats(self) -> LedgerStats:
+        return await self._ledger.stats()
+
+    async def qos_status(self) -> QosStatus:
+        stats = await self._ledger.stats()
+        lags = {"credit": stats.credit_backlog,
+                "payment-unknown": len(await self._ledger.due_payments(_DUE_SCAN_LIMIT))}
+        topics = [TopicLag(topic, lags[topic], c.rate_per_s if c is not None else 0.0)
+                  for topic, c in self._consumers.items()]
+        banks = self._butler.health() if self._butler is not None else []
+        return QosStatus(topics, banks, stats.queue_depth)
+
+    def set_consumer_rate(self, topic: str, rate_per_s: float) -> float:
+        if topic not in self._consumers:
+            raise errors.NotFound("UNKNOWN_TOPIC", f"no topic {topic!r}; "
+                                  f"topics: {', '.join(self._consumers)}")
+        if not math.isfinite(rate_per_s) or not 0 <= rate_per_s <= MAX_RATE_PER_S:
+            raise errors.InvalidArgument("BAD_RATE",
+                                         f"rate_per_second must be in 0..{MAX_RATE_PER_S}")
+        consumer = self._consumers[topic]
+        if consumer is None:
+            raise errors.FailedPrecondition(
+                "NO_CONSUMER_HERE", "this worker runs no consumer of that topic; ask worker 0")
+        consumer.rate_per_s = rate_per_s
+        return rate_per_s
+
+    async def reconcile(self) -> Report:
+        report = await self._ledger.audit()
+        if self._bank is not None:
+            await cross_check_bank(report, self._bank)
+        return report

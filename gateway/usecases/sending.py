@@ -1,0 +1,114 @@
+"""Sending an envelope: checks, the pre-split, and balance first (SPEC lesson 5)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import hotpath
+from gateway import errors
+from gateway.config import Settings
+from gateway.domain.keys import fingerprint, new_envelope_id
+from gateway.domain.model import (
+    CardEnvelope,
+    EnvelopeKind,
+    PaymentKind,
+    PayMethod,
+    SendResult,
+)
+from gateway.ledger import Ledger
+from gateway.usecases.cards import CardPayments
+from gateway.usecases.checks import INT64_MAX, check_card, check_request_id
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendCommand:
+    request_id: str
+    total_fen: int
+    count: int
+    kind: int
+    greeting: str = ""
+    pay_method: int = PayMethod.AUTO
+    card_id: str = ""
+    expires_in_s: int = 0
+
+
+class Sending:
+    def __init__(self, ledger: Ledger, settings: Settings, cards: CardPayments) -> None:
+        self._ledger = ledger
+        self._settings = settings
+        self._cards = cards
+
+    def _check(self, cmd: SendCommand) -> int:
+        """The envelope rules; returns the expiry in seconds."""
+        s = self._settings
+        check_request_id(cmd.request_id)
+        if cmd.kind not in (EnvelopeKind.LUCKY, EnvelopeKind.NORMAL):
+            raise errors.InvalidArgument("BAD_KIND", "kind must be LUCKY or NORMAL")
+        if not 1 <= cmd.count <= s.max_count:
+            raise errors.InvalidArgument("BAD_COUNT", f"count must be in 1..{s.max_count}")
+        if not 0 < cmd.total_fen <= INT64_MAX:
+            raise errors.InvalidArgument("BAD_AMOUNT", "total_fen must be positive")
+        if cmd.total_fen < cmd.count:
+            raise errors.InvalidArgument("BAD_AMOUNT", "total_fen must be at least 1 fen a share")
+        if cmd.total_fen > s.max_share_fen * cmd.count:
+            raise errors.InvalidArgument(
+                "BAD_AMOUNT", f"a share may not exceed {s.max_share_fen} fen")
+        if cmd.kind == EnvelopeKind.NORMAL and cmd.total_fen % cmd.count:
+            raise errors.InvalidArgument(
+                "BAD_AMOUNT", "a NORMAL envelope's total must divide evenly by count")
+        if len(cmd.greeting) > s.max_greeting_chars:
+            raise errors.InvalidArgument(
+                "BAD_GREETING", f"greeting is longer than {s.max_greeting_chars} characters")
+        expires_in_s = cmd.expires_in_s or s.default_expiry_s
+        if not 0 < expires_in_s <= s.max_expiry_s:
+            raise errors.InvalidArgument(
+                "BAD_EXPIRY", f"expires_in_seconds must be in 1..{s.max_expiry_s}")
+        if cmd.pay_method not in (0, *PayMethod):
+            raise errors.InvalidArgument("BAD_PAY_METHOD", "unknown pay_method")
+        if cmd.card_id:
+            check_card(cmd.card_id, s.banks)
+        return expires_in_s
+
+    def _split(self, cmd: SendCommand) -> list[int]:
+        s = self._settings
+        split = hotpath.split_lucky if cmd.kind == EnvelopeKind.LUCKY else hotpath.split_normal
+        return split(cmd.total_fen, cmd.count, s.max_share_fen, max_count=s.max_count)
+
+    async def send(self, user_id: str, cmd: SendCommand) -> SendResult:
+        """Pays for an envelope: from the wallet whenever it covers the amount."""
+        expires_in_s = self._check(cmd)
+        method = cmd.pay_method or PayMethod.AUTO
+        shares = self._split(cmd)
+        fp = fingerprint("send", cmd.total_fen, cmd.count, cmd.kind, cmd.greeting, method,
+                         cmd.card_id, cmd.expires_in_s)
+        existing = None
+        if cmd.card_id:
+            existing = await self._ledger.send_result(user_id, cmd.request_id, fp)
+        if method == PayMethod.AUTO and cmd.card_id:
+            # Balance first: the wallet pays whenever it covers the amount, and
+            # the bank is spared; a retry finds whichever way paid the first time.
+            short = (existing is None
+                     and (await self._ledger.balance(user_id)).balance_fen < cmd.total_fen)
+            if short or (existing is not None and existing.paid_via == PayMethod.CARD):
+                method = PayMethod.CARD
+        if method == PayMethod.CARD:
+            return await self._send_by_card(user_id, cmd, expires_in_s, shares, fp, existing)
+        return await self._ledger.send_from_balance(
+            user_id, cmd.request_id, fp, total_fen=cmd.total_fen, count=cmd.count,
+            kind=cmd.kind, greeting=cmd.greeting, expires_in_s=expires_in_s, shares=shares)
+
+    async def _send_by_card(self, user_id: str, cmd: SendCommand, expires_in_s: int,
+                            shares: list[int], fp: bytes,
+                            existing: SendResult | None) -> SendResult:
+        if not cmd.card_id:
+            raise errors.InvalidArgument("CARD_REQUIRED", "paying by card needs card_id")
+        if existing is not None:
+            await self._cards.refuse_if_refused(existing.payment_id)
+            return existing
+        envelope = CardEnvelope(new_envelope_id(), cmd.count, cmd.kind, cmd.greeting,
+                                expires_in_s, shares, cmd.request_id, fp)
+        payment = await self._cards.pay(user_id, PaymentKind.ENVELOPE, cmd.request_id,
+                                        cmd.card_id, cmd.total_fen, envelope)
+        state = await self._ledger.envelope_state(payment.envelope_id)
+        return SendResult(payment.envelope_id, state.status if state else 0, PayMethod.CARD,
+                          payment.payment_id)
