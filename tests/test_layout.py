@@ -48,7 +48,7 @@ def test_the_bank_link_is_the_only_gateway_module_speaking_the_banks_protocol():
     """Only gateway/payments/bank.py imports banksim.v1; the rest of banksim stays outside."""
     files = [p for p in _files(GATEWAY) if p != GATEWAY / "payments" / "bank.py"]
     allowed = {"banksim.cli", "banksim.cards"}  # `hongbao banksim`, and the card-id rule
-    assert _offenders(files, lambda n: n.startswith("banksim")
+    assert _offenders(files, lambda n: n.startswith("banksim.")
                       and not any(n == a or n.startswith(a + ".") for a in allowed)) == []
 
 
