@@ -20,6 +20,8 @@ import hotpath
 from gateway.domain import keys, records
 from gateway.domain.model import NOTICE_TEXT, NoticeKind
 
+_be64 = keys.be64
+
 
 class Tx(Protocol):
     """One transaction of a backend. Writes are only allowed in a write transaction.
@@ -105,14 +107,21 @@ class Books:
              ref: bytes) -> None:
         """One double-entry transfer. Callers have checked funds: a shortfall is a bug."""
         assert amount > 0, amount
-        debit_bal = self.account(debit) - amount
+        accounts = self.accounts
+        debit_bal = accounts.get(debit)
+        if debit_bal is None:
+            debit_bal = self.account(debit)
+        debit_bal -= amount
         assert debit_bal >= 0 or keys.may_go_negative(debit), (debit, debit_bal)
-        credit_bal = hotpath.add_fen(self.account(credit), amount)
+        credit_bal = accounts.get(credit)
+        if credit_bal is None:
+            credit_bal = self.account(credit)
+        credit_bal = hotpath.add_fen(credit_bal, amount)
         record = hotpath.pack_transfer(amount, self.now_ms, kind, debit, credit, ref)
         fresh = self.tx.put(keys.TRANSFERS, tid, record, overwrite=False)
         assert fresh, f"transfer {tid!r} applied twice"
-        self.accounts[debit] = debit_bal
-        self.accounts[credit] = credit_bal
+        accounts[debit] = debit_bal
+        accounts[credit] = credit_bal
 
     def wallet_entry(self, user: bytes, kind: int, signed_fen: int, tid: bytes,
                      ref: bytes) -> None:
@@ -129,7 +138,7 @@ class Books:
 
     def publish_credit(self, gkey: bytes) -> None:
         """Queues a grab for crediting; sequence numbers only grow, so it goes at the end."""
-        self.tx.put(keys.CREDIT_OUTBOX, keys.be64(self.next_seq()), gkey, append=True)
+        self.tx.put(keys.CREDIT_OUTBOX, _be64(self.next_seq()), gkey, append=True)
 
     def flush(self) -> None:
         """Writes the cached accounts and envelopes back; names best luck of sold-out ones."""

@@ -44,6 +44,8 @@ class LmdbTx:
 
     def put(self, table: str, key: bytes, value: bytes, *, overwrite: bool = True,
             append: bool = False) -> bool:
+        if overwrite and not append:  # the common case, without py-lmdb parsing two flags
+            return self._txn.put(key, value, db=self._dbs[table])
         return self._txn.put(key, value, db=self._dbs[table], overwrite=overwrite,
                              append=append)
 
