@@ -29,7 +29,7 @@ class Client:
         return (("authorization", f"Bearer {ticket}"),)
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.channel.close(grace=None)  # cancels calls still in flight at once
 
     async def __aenter__(self) -> Client:
         return self

@@ -107,8 +107,8 @@ def trailing_metadata(err: GatewayError) -> tuple[tuple[str, str], ...]:
     return ()
 
 
-async def abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoReturn:
-    """Ends the call with ``err`` mapped to its status (raises, never returns)."""
+def rich_status(err: GatewayError) -> grpc.Status:
+    """What ``abort_with_status`` needs for ``err``: its status and its extra trailers."""
     status = to_status(err)
     extra = trailing_metadata(err)
     if extra:
@@ -116,7 +116,13 @@ async def abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoRetur
         # so the pushback must travel inside the status.
         status = _Status(status.code, status.details,
                          tuple(status.trailing_metadata) + extra)
-    await context.abort_with_status(status)
+    return status
+
+
+async def abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoReturn:
+    """Ends the call with ``err`` mapped to its status (raises, never returns)."""
+    # grpc-stubs 1.53 predates ServicerContext.abort_with_status, which grpcio has.
+    await context.abort_with_status(rich_status(err))  # type: ignore[attr-defined]
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 

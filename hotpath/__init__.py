@@ -4,7 +4,8 @@ Two implementations with one API: Cython (`hotpath._split`, `_gate`,
 `_records`; the default) and a pure-Python twin (`hotpath._pure_*`), which is
 the reference for property tests and benchmarks.  HONGBAO_HOTPATH=pure selects
 the twin for the names re-exported here; load(name) returns either one
-explicitly.
+explicitly.  mypy cannot read .pyx: the Cython modules' Python API is typed by
+their .pyi stubs beside them, which `make lint` checks against the build (stubtest).
 """
 
 import os
@@ -66,16 +67,16 @@ def load(name: str) -> types.SimpleNamespace:
     if name not in _loaded:
         from hotpath import _errors
 
+        modules: dict[str, types.ModuleType]
         if name == "cython":
             # No silent fallback to the twin: a missing build must be loud.
-            from hotpath import _gate as gate
-            from hotpath import _records as records
-            from hotpath import _split as split
+            from hotpath import _gate, _records, _split
+
+            modules = {"split": _split, "gate": _gate, "records": _records}
         else:
-            from hotpath import _pure_gate as gate
-            from hotpath import _pure_records as records
-            from hotpath import _pure_split as split
-        modules = {"split": split, "gate": gate, "records": records}
+            from hotpath import _pure_gate, _pure_records, _pure_split
+
+            modules = {"split": _pure_split, "gate": _pure_gate, "records": _pure_records}
         names = {n: getattr(modules[m], n) for m, ns in _API.items() for n in ns}
         _loaded[name] = types.SimpleNamespace(
             IMPLEMENTATION=name,

@@ -148,7 +148,10 @@ def test_a_burst_past_the_queue_fails_at_once_and_leaks_no_slot(bank):
             outcomes = await asyncio.gather(*burst)
             kinds = Counter(kind for kind, _, _ in outcomes)
             assert kinds == {"ANSWER": 6, "BANK_BUSY": 94}
-            assert max(t for kind, t, _ in outcomes if kind == "BANK_BUSY") < 0.05
+            # "At once": every refusal came back before any call that reached the bank
+            # (a behaviour, not a timing bound, so a busy machine cannot fail it).
+            assert (max(t for kind, t, _ in outcomes if kind == "BANK_BUSY")
+                    < min(t for kind, t, _ in outcomes if kind == "ANSWER"))
             assert time.monotonic() - t0 < 0.5
             # Waiters cancelled by their callers give their places back.
             waiting = [asyncio.ensure_future(butler.debit(f"gone-{i}", f"{BANK}-0002", 1))

@@ -14,9 +14,10 @@ import pytest
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway.errors import reason_of
+from gateway.errors import ResourceExhausted, reason_of
 from gateway.security import tickets
 from gateway.transport.interceptors import auth as auth_mod
+from gateway.transport.interceptors._plumbing import Rejections, method_of, service_of
 from gateway.transport.interceptors.auth import AuthInterceptor, claims, current_claims
 from gateway.transport.interceptors.logging import (
     REQUEST_ID_HEADER,
@@ -140,15 +141,30 @@ class Harness:
         return (("authorization", f"Bearer {ticket}"),)
 
 
+class Shed(grpc.aio.ServerInterceptor):
+    """A third interceptor made of the shared plumbing alone: it sheds one whole service."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.rejections = Rejections(limit=8)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or service_of(method_of(handler_call_details)) != self.service:
+            return handler
+        err = ResourceExhausted("TEST_SHED", "shed by the test", retry_after_ms=50)
+        return self.rejections.handler(handler, err)
+
+
 @contextlib.asynccontextmanager
-async def serving(tmp_path, *, access_log: bool = True) -> AsyncIterator[Harness]:
+async def serving(tmp_path, *, access_log: bool = True, before_auth=()) -> AsyncIterator[Harness]:
     ring = tickets.KeyRing.load_or_create(tmp_path)
     log = Recorder()
     pool = futures.ThreadPoolExecutor(max_workers=2)
     server = grpc.aio.server(
         migration_thread_pool=pool,
         interceptors=[LoggingInterceptor(access_log=access_log, logger=log),
-                      AuthInterceptor(ring)],
+                      *before_auth, AuthInterceptor(ring)],
     )
     wallet_pb2_grpc.add_WalletServiceServicer_to_server(Wallet(), server)
     notification_pb2_grpc.add_NotificationServiceServicer_to_server(Notifications(), server)
@@ -310,10 +326,12 @@ def test_server_stream_sees_claims(tmp_path):
 def test_bidi_stream_needs_batch_scope_and_sees_claims(tmp_path):
     """BatchGrab (stream-stream) is refused without 'batch' and sees the subject with it."""
     async def scenario(h):
-        requests = [envelope_pb2.BatchGrabRequest(batch_id=i) for i in (1, 2)]
-        err = await refused(h.envelopes.BatchGrab(iter(requests), metadata=h.meta()).read())
+        # The refused call sends nothing (see _unlisted_call): a request written after the
+        # refusal races with the call's end and can surface as INTERNAL on a loaded machine.
+        err = await refused(h.envelopes.BatchGrab(iter(()), metadata=h.meta()).read())
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         assert reason_of(err) == "SCOPE_MISSING"
+        requests = [envelope_pb2.BatchGrabRequest(batch_id=i) for i in (1, 2)]
         call = h.envelopes.BatchGrab(iter(requests), metadata=h.meta("up", scopes=("batch",)))
         got = [(r.batch_id, r.results[0].user_id) async for r in call]
         assert got == [(1, "up"), (2, "up")]
@@ -343,26 +361,65 @@ def test_exempt_methods_need_no_ticket_and_see_no_claims(tmp_path):
     run(tmp_path, scenario)
 
 
+def _unlisted_call(h, method: str, meta):
+    """A call of the given arity on the unlisted test service; client streams send nothing."""
+    path = f"/{UNLISTED}/{method}"
+    if method == "UnaryUnary":
+        return h.channel.unary_unary(path)(b"x", metadata=meta)
+    if method == "UnaryStream":
+        return h.channel.unary_stream(path)(b"x", metadata=meta).read()
+    # A message written after the server has already refused the call races with its
+    # end and can surface as INTERNAL.
+    if method == "StreamUnary":
+        return h.channel.stream_unary(path)(iter(()), metadata=meta)
+    return h.channel.stream_stream(path)(iter(()), metadata=meta).read()
+
+
 @pytest.mark.parametrize("method", ["UnaryUnary", "UnaryStream", "StreamUnary", "StreamStream"])
 def test_unlisted_method_is_not_allowed(tmp_path, method):
     """A registered method missing from the scope map is refused (fail closed), any arity."""
     async def scenario(h):
-        path = f"/{UNLISTED}/{method}"
-        meta = h.meta(scopes=sorted(tickets.SCOPES))
-        if method == "UnaryUnary":
-            call = h.channel.unary_unary(path)(b"x", metadata=meta)
-        elif method == "UnaryStream":
-            call = h.channel.unary_stream(path)(b"x", metadata=meta).read()
-        # Client streams send nothing: a message written after the server has
-        # already refused the call races with its end and can surface as INTERNAL.
-        elif method == "StreamUnary":
-            call = h.channel.stream_unary(path)(iter(()), metadata=meta)
-        else:
-            call = h.channel.stream_stream(path)(iter(()), metadata=meta).read()
-        err = await refused(call)
+        err = await refused(_unlisted_call(h, method, h.meta(scopes=sorted(tickets.SCOPES))))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         assert reason_of(err) == "METHOD_NOT_ALLOWED"
     run(tmp_path, scenario)
+
+
+def test_plumbing_rejection_aborts_with_code_reason_and_pushback(tmp_path):
+    """A rejection built by Rejections refuses every arity with its code, reason and trailers."""
+    shed = Shed(f"/{UNLISTED}/")
+    arities = ["UnaryUnary", "UnaryStream", "StreamUnary", "StreamStream"]
+
+    async def scenario(h):
+        for method in arities * 2:
+            call = _unlisted_call(h, method, h.meta())
+            err = await refused(call)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, method
+            assert reason_of(err) == "TEST_SHED"
+            assert ("grpc-retry-pushback-ms", "50") in tuple(err.trailing_metadata())
+        assert [(line["code"], line["reason"]) for line in h.log.lines] == [
+            ("RESOURCE_EXHAUSTED", "TEST_SHED")] * len(arities) * 2
+        ok = await h.wallet.GetBalance(wallet_pb2.GetBalanceRequest(), metadata=h.meta())
+        assert ok.balance_fen == 7  # other services pass through untouched
+    run(tmp_path, scenario, before_auth=[shed])
+    assert len(shed.rejections) == len(arities)  # built once per arity, then reused
+
+
+def test_rejections_cache_is_bounded():
+    """Past its limit Rejections still refuses, building the handler per call."""
+    rejections = Rejections(limit=1)
+    handler = grpc.unary_unary_rpc_method_handler(_echo)
+    first = rejections.handler(handler, ResourceExhausted("A"))
+    assert rejections.handler(handler, ResourceExhausted("A")) is first
+    other = rejections.handler(handler, ResourceExhausted("B"))
+    assert other is not first and other.unary_unary is not None
+    assert len(rejections) == 1
+
+
+def test_service_of_is_the_method_prefix():
+    """service_of keeps '/<package>.<Service>/' of a full method name."""
+    assert service_of("/hongbao.v1.AdminService/GetQosStatus") == "/hongbao.v1.AdminService/"
+    assert service_of("/grpc.health.v1.Health/Check") == "/grpc.health.v1.Health/"
 
 
 def test_unregistered_method_is_unimplemented(tmp_path):

@@ -22,10 +22,10 @@ from gateway.domain.model import (
     EnvelopeStatus,
     GrabOutcome,
     NoticeKind,
-    PayMethod,
     Payment,
     PaymentKind,
     PaymentStatus,
+    PayMethod,
     TxKind,
 )
 from gateway.domain.store import Books

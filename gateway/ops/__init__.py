@@ -5,6 +5,5 @@ Owns: the ``hongbao`` console script (``cli``), the Spring-Festival demo
 stopping the project's own processes (``procs``) and the benchmark runner
 (``benchrun``).
 
-May import: anything in ``gateway``; nothing in ``gateway`` imports it except
-the supervisor and the server, for the port file.
+May import: anything in ``gateway``; nothing else in ``gateway`` imports it.
 """

@@ -19,8 +19,8 @@ def _load(name: str):
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `hongbao bench` from a source checkout")
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None  # a .py path always has both
     module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
     spec.loader.exec_module(module)
     return module
 

@@ -30,6 +30,8 @@ from gateway.payments.bank import BankClient
 from gateway.security import tickets
 from hongbao.v1 import admin_pb2, envelope_pb2, wallet_pb2
 
+Metadata = tuple[tuple[str, str], ...]  # a call's metadata: here, its ticket
+
 USERS = 300
 SENDERS = 60
 GROUP_SIZE = 40
@@ -152,90 +154,135 @@ async def _card_phase(c: Client, bank_target: str, users: list[str], meta: dict,
 
 async def _scenario(target: str, bank_target: str, data_dir: Path,
                     rng: random.Random) -> dict:
-    ring = tickets.KeyRing.load_or_create(data_dir)
+    """The whole evening against a running gateway; returns what the summary prints."""
     users = [f"user{i:04d}" for i in range(USERS)]
-    meta = {u: Client.bearer(tickets.mint(ring, u, ["pay", "grab", "read"], 3600)[0])
-            for u in users}
-    admin = Client.bearer(tickets.mint(ring, "operator", ["admin"], 3600)[0])
+    meta, admin = _tickets(data_dir, users)
     progress = Progress()
     stats: dict = {"grab_ms": [], "outcomes": {}, "errors": {}}
     async with Client(target) as c:
-        async def top_up(u):
-            card = f"{rng.choice(['icbc', 'ccb', 'abc', 'boc'])}-{rng.randrange(10**15, 10**16)}"
-            req = wallet_pb2.TopUpRequest(request_id=f"topup-{u}", card_id=card,
-                                          amount_fen=TOP_UP_FEN)
-            return await c.wallet.TopUp(req, metadata=meta[u], timeout=30)
-
-        await _run_all([top_up(u) for u in users], "top-ups", progress)
-
-        senders = rng.sample(users, SENDERS)
-        plans = []
-        for i, s in enumerate(senders):
-            count = rng.randint(5, 30)
-            lucky = rng.random() < 0.8
-            total = rng.randint(count * 100, min(count * 2000, TOP_UP_FEN))
-            if not lucky:
-                total -= total % count
-            plans.append((s, envelope_pb2.SendEnvelopeRequest(
-                request_id=f"send-{i}", total_fen=total, count=count,
-                kind=envelope_pb2.ENVELOPE_KIND_LUCKY if lucky
-                else envelope_pb2.ENVELOPE_KIND_NORMAL,
-                greeting="恭喜发财, 大吉大利", pay_method=envelope_pb2.PAY_METHOD_AUTO)))
-
-        async def send(s, req):
-            return await c.envelopes.SendEnvelope(req, metadata=meta[s], timeout=30)
-
-        sent = await _run_all([send(s, r) for s, r in plans], "envelopes sent", progress)
-        envelope_ids = [r.envelope_id for r in sent]
-        stats["sent_fen"] = sum(r.total_fen for _s, r in plans)
-        stats["shares"] = sum(r.count for _s, r in plans)
-
-        async def grab(u, env_id):
-            t0 = time.perf_counter()
-            try:
-                r = await c.envelopes.GrabEnvelope(
-                    envelope_pb2.GrabEnvelopeRequest(envelope_id=env_id,
-                                                     request_id=f"g-{env_id}"),
-                    metadata=meta[u], timeout=30)
-            except grpc.aio.AioRpcError as err:
-                key = reason_of(err) or err.code().name
-                stats["errors"][key] = stats["errors"].get(key, 0) + 1
-                return 0
-            stats["grab_ms"].append((time.perf_counter() - t0) * 1000)
-            name = envelope_pb2.GrabOutcome.Name(r.outcome).removeprefix("GRAB_OUTCOME_")
-            stats["outcomes"][name] = stats["outcomes"].get(name, 0) + 1
-            return r.amount_fen
-
-        attempts = [(u, e) for e in envelope_ids for u in rng.sample(users, GROUP_SIZE)]
-        rng.shuffle(attempts)
-        t0 = time.monotonic()
-        amounts = await _run_all([grab(u, e) for u, e in attempts], "grabs", progress)
-        stats["grab_s"] = time.monotonic() - t0
-        stats["attempts"] = len(attempts)
-        stats["grabbed_fen"] = sum(amounts)
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            qos = await c.admin.GetQosStatus(admin_pb2.GetQosStatusRequest(), metadata=admin)
-            if all(t.lag == 0 for t in qos.topics):
-                break
-            await asyncio.sleep(0.1)
-        stats["credit_lag"] = sum(t.lag for t in qos.topics if t.topic == "credit")
+        await _top_ups(c, users, meta, rng, progress)
+        plans = _envelope_plans(users, rng)
+        envelope_ids = await _send_envelopes(c, plans, meta, progress, stats)
+        await _grab_rush(c, users, envelope_ids, meta, rng, progress, stats)
+        stats["credit_lag"] = await _credit_backlog(c, admin)
         stats["card"] = await _card_phase(c, bank_target, users, meta, rng, progress)
-
-        views = []
-        for env_id in envelope_ids[:60]:
-            v = await c.envelopes.GetEnvelope(
-                envelope_pb2.GetEnvelopeRequest(envelope_id=env_id), metadata=meta[users[0]])
-            views.append(v.envelope)
-        stats["views"] = views
-        balances = []
-        for u in users:
-            b = await c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(), metadata=meta[u])
-            balances.append((b.balance_fen, b.pending_credit_fen))
-        stats["wallet_fen"] = sum(b for b, _p in balances)
-        stats["pending_fen"] = sum(p for _b, p in balances)
+        stats["views"] = await _envelope_views(c, envelope_ids[:60], meta[users[0]])
+        stats.update(await _wallet_totals(c, users, meta))
     return stats
+
+
+def _tickets(data_dir: Path, users: list[str]) -> tuple[dict[str, Metadata], Metadata]:
+    """Each user's call metadata (a ticket for pay, grab and read) and the operator's."""
+    ring = tickets.KeyRing.load_or_create(data_dir)
+    meta = {u: Client.bearer(tickets.mint(ring, u, ["pay", "grab", "read"], 3600)[0])
+            for u in users}
+    admin = Client.bearer(tickets.mint(ring, "operator", ["admin"], 3600)[0])
+    return meta, admin
+
+
+async def _top_ups(c: Client, users: list[str], meta: dict[str, Metadata],
+                   rng: random.Random, progress: Progress) -> None:
+    """Every user tops up TOP_UP_FEN from a card of a random bank."""
+    async def top_up(u: str) -> wallet_pb2.TopUpResponse:
+        card = f"{rng.choice(['icbc', 'ccb', 'abc', 'boc'])}-{rng.randrange(10**15, 10**16)}"
+        req = wallet_pb2.TopUpRequest(request_id=f"topup-{u}", card_id=card,
+                                      amount_fen=TOP_UP_FEN)
+        return await c.wallet.TopUp(req, metadata=meta[u], timeout=30)
+
+    await _run_all([top_up(u) for u in users], "top-ups", progress)
+
+
+def _envelope_plans(users: list[str], rng: random.Random
+                    ) -> list[tuple[str, envelope_pb2.SendEnvelopeRequest]]:
+    """SENDERS group envelopes paid from wallets: (sender, request), mostly LUCKY."""
+    senders = rng.sample(users, SENDERS)
+    plans = []
+    for i, s in enumerate(senders):
+        count = rng.randint(5, 30)
+        lucky = rng.random() < 0.8
+        total = rng.randint(count * 100, min(count * 2000, TOP_UP_FEN))
+        if not lucky:
+            total -= total % count
+        plans.append((s, envelope_pb2.SendEnvelopeRequest(
+            request_id=f"send-{i}", total_fen=total, count=count,
+            kind=envelope_pb2.ENVELOPE_KIND_LUCKY if lucky
+            else envelope_pb2.ENVELOPE_KIND_NORMAL,
+            greeting="恭喜发财, 大吉大利", pay_method=envelope_pb2.PAY_METHOD_AUTO)))
+    return plans
+
+
+async def _send_envelopes(c: Client, plans: list[tuple[str, envelope_pb2.SendEnvelopeRequest]],
+                          meta: dict[str, Metadata], progress: Progress,
+                          stats: dict) -> list[str]:
+    """Sends the planned envelopes; returns their ids and counts money and shares."""
+    async def send(s: str, req: envelope_pb2.SendEnvelopeRequest
+                   ) -> envelope_pb2.SendEnvelopeResponse:
+        return await c.envelopes.SendEnvelope(req, metadata=meta[s], timeout=30)
+
+    sent = await _run_all([send(s, r) for s, r in plans], "envelopes sent", progress)
+    stats["sent_fen"] = sum(r.total_fen for _s, r in plans)
+    stats["shares"] = sum(r.count for _s, r in plans)
+    return [r.envelope_id for r in sent]
+
+
+async def _grab_rush(c: Client, users: list[str], envelope_ids: list[str],
+                     meta: dict[str, Metadata], rng: random.Random, progress: Progress,
+                     stats: dict) -> None:
+    """GROUP_SIZE random users race for each envelope, all envelopes at once, shuffled."""
+    async def grab(u: str, env_id: str) -> int:
+        t0 = time.perf_counter()
+        try:
+            r = await c.envelopes.GrabEnvelope(
+                envelope_pb2.GrabEnvelopeRequest(envelope_id=env_id,
+                                                 request_id=f"g-{env_id}"),
+                metadata=meta[u], timeout=30)
+        except grpc.aio.AioRpcError as err:
+            key = reason_of(err) or err.code().name
+            stats["errors"][key] = stats["errors"].get(key, 0) + 1
+            return 0
+        stats["grab_ms"].append((time.perf_counter() - t0) * 1000)
+        name = envelope_pb2.GrabOutcome.Name(r.outcome).removeprefix("GRAB_OUTCOME_")
+        stats["outcomes"][name] = stats["outcomes"].get(name, 0) + 1
+        return r.amount_fen
+
+    attempts = [(u, e) for e in envelope_ids for u in rng.sample(users, GROUP_SIZE)]
+    rng.shuffle(attempts)
+    t0 = time.monotonic()
+    amounts = await _run_all([grab(u, e) for u, e in attempts], "grabs", progress)
+    stats["grab_s"] = time.monotonic() - t0
+    stats["attempts"] = len(attempts)
+    stats["grabbed_fen"] = sum(amounts)
+
+
+async def _credit_backlog(c: Client, admin: Metadata, timeout_s: float = 60.0) -> int:
+    """Waits (at most ``timeout_s``) for the bus consumers to catch up; the credit lag left."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        qos = await c.admin.GetQosStatus(admin_pb2.GetQosStatusRequest(), metadata=admin)
+        if all(t.lag == 0 for t in qos.topics):
+            break
+        await asyncio.sleep(0.1)
+    return sum(t.lag for t in qos.topics if t.topic == "credit")
+
+
+async def _envelope_views(c: Client, envelope_ids: list[str], meta: Metadata) -> list:
+    """The envelopes as GetEnvelope shows them, one call after another."""
+    views = []
+    for env_id in envelope_ids:
+        v = await c.envelopes.GetEnvelope(
+            envelope_pb2.GetEnvelopeRequest(envelope_id=env_id), metadata=meta)
+        views.append(v.envelope)
+    return views
+
+
+async def _wallet_totals(c: Client, users: list[str], meta: dict[str, Metadata]) -> dict:
+    """The money in all wallets: ``wallet_fen`` held and ``pending_fen`` on its way."""
+    balances = []
+    for u in users:
+        b = await c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(), metadata=meta[u])
+        balances.append((b.balance_fen, b.pending_credit_fen))
+    return {"wallet_fen": sum(b for b, _p in balances),
+            "pending_fen": sum(p for _b, p in balances)}
 
 
 def _print_summary(stats: dict) -> None:
@@ -287,7 +334,6 @@ def main() -> int:
                           log_path=root / "gateway.log")
         try:
             bank.start()
-            gw.bank = bank.target  # type: ignore[attr-defined]
             gw.cmd += ["--bank", bank.target]
             gw.start()
             print(f"  bank simulator pid {bank.pid} on {bank.target}; "

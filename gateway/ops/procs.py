@@ -11,24 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-
-def write_port_file(path: str | os.PathLike, port: int) -> None:
-    """Writes a bound port atomically: a reader sees no file or the whole number."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".port-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{port}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class Proc:
@@ -54,13 +38,14 @@ class Proc:
 
     def start(self, timeout_s: float = 60.0) -> Proc:
         self.port_file.unlink(missing_ok=True)
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
         try:
-            self.popen = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
+            stdout = subprocess.DEVNULL if log is None else log
+            self.popen = subprocess.Popen(self.cmd, stdout=stdout, stderr=subprocess.STDOUT,
                                           env=self.env)
         finally:
-            if self.log_path:
-                out.close()
+            if log is not None:
+                log.close()  # the child has its own copy of the descriptor
         deadline = time.monotonic() + timeout_s
         while True:
             if self.port_file.exists():

@@ -25,10 +25,10 @@ from grpc_reflection.v1alpha import reflection
 
 import hotpath
 from gateway.config import Settings
-from gateway.ops.procs import write_port_file
 from gateway.security import tickets
 from gateway.transport.app import App, build_app, open_ledger
 from gateway.transport.metrics import serve_metrics
+from gateway.transport.portfile import write_port_file
 from gateway.transport.servicers.admin import AdminServicer
 from gateway.transport.servicers.auth import AuthServicer
 from gateway.transport.servicers.envelope import EnvelopeServicer

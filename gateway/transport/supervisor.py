@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from gateway.ops.procs import write_port_file
+from gateway.transport.portfile import write_port_file
 from gateway.transport.server import ServeOptions
 
 

@@ -32,21 +32,24 @@ import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
 from typing import Any, TextIO
 
 import grpc
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from gateway.transport.interceptors.auth import (
+from gateway.transport.interceptors._plumbing import (
     ASYNC,
     ASYNC_GEN,
+    Behaviour,
     behaviour_kind,
     behaviour_of,
-    current_claims,
+    metadata_of,
+    method_of,
+    structlog_var,
     with_behaviour,
 )
+from gateway.transport.interceptors.auth import current_claims
 
 __all__ = ["REQUEST_ID_HEADER", "LoggingInterceptor", "configure_logging", "new_request_id"]
 
@@ -57,21 +60,8 @@ _SECRET_KEYS = frozenset(
     {"authorization", "ticket", "issuer_key", "x-hongbao-issuer-key", "secret", "key"}
 )
 
-
-
-def _structlog_var(key: str) -> ContextVar[Any]:
-    """The context variable behind ``structlog.contextvars`` for ``key``.
-
-    Found through public API (a bind returns tokens, and a token knows its variable).
-    Setting it directly is what ``bind_contextvars(key=...)`` does, at a quarter of
-    the cost, and this runs on every call.
-    """
-    token = structlog.contextvars.bind_contextvars(**{key: None})[key]
-    structlog.contextvars.reset_contextvars(**{key: token})
-    return token.var
-
-
-_REQUEST_ID_VAR = _structlog_var("request_id")
+# Set directly on every call rather than through bind_contextvars (see structlog_var).
+_REQUEST_ID_VAR = structlog_var("request_id")
 
 _OK = "OK"
 _CANCELLED = "CANCELLED"
@@ -118,6 +108,12 @@ def _request_id(metadata: Any) -> str:
 # -- the interceptor -----------------------------------------------------------------------
 
 
+# Writes the access line of a call: (method, request_id, start_ns, code).
+_AccessLine = Callable[[str, str, int, str], None]
+# The initial metadata echoing the request id, or None when not echoing.
+_Echo = tuple[tuple[str, str], ...] | None
+
+
 class LoggingInterceptor(grpc.aio.ServerInterceptor):
     """Binds a request id to every call and logs one line when it ends."""
 
@@ -138,8 +134,8 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        request_id = _request_id(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        method = method_of(handler_call_details)
+        request_id = _request_id(metadata_of(handler_call_details))
         if handler is None:
             # grpc answers UNIMPLEMENTED itself, with no handler to wrap: log it here.
             if self._access_log:
@@ -152,76 +148,19 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                                                   handler.response_streaming))
 
     def _wrap(
-        self, fn: Callable[..., Any], method: str, request_id: str, streaming: bool
-    ) -> Callable[..., Any]:
-        kind = behaviour_kind(fn)
-        echo = ((REQUEST_ID_HEADER, request_id),) if self._echo else None
+        self, fn: Behaviour, method: str, request_id: str, streaming: bool
+    ) -> Behaviour:
+        """``fn`` binding ``request_id``, echoing it, and logging the call when it ends."""
+        echo: _Echo = ((REQUEST_ID_HEADER, request_id),) if self._echo else None
         access = self._access_line if self._access_log else None
-
+        kind = behaviour_kind(fn)
         if kind is ASYNC:
-
-            async def wrapped(request: Any, context: Any) -> Any:
-                _REQUEST_ID_VAR.set(request_id)
-                if access is None:
-                    if echo is not None:
-                        await context.send_initial_metadata(echo)
-                    return await fn(request, context)
-                start_ns = time.perf_counter_ns()
-                code = None
-                try:
-                    if echo is not None:
-                        await context.send_initial_metadata(echo)
-                    return await fn(request, context)
-                except BaseException as exc:
-                    code = _code_of_exception(context, exc)
-                    raise
-                finally:
-                    access(method, request_id, start_ns, code or _code_of(context))
-
-            return wrapped
-
+            if access is None:
+                return _async_quiet(fn, request_id, echo)
+            return _async_logged(fn, method, request_id, echo, access)
         if kind is ASYNC_GEN:
-
-            async def wrapped(request: Any, context: Any) -> Any:  # type: ignore[misc]
-                _REQUEST_ID_VAR.set(request_id)
-                start_ns = time.perf_counter_ns()
-                code = None
-                try:
-                    if echo is not None:
-                        await context.send_initial_metadata(echo)
-                    async for response in fn(request, context):
-                        yield response
-                except BaseException as exc:
-                    code = _code_of_exception(context, exc)
-                    raise
-                finally:
-                    if access is not None:
-                        access(method, request_id, start_ns, code or _code_of(context))
-
-            return wrapped
-
-        def wrapped_sync(request: Any, context: Any) -> Any:
-            # Sync handlers run in grpc's thread pool, whose threads keep their context
-            # from call to call: bind, then always unbind.
-            token = _REQUEST_ID_VAR.set(request_id)
-            start_ns = time.perf_counter_ns()
-            try:
-                if echo is not None:
-                    context.send_initial_metadata(echo)
-                result = fn(request, context)
-            except BaseException as exc:
-                if access is not None:
-                    access(method, request_id, start_ns, _code_of_exception(context, exc))
-                raise
-            finally:
-                _REQUEST_ID_VAR.reset(token)
-            if streaming:
-                return _LoggedIterator(result, self, method, request_id, start_ns, context)
-            if access is not None:
-                access(method, request_id, start_ns, _code_of(context))
-            return result
-
-        return wrapped_sync
+            return _async_gen_logged(fn, method, request_id, echo, access)
+        return _sync_logged(fn, method, request_id, echo, access, streaming)
 
     def _access_line(self, method: str, request_id: str, start_ns: int, code: str) -> None:
         duration_ms = round((time.perf_counter_ns() - start_ns) / 1e6, 3)
@@ -232,6 +171,96 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         else:
             self._log.info("rpc", method=method, code=code, duration_ms=duration_ms,
                            request_id=request_id, user=verified.subject)
+
+
+# -- the wrapped behaviours, one per way grpc runs a handler --------------------------------
+
+
+def _async_quiet(fn: Behaviour, request_id: str, echo: _Echo) -> Behaviour:
+    """An awaited handler with no access line: bind and echo the request id only."""
+
+    async def wrapped(request: Any, context: Any) -> Any:
+        _REQUEST_ID_VAR.set(request_id)
+        if echo is not None:
+            await context.send_initial_metadata(echo)
+        return await fn(request, context)
+
+    return wrapped
+
+
+def _async_logged(
+    fn: Behaviour, method: str, request_id: str, echo: _Echo, access: _AccessLine
+) -> Behaviour:
+    """An awaited handler (unary response) with its access line."""
+
+    async def wrapped(request: Any, context: Any) -> Any:
+        _REQUEST_ID_VAR.set(request_id)
+        start_ns = time.perf_counter_ns()
+        code = None
+        try:
+            if echo is not None:
+                await context.send_initial_metadata(echo)
+            return await fn(request, context)
+        except BaseException as exc:
+            code = _code_of_exception(context, exc)
+            raise
+        finally:
+            access(method, request_id, start_ns, code or _code_of(context))
+
+    return wrapped
+
+
+def _async_gen_logged(
+    fn: Behaviour, method: str, request_id: str, echo: _Echo, access: _AccessLine | None
+) -> Behaviour:
+    """An async generator (server stream) with its access line, if any, when it ends."""
+
+    async def wrapped(request: Any, context: Any) -> Any:
+        _REQUEST_ID_VAR.set(request_id)
+        start_ns = time.perf_counter_ns()
+        code = None
+        try:
+            if echo is not None:
+                await context.send_initial_metadata(echo)
+            async for response in fn(request, context):
+                yield response
+        except BaseException as exc:
+            code = _code_of_exception(context, exc)
+            raise
+        finally:
+            if access is not None:
+                access(method, request_id, start_ns, code or _code_of(context))
+
+    return wrapped
+
+
+def _sync_logged(
+    fn: Behaviour, method: str, request_id: str, echo: _Echo, access: _AccessLine | None,
+    streaming: bool,
+) -> Behaviour:
+    """A sync handler, run in grpc's thread pool, with its access line, if any."""
+
+    def wrapped(request: Any, context: Any) -> Any:
+        # Pool threads keep their context from call to call: bind, then always unbind.
+        token = _REQUEST_ID_VAR.set(request_id)
+        start_ns = time.perf_counter_ns()
+        try:
+            if echo is not None:
+                context.send_initial_metadata(echo)
+            result = fn(request, context)
+        except BaseException as exc:
+            if access is not None:
+                access(method, request_id, start_ns, _code_of_exception(context, exc))
+            raise
+        finally:
+            _REQUEST_ID_VAR.reset(token)
+        if streaming:
+            return _LoggedIterator(result, access, method, request_id, start_ns, context)
+        if access is not None:
+            access(method, request_id, start_ns, _code_of(context))
+        return result
+
+    return wrapped
 
 
 def _code_of(context: Any) -> str:
@@ -255,12 +284,12 @@ def _code_of_exception(context: Any, exc: BaseException) -> str:
 class _LoggedIterator:
     """A sync response stream that writes the access line when it ends."""
 
-    __slots__ = ("_context", "_it", "_method", "_owner", "_request_id", "_start_ns")
+    __slots__ = ("_access", "_context", "_it", "_method", "_request_id", "_start_ns")
 
-    def __init__(self, iterable: Any, owner: LoggingInterceptor, method: str,
+    def __init__(self, iterable: Any, access: _AccessLine | None, method: str,
                  request_id: str, start_ns: int, context: Any) -> None:
         self._it: Iterator[Any] = iter(iterable)
-        self._owner = owner
+        self._access = access
         self._method = method
         self._request_id = request_id
         self._start_ns = start_ns
@@ -280,10 +309,10 @@ class _LoggedIterator:
             raise
 
     def _end(self, exc: BaseException | None) -> None:
-        if not self._owner._access_log:
+        if self._access is None:
             return
         code = _code_of(self._context) if exc is None else _code_of_exception(self._context, exc)
-        self._owner._access_line(self._method, self._request_id, self._start_ns, code)
+        self._access(self._method, self._request_id, self._start_ns, code)
 
 
 # -- configuration -------------------------------------------------------------------------
