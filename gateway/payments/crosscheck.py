@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.domain.audit import Report
+from gateway.domain.model import PaymentKind
 from gateway.payments.bank import BankClient, OrderStatus
 
 
@@ -16,7 +17,7 @@ async def cross_check_bank(report: Report, bank: BankClient) -> None:
         status = await bank.query(item["payment_id"])
         item["bank_status"] = f"ORDER_STATUS_{status.name}"
         if status == OrderStatus.SETTLED:
-            sign = -1 if item["kind"] == "withdraw" else 1
+            sign = -1 if item["kind"] == PaymentKind.WITHDRAW else 1
             settled_in_flight += sign * item["amount_fen"]
     expected = report.totals["clearing_in_fen"] + settled_in_flight
     report.bank = {
