@@ -3,8 +3,8 @@
 :class:`Ledger` is what the use cases, the background workers, the admin
 service and reconcile see. Every method is async, reads included: a read of
 the embedded backends is one short local transaction that returns at once
-(an ``await`` of it costs about a microsecond, measured in
-``bench/bench_ledger.py``), and a backend that is not local (the cluster
+(an ``await`` of it costs about half a microsecond more than the bare
+query, measured in ``bench/bench_ledger.py``), and a backend that is not local (the cluster
 work) can wait without changing a caller.
 
 :class:`BooksLedger` implements the whole contract with the backend-neutral

@@ -107,7 +107,11 @@ def _reconcile_parser(sub) -> None:
 def _cmd_reconcile(args) -> int:
     from gateway.ops.reconcile import reconcile_dir
 
-    report = reconcile_dir(args.data_dir, args.bank)
+    try:
+        report = reconcile_dir(args.data_dir, args.bank)
+    except FileNotFoundError as err:
+        print(f"hongbao reconcile: {err}", file=sys.stderr)
+        return 2
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.balanced else 1
 
