@@ -1,0 +1,11 @@
+"""Automatic QoS (SPEC lesson 6): business tiers and DAGOR-style admission control.
+
+Owns: the tier of every RPC (``tiers``: one table, overridable by settings)
+and the admission controller (``controller``: the overload signal over a
+window, the admission level (tier, user priority), tightening fast and
+loosening slowly). Pure logic with an injected clock, so it is tested
+deterministically; the interceptor that applies it lives with the other
+interceptors.
+
+May import: the standard library only.
+"""

@@ -1,0 +1,165 @@
+"""DAGOR-style admission control (Zhou et al., "Overload Control for Scaling WeChat
+Microservices", SoCC 2018), with an injected clock.
+
+A request's *key* is (tier, user priority) flattened to one number,
+``tier * USER_LEVELS + user_priority``: lower keys matter more. The
+*admission level* is a key too, and a request is admitted when its key is at
+or below it, so the level sheds from the least important tier and, within a
+tier, from the lowest user priority up. P0 is shed last and only down to
+``min_level``, which keeps the highest user priorities of P0 always served.
+
+Every request is counted in a histogram by key (admitted or not), and its
+queuing delay is added to the window's mean. A window closes after
+``window_s`` or ``window_requests``, whichever comes first. Then:
+
+- overloaded (mean queuing delay above ``delay_threshold_ms``, or an
+  external signal raised by :meth:`report_overload`): the level moves down
+  until the requests it would have shed in the closing window grow by
+  ``shed_step`` (5 %) of the window's total;
+- otherwise it moves up until ``admit_step`` (1 %) more of the window's
+  requests would have been admitted, at least one key.
+
+The user priority is a keyed hash of the user id with a salt that changes
+every hour, so in an overload the same users keep being served for the hour
+instead of everyone failing at random, and no user is unlucky for ever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable
+
+from gateway.qos.tiers import Tier
+
+USER_LEVELS = 128
+TIERS = len(Tier)
+MAX_LEVEL = TIERS * USER_LEVELS - 1  # everything admitted
+
+
+def key_of(tier: Tier, user_priority: int) -> int:
+    assert 0 <= user_priority < USER_LEVELS, user_priority
+    return int(tier) * USER_LEVELS + user_priority
+
+
+def split_level(level: int) -> tuple[int, int]:
+    """(tier, user priority) of a level: requests at or below both are admitted."""
+    return divmod(level, USER_LEVELS)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ControllerOptions:
+    delay_threshold_ms: float = 20.0  # DAGOR's default mean queuing time
+    window_s: float = 1.0
+    window_requests: int = 2000
+    shed_step: float = 0.05  # of a window's requests, per overloaded window
+    admit_step: float = 0.01  # of a window's requests, per calm window
+    # P0 keeps at least this many of its highest user priorities, whatever happens.
+    p0_user_floor: int = USER_LEVELS // 2
+    salt_period_s: int = 3600
+
+    def validate(self) -> ControllerOptions:
+        if not self.delay_threshold_ms > 0 or not self.window_s > 0:
+            raise ValueError("delay_threshold_ms and window_s must be > 0")
+        if self.window_requests < 1:
+            raise ValueError("window_requests must be >= 1")
+        if not 0 < self.shed_step <= 1 or not 0 < self.admit_step <= 1:
+            raise ValueError("shed_step and admit_step must be in (0, 1]")
+        if not 1 <= self.p0_user_floor <= USER_LEVELS:
+            raise ValueError(f"p0_user_floor must be in 1..{USER_LEVELS}")
+        return self
+
+
+class AdmissionController:
+    """One per worker process; all methods run on its event loop (no locking)."""
+
+    def __init__(self, options: ControllerOptions | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, secret: bytes = b"") -> None:
+        self.options = (options or ControllerOptions()).validate()
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._secret = secret
+        self.min_level = self.options.p0_user_floor - 1
+        self.level = MAX_LEVEL
+        self._histogram = [0] * (MAX_LEVEL + 1)
+        self._count = 0
+        self._delay_ms_total = 0.0
+        self._window_start = clock()
+        self._external_overload = False
+        self._salt_epoch = -1
+        self._salt = b""
+        self.windows = 0
+        self.last_mean_delay_ms = 0.0
+
+    # -- per request -------------------------------------------------------------
+
+    def user_priority(self, user_id: str) -> int:
+        """0 (served longest) .. USER_LEVELS-1, stable for a salt period."""
+        epoch = int(self._wall_clock() // self.options.salt_period_s)
+        if epoch != self._salt_epoch:
+            self._salt_epoch = epoch
+            self._salt = self._secret + epoch.to_bytes(8, "big")
+        digest = hashlib.blake2b(user_id.encode(), digest_size=2, key=self._salt[:64]).digest()
+        return int.from_bytes(digest, "big") % USER_LEVELS
+
+    def admit(self, tier: Tier, user_priority: int) -> bool:
+        """Counts the request and says whether the current level admits it."""
+        key = key_of(tier, user_priority)
+        self._histogram[key] += 1
+        self._count += 1
+        if self._count >= self.options.window_requests:
+            self._close_window()
+        return key <= self.level
+
+    def record_delay(self, queuing_ms: float) -> None:
+        """The queuing delay of an admitted request (arrival to handler start)."""
+        self._delay_ms_total += queuing_ms
+
+    def report_overload(self) -> None:
+        """An outside signal (loop lag, writer queue, bank errors) for the current window."""
+        self._external_overload = True
+
+    def tick(self) -> None:
+        """Closes the window if its time is up; call it now and then (e.g. every 100 ms)."""
+        if self._clock() - self._window_start >= self.options.window_s:
+            self._close_window()
+
+    # -- window -------------------------------------------------------------------
+
+    def _close_window(self) -> None:
+        n = self._count
+        mean = self._delay_ms_total / n if n else 0.0
+        self.last_mean_delay_ms = mean
+        overloaded = self._external_overload or mean > self.options.delay_threshold_ms
+        if overloaded and n:
+            self.level = self._tighter(n)
+        elif not overloaded:
+            self.level = self._looser(n)
+        self.windows += 1
+        self._histogram = [0] * (MAX_LEVEL + 1)
+        self._count = 0
+        self._delay_ms_total = 0.0
+        self._external_overload = False
+        self._window_start = self._clock()
+
+    def _tighter(self, n: int) -> int:
+        """Walks the level down until ``shed_step`` more of the window would be shed."""
+        target = max(1, int(n * self.options.shed_step))
+        level, shed = self.level, 0
+        while level > self.min_level and shed < target:
+            shed += self._histogram[level]
+            level -= 1
+        return level
+
+    def _looser(self, n: int) -> int:
+        """Walks the level up until ``admit_step`` more of the window would be admitted."""
+        if self.level >= MAX_LEVEL:
+            return MAX_LEVEL
+        target = max(1, int(n * self.options.admit_step))
+        level, added = self.level + 1, self._histogram[self.level + 1]
+        while level < MAX_LEVEL and added < target:
+            level += 1
+            added += self._histogram[level]
+        return level
