@@ -107,9 +107,9 @@ def test_hysteresis_a_single_calm_window_does_not_undo_the_shedding():
     for _ in range(8):
         _window(ctl, clock, delay_ms=80.0)
     shedding = ctl.level
-    admitted = _window(ctl, clock, delay_ms=1.0)
+    _window(ctl, clock, delay_ms=1.0)
     assert shedding < ctl.level < MAX_LEVEL
-    assert admitted[Tier.P3] == 0
+    assert split_level(ctl.level)[0] < Tier.P3  # P3 is still shed after the calm window
 
 
 def test_an_outside_overload_signal_tightens_too():
@@ -118,9 +118,10 @@ def test_an_outside_overload_signal_tightens_too():
     ctl = _controller(clock)
     ctl.report_overload()
     _window(ctl, clock, delay_ms=1.0)
-    assert ctl.level < MAX_LEVEL
-    _window(ctl, clock, delay_ms=1.0)  # the signal lasts one window only
-    assert ctl.level > MAX_LEVEL - 2 * USER_LEVELS
+    tightened = ctl.level
+    assert tightened < MAX_LEVEL
+    _window(ctl, clock, delay_ms=1.0)  # the signal lasts one window only: this one loosens
+    assert ctl.level > tightened
 
 
 def test_a_window_also_closes_after_enough_requests():

@@ -123,7 +123,7 @@ def grab(b: Books, env: bytes, user: bytes, digest: bytes) -> GrabResult:
     """The next share for ``user``: escrow -> their pending credit, one share per user."""
     gkey = keys.grab_key(env, user)
     tx = b.tx
-    buf = b.envelopes.get(env) or tx.get(keys.ENVELOPES, env)
+    buf = b.envelope(env)
     if buf is None:
         raise errors.NotFound("ENVELOPE_NOT_FOUND", "no such envelope")
     _total, _rem, _created, expires_at_ms, count, claimed, _kind, status, _f = (
@@ -146,7 +146,7 @@ def grab(b: Books, env: bytes, user: bytes, digest: bytes) -> GrabResult:
         assert raw is not None, gkey
         return _replay_grab(b, env, raw, digest)
     b.envelopes[env] = new_buf
-    b.move(keys.grab_tid(env, index), keys.ESCROW + env, keys.PENDING + user, amount,
+    b.move(keys.grab_tid(env, index), escrow_account(env), pending_account(user), amount,
            _TX_GRAB, gkey)
     b.publish_credit(gkey)
     if index + 1 == count:

@@ -107,21 +107,14 @@ class Books:
              ref: bytes) -> None:
         """One double-entry transfer. Callers have checked funds: a shortfall is a bug."""
         assert amount > 0, amount
-        accounts = self.accounts
-        debit_bal = accounts.get(debit)
-        if debit_bal is None:
-            debit_bal = self.account(debit)
-        debit_bal -= amount
+        debit_bal = self.account(debit) - amount
         assert debit_bal >= 0 or keys.may_go_negative(debit), (debit, debit_bal)
-        credit_bal = accounts.get(credit)
-        if credit_bal is None:
-            credit_bal = self.account(credit)
-        credit_bal = hotpath.add_fen(credit_bal, amount)
+        credit_bal = hotpath.add_fen(self.account(credit), amount)
         record = hotpath.pack_transfer(amount, self.now_ms, kind, debit, credit, ref)
         fresh = self.tx.put(keys.TRANSFERS, tid, record, overwrite=False)
         assert fresh, f"transfer {tid!r} applied twice"
-        accounts[debit] = debit_bal
-        accounts[credit] = credit_bal
+        self.accounts[debit] = debit_bal
+        self.accounts[credit] = credit_bal
 
     def wallet_entry(self, user: bytes, kind: int, signed_fen: int, tid: bytes,
                      ref: bytes) -> None:

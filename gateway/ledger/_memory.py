@@ -22,6 +22,7 @@ from gateway import errors
 from gateway.domain import keys
 from gateway.domain.store import Books
 from gateway.ledger._contract import BooksLedger
+from gateway.ledger._writer import batch_failed, run_batch
 
 log = structlog.get_logger(__name__)
 
@@ -114,10 +115,10 @@ class MemoryTx:
 
 
 class _Request:
-    __slots__ = ("args", "future", "rule")
+    __slots__ = ("args", "fn", "future")
 
-    def __init__(self, rule: Callable[..., Any], args: tuple, future: asyncio.Future) -> None:
-        self.rule = rule
+    def __init__(self, fn: Callable[..., Any], args: tuple, future: asyncio.Future) -> None:
+        self.fn = fn
         self.args = args
         self.future = future
 
@@ -168,19 +169,11 @@ class MemoryLedger(BooksLedger):
         t0 = time.perf_counter()
         tx = MemoryTx(self._tables, writable=True)
         books = Books(tx, self._clock_ms())
-        results: list[Any] = []
         try:
-            for req in batch:
-                try:
-                    results.append(req.rule(books, *req.args))
-                except errors.GatewayError as err:
-                    results.append(err)
-            books.flush()
+            results = run_batch(books, batch)
         except Exception as exc:  # a bug: undo the whole batch, fail it loudly
             tx.rollback()
-            log.exception("writer_batch_failed", size=len(batch))
-            failure = errors.Internal("WRITE_FAILED", f"internal error: {type(exc).__name__}")
-            results = [failure] * len(batch)
+            results = batch_failed(exc, len(batch))
         self.apply_s_total += time.perf_counter() - t0
         self.batches += 1
         self.requests += len(batch)

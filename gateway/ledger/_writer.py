@@ -45,6 +45,30 @@ class _Request:
         self.done = done
 
 
+def run_batch(state: Any, batch: list) -> list:
+    """Runs every request's ``fn(state, *args)`` of a batch, then ``state.flush()``.
+
+    A GatewayError is that request's answer; anything else propagates and the
+    caller aborts the whole transaction (:func:`batch_failed`). Both backends
+    commit their batches through this.
+    """
+    results: list = []
+    for req in batch:
+        try:
+            results.append(req.fn(state, *req.args))
+        except errors.GatewayError as err:
+            results.append(err)
+    state.flush()
+    return results
+
+
+def batch_failed(exc: BaseException, size: int) -> list:
+    """The answers of a batch a bug aborted: INTERNAL for each, logged once."""
+    log.error("writer_batch_failed", size=size, exc_info=exc)
+    bug = errors.Internal("WRITE_FAILED", f"internal error: {type(exc).__name__}")
+    return [bug] * size
+
+
 def _deliver(pairs: list) -> None:
     """Runs on an event loop: settles the futures of one batch in one call."""
     for fut, value in pairs:
@@ -175,24 +199,15 @@ class GroupCommitWriter:
                 if not self._grow():
                     break
             except Exception as exc:  # a bug: fail the batch loudly, write nothing
-                log.exception("writer_batch_failed", size=len(batch))
-                bug = errors.Internal("WRITE_FAILED", f"internal error: {type(exc).__name__}")
-                return [bug] * len(batch)
+                return batch_failed(exc, len(batch))
         full = errors.ResourceExhausted("LEDGER_FULL", "the ledger map cannot grow further")
         return [full] * len(batch)
 
     def _apply(self, batch: list[_Request]) -> list:
-        results: list = []
         now_ms = time.time_ns() // 1_000_000
         t0 = time.perf_counter()
         with self._env.begin(write=True) as txn:
-            state = self._make_batch(txn, now_ms)
-            for req in batch:
-                try:
-                    results.append(req.fn(state, *req.args))
-                except errors.GatewayError as err:
-                    results.append(err)
-            state.flush()
+            results = run_batch(self._make_batch(txn, now_ms), batch)
             t1 = time.perf_counter()
         self.apply_s_total += t1 - t0
         self.commit_s_total += time.perf_counter() - t1

@@ -42,26 +42,36 @@ class Grabbing:
         return GrabResult(GrabOutcome.GRABBED, found.grab.amount_fen, found.remaining_count,
                           found.grab.credited)
 
-    async def _admit(self, user_id: str, envelope_id: str, request_id: str
-                     ) -> tuple[int, GrabResult | None]:
-        """The gate's verdict, and the answer when no write is needed."""
+    def _gate(self, user_id: str, envelope_id: str, request_id: str) -> int:
+        """Checks the ids and asks the gate: >= 0 admitted (a share reserved), < 0 see
+        :meth:`_confirm`. No await: the common case costs one call into the gate."""
         check_envelope_id(envelope_id)
         check_request_id(request_id)
-        env_key = envelope_id.encode()
-        user_key = user_id.encode()
-        verdict = self.gate.admit(env_key, user_key)
+        return self.gate.admit(envelope_id.encode(), user_id.encode())
+
+    async def _confirm(self, user_id: str, envelope_id: str, request_id: str, verdict: int
+                       ) -> tuple[int, GrabResult | None]:
+        """A verdict that needs the ledger: track an envelope the gate does not know yet,
+        or confirm a refusal."""
         if verdict == hotpath.GATE_UNTRACKED:
+            env_key = envelope_id.encode()
             await self._track(envelope_id, env_key)
-            verdict = self.gate.admit(env_key, user_key)
-        if verdict < 0:
-            replay = await self._replay(user_id, envelope_id, request_id)
-            if replay is not None:
-                return verdict, replay
-            if verdict == hotpath.GATE_SOLD_OUT:
-                return verdict, GrabResult(GrabOutcome.SOLD_OUT, 0, 0)
-            # ALREADY without a grab in the ledger: the user's other request is
-            # in flight, or a hash collision; the writer knows which.
-        return verdict, None
+            verdict = self.gate.admit(env_key, user_id.encode())
+            if verdict >= 0:
+                return verdict, None
+        return verdict, await self._refused(user_id, envelope_id, request_id, verdict)
+
+    async def _refused(self, user_id: str, envelope_id: str, request_id: str, verdict: int
+                       ) -> GrabResult | None:
+        """The answer to a gate refusal, or None when only the writer can tell."""
+        replay = await self._replay(user_id, envelope_id, request_id)
+        if replay is not None:
+            return replay
+        if verdict == hotpath.GATE_SOLD_OUT:
+            return GrabResult(GrabOutcome.SOLD_OUT, 0, 0)
+        # ALREADY without a grab in the ledger: the user's other request is in
+        # flight, or a hash collision; the writer knows which.
+        return None
 
     def _settle(self, user_id: str, envelope_id: str, verdict: int,
                 result: GrabResult | errors.GatewayError) -> None:
@@ -84,9 +94,11 @@ class Grabbing:
 
     async def grab(self, user_id: str, envelope_id: str, request_id: str) -> GrabResult:
         """Claims one share."""
-        verdict, answer = await self._admit(user_id, envelope_id, request_id)
-        if answer is not None:
-            return answer
+        verdict = self._gate(user_id, envelope_id, request_id)
+        if verdict < 0:
+            verdict, answer = await self._confirm(user_id, envelope_id, request_id, verdict)
+            if answer is not None:
+                return answer
         try:
             result = await self._ledger.grab(user_id, envelope_id, request_id)
         except errors.GatewayError as err:
@@ -97,14 +109,22 @@ class Grabbing:
 
     async def grab_batch(self, items: list[tuple[str, str, str]]
                          ) -> list[GrabResult | errors.GatewayError]:
-        """(user, envelope, request id) grabs; those that need a write share one writer request."""
+        """(user, envelope, request id) grabs; those that need a write share one writer request.
+
+        An item the gate admits costs no await; only the rare ones (an envelope
+        not yet tracked, a refusal to confirm) go to the ledger (:meth:`_confirm`).
+        """
         results: list = [None] * len(items)
         verdicts: list[int] = [0] * len(items)
         to_write: list[int] = []
         for i, (user_id, envelope_id, request_id) in enumerate(items):
             try:
                 check_user_id(user_id)
-                verdicts[i], results[i] = await self._admit(user_id, envelope_id, request_id)
+                verdict = self._gate(user_id, envelope_id, request_id)
+                if verdict < 0:
+                    verdict, results[i] = await self._confirm(user_id, envelope_id,
+                                                              request_id, verdict)
+                verdicts[i] = verdict
             except errors.GatewayError as err:
                 results[i] = err
                 verdicts[i] = -1
