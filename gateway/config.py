@@ -10,6 +10,9 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
+from gateway.qos.controller import ControllerOptions
+from gateway.qos.tiers import tier_table
+
 
 @dataclasses.dataclass(slots=True)
 class Settings:
@@ -53,6 +56,30 @@ class Settings:
     # Echoing x-request-id sends initial metadata early: one more batch per
     # call (about 0.1 ms on loopback), so it is off unless asked for.
     echo_request_id: bool = False
+    # Automatic QoS: admission control (gateway.qos.controller; DAGOR defaults).
+    qos_enabled: bool = True
+    qos_delay_threshold_ms: float = 20.0  # mean queuing delay that counts as overload
+    qos_window_s: float = 1.0
+    qos_window_requests: int = 2000
+    qos_shed_step: float = 0.05  # of a window's requests shed more per overloaded window
+    qos_admit_step: float = 0.01  # of a window's requests admitted more per calm window
+    qos_p0_user_floor: int = 64  # P0 user priorities (of 128) never shed
+    qos_loop_lag_ms: float = 50.0  # event-loop lag that counts as overload
+    qos_writer_depth: int = 5_000  # writer queue depth that counts as overload
+    qos_bank_error_rate: float = 0.5  # a bank's error rate that counts as trouble
+    qos_retry_pushback_ms: int = 1_000  # grpc-retry-pushback-ms on a shed call
+    qos_pin_level: int = -1  # >= 0 pins the admission level (drills and tests)
+    # method -> "P0".."P3" or "exempt" ([tiers] in TOML; gateway.qos.tiers).
+    tiers: dict = dataclasses.field(default_factory=dict)
+    # Degradations (each one a setting; gateway.qos.pressure says when they apply).
+    balance_rate_per_s: float = 5_000.0  # GetBalance per worker; past it, the cache; 0 = no limit
+    balance_cache_size: int = 100_000  # users whose last balance is kept (LRU)
+    list_budget_ms: float = 50.0  # ListTransactions reads longer than this use the cache
+    list_cache_size: int = 20_000  # users whose last first page is kept (LRU)
+    noncore_floor_share: float = 0.1  # non-core consumers' rate under pressure (of nominal)
+    credit_floor_rate_per_s: float = 1_000.0  # the credit consumer's, when the writer is the bottleneck
+    unlock_fen: int = 100  # what a Moments photo unlock costs the viewer
+    unlock_free_step: float = 0.25  # share of unlocks turned free per pressured window
 
     def capacities(self) -> dict[str, float]:
         return {b: float(self.bank_capacity_tps.get(b, self.default_bank_capacity_tps))
@@ -72,7 +99,30 @@ class Settings:
             raise ValueError("bank capacities must be > 0 calls/s")
         if self.writer_max_batch < 1 or self.writer_queue_limit < self.writer_max_batch:
             raise ValueError("writer_queue_limit must be >= writer_max_batch >= 1")
+        self._validate_qos()
         return self
+
+    def _validate_qos(self) -> None:
+        self.tiers = {str(k): str(v) for k, v in self.tiers.items()}
+        tier_table(self.tiers)  # its own check names a bad entry
+        if not self.qos_delay_threshold_ms > 0 or not self.qos_window_s > 0:
+            raise ValueError("qos_delay_threshold_ms and qos_window_s must be > 0")
+        if not 1 <= self.qos_p0_user_floor <= 128:
+            raise ValueError("qos_p0_user_floor must be in 1..128")
+        if self.qos_pin_level >= 4 * 128:
+            raise ValueError("qos_pin_level must be < 512 (or -1 for automatic)")
+        if self.balance_rate_per_s < 0 or self.balance_cache_size < 0 or self.list_cache_size < 0:
+            raise ValueError("balance_rate_per_s and the cache sizes must be >= 0")
+        if not 0 < self.noncore_floor_share <= 1 or not 0 < self.unlock_free_step <= 1:
+            raise ValueError("noncore_floor_share and unlock_free_step must be in (0, 1]")
+        if not 1 <= self.unlock_fen <= self.max_share_fen:
+            raise ValueError("unlock_fen must be in 1..max_share_fen")
+
+    def controller_options(self) -> ControllerOptions:
+        return ControllerOptions(
+            delay_threshold_ms=self.qos_delay_threshold_ms, window_s=self.qos_window_s,
+            window_requests=self.qos_window_requests, shed_step=self.qos_shed_step,
+            admit_step=self.qos_admit_step, p0_user_floor=self.qos_p0_user_floor).validate()
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> Settings:

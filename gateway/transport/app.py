@@ -22,6 +22,7 @@ from gateway.loops import BackgroundLoop
 from gateway.payments.bank import BankClient
 from gateway.payments.butler import ButlerOptions, PaymentButler
 from gateway.payments.resolver import Resolver
+from gateway.qos.pressure import Pressure
 from gateway.security import tickets
 from gateway.transport.interceptors.auth import AuthInterceptor
 from gateway.transport.interceptors.logging import LoggingInterceptor
@@ -49,6 +50,7 @@ class App:
     credit: CreditConsumer | None
     background: list[BackgroundLoop]
     interceptors: list[grpc.aio.ServerInterceptor]
+    pressure: Pressure
     health: Any  # grpc_health.v1.health.aio.HealthServicer (absent from grpc-stubs)
     _tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
 
@@ -78,6 +80,8 @@ def open_ledger(settings: Settings, data_dir: Path) -> LmdbLedger:
 def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
               bank_target: str | None = None, run_background: bool = True) -> App:
     """Wires one worker; ``run_background`` is true on worker 0 only."""
+    pressure = Pressure(free_step=settings.unlock_free_step,
+                        noncore_floor_share=settings.noncore_floor_share)
     bank = BankClient(bank_target, settings.bank_timeout_s) if bank_target else None
     butler = None
     if bank is not None:
@@ -107,4 +111,4 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
                                        echo_request_id=settings.echo_request_id),
                     AuthInterceptor(keyring)]
     return App(settings, keyring, ledger, gateway, bank, butler, credit, background,
-               interceptors, health.aio.HealthServicer())  # type: ignore[attr-defined]
+               interceptors, pressure, health.aio.HealthServicer())  # type: ignore[attr-defined]
