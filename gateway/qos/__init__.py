@@ -7,5 +7,9 @@ loosening slowly). Pure logic with an injected clock, so it is tested
 deterministically; the interceptor that applies it lives with the other
 interceptors.
 
-May import: the standard library only.
+It also owns the QoS state the degradations read (``pressure``: which
+tiers are shed, the free share of Moments unlocks, the non-core consumers'
+share of their rate).
+
+May import: the standard library and ``gateway.errors`` (for the SHED error).
 """

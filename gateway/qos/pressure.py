@@ -17,12 +17,21 @@ middle of a request.
   slows to its floor only then.
 - :meth:`note` counts a request served degraded; :meth:`in_force` names the
   degradations in force in the last window, for GetQosStatus and metrics.
+
+A method that degrades rather than fails (``tiers.DEGRADABLE``: GetBalance,
+ListTransactions) is not refused by the admission interceptor when its level
+is over the line: the call goes on with :data:`refused` set to its tier, and
+the use case answers from its cache, or raises :meth:`Pressure.refusal` (the
+same RESOURCE_EXHAUSTED ``SHED`` the interceptor would have sent) when it has
+nothing cached.
 """
 
 from __future__ import annotations
 
 import collections
+from contextvars import ContextVar
 
+from gateway import errors
 from gateway.qos.controller import MAX_LEVEL, USER_LEVELS
 from gateway.qos.tiers import Tier
 
@@ -34,12 +43,25 @@ CREDIT_STEPDOWN = "credit_stepdown"  # the credit consumer at its floor (writer 
 MOMENTS_FREE = "moments_free"  # a share of Moments unlocks free
 DEGRADATIONS = (BALANCE_CACHE, LIST_CACHE, NONCORE_STEPDOWN, CREDIT_STEPDOWN, MOMENTS_FREE)
 
+# Set by the admission interceptor inside a degradable call it would have refused:
+# the call's tier. None (the default) when the call was admitted.
+refused: ContextVar[Tier | None] = ContextVar("hongbao_qos_refused", default=None)
+
+
+def shed_error(tier: Tier, level: int, pushback_ms: int) -> errors.ResourceExhausted:
+    """The refusal of a shed call: RESOURCE_EXHAUSTED, reason SHED, tier and level."""
+    return errors.ResourceExhausted(
+        "SHED", f"overloaded: {tier.name} calls of this user are shed at level {level}",
+        retry_after_ms=pushback_ms, tier=tier.name, level=str(level))
+
 
 class Pressure:
     """One per worker process; read by the use cases, updated by the QoS governor."""
 
-    def __init__(self, *, free_step: float = 0.25, noncore_floor_share: float = 0.1) -> None:
+    def __init__(self, *, free_step: float = 0.25, noncore_floor_share: float = 0.1,
+                 pushback_ms: int = 1000) -> None:
         assert 0 < free_step <= 1 and 0 < noncore_floor_share <= 1
+        self.pushback_ms = pushback_ms
         self.free_step = free_step
         self.noncore_floor_share = noncore_floor_share
         self.level = MAX_LEVEL
@@ -66,6 +88,10 @@ class Pressure:
     def payment_pressure(self) -> bool:
         """The Moments condition: P3 shed, or the writer or a bank in trouble."""
         return self.sheds(Tier.P3) or self.writer_trouble or self.bank_trouble
+
+    def refusal(self, tier: Tier) -> errors.ResourceExhausted:
+        """The SHED error for a call of ``tier`` at the current level."""
+        return shed_error(tier, self.level, self.pushback_ms)
 
     def note(self, degradation: str) -> None:
         """Counts one request served degraded."""

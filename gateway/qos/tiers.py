@@ -34,6 +34,13 @@ DEFAULT_TIERS: dict[str, Tier | None] = {
     "/hongbao.v1.AuthService/IssueTicket": EXEMPT,
 }
 
+# Methods that degrade rather than fail when their level is shed: the call goes on to
+# the use case, which answers from its cache (``stale = true``) or refuses with SHED.
+DEGRADABLE = frozenset({
+    "/hongbao.v1.WalletService/GetBalance",
+    "/hongbao.v1.WalletService/ListTransactions",
+})
+
 _NAMES = {"P0": Tier.P0, "P1": Tier.P1, "P2": Tier.P2, "P3": Tier.P3, "exempt": EXEMPT}
 
 

@@ -6,7 +6,7 @@ with a closed loop (``cards``), wallet reads (``wallet``), operator requests
 (``operations``) and the time-driven workers (``background``). Servicers call
 these and never reach the ledger, the butler or the bank themselves.
 
-May import: ``gateway.domain``, ``gateway.ledger`` (its public names),
+May import: ``gateway.domain``, ``gateway.ledger`` (its public names), ``gateway.qos``,
 ``gateway.payments``, ``gateway.config``, ``gateway.errors``, ``hotpath``.
 """
 
