@@ -30,10 +30,39 @@ class TopicLag:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TierCount:
+    """One tier's calls since the worker started, and whether the level sheds it now."""
+
+    tier: str  # "P0".."P3"
+    offered: int
+    admitted: int
+    shed: int
+    shedding: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdmissionState:
+    """The admission controller's state as operators see it."""
+
+    enabled: bool
+    level: int  # tier * 128 + user priority; 511 admits everything
+    level_tier: str  # the tier the level is in, "P0".."P3"
+    level_user_priority: int
+    queuing_delay_ms: float  # the last window's mean (handler start + writer queue wait)
+    loop_lag_ms: float
+    windows: int
+    tiers: list[TierCount]
+    degradations: dict[str, bool]  # name -> in force
+    free_share: float  # of Moments unlocks
+    noncore_share: float  # of the non-core consumers' nominal rate
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class QosStatus:
     topics: list[TopicLag]
     banks: list[dict[str, Any]]  # the butler's health rows
     writer_queue_depth: int
+    admission: AdmissionState | None = None  # None when no governor runs (tests of parts)
 
 
 class Operations:
