@@ -241,3 +241,4 @@ class LedgerStats:
     apply_s_total: float  # running the money rules
     commit_s_total: float  # committing, fsync included
     credit_backlog: int  # grabs whose credit has not reached a wallet yet
+    queue_wait_s_total: float = 0.0  # writes waiting for their group commit, summed

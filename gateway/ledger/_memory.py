@@ -186,9 +186,10 @@ class MemoryLedger(BooksLedger):
             else:
                 req.future.set_result(value)
 
-    def _writer_stats(self) -> tuple[int, int, int, int, float, float]:
+    def _writer_stats(self) -> tuple[int, int, int, int, float, float, float]:
+        # Writes apply on the caller's loop turn: nothing waits in a queue thread.
         return (len(self._queue), self.batches, self.requests, self.batch_size_max,
-                self.apply_s_total, 0.0)
+                self.apply_s_total, 0.0, 0.0)
 
     def close(self) -> None:
         self._closed = True

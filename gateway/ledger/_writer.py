@@ -35,9 +35,10 @@ _STOP = object()
 
 
 class _Request:
-    __slots__ = ("args", "done", "fn", "future", "loop")
+    __slots__ = ("args", "done", "fn", "future", "loop", "queued_at")
 
     def __init__(self, fn, args, loop, future, done):
+        self.queued_at = time.perf_counter()
         self.fn = fn
         self.args = args
         self.loop = loop
@@ -109,6 +110,7 @@ class GroupCommitWriter:
         self.batch_size_max = 0
         self.apply_s_total = 0.0  # running the operations
         self.commit_s_total = 0.0  # committing, fsync included
+        self.queue_wait_s_total = 0.0  # requests waiting for their batch to start, summed
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -184,6 +186,8 @@ class GroupCommitWriter:
             if first is _STOP:
                 break
             batch, stop = self._collect(first)
+            started = time.perf_counter()
+            self.queue_wait_s_total += started * len(batch) - sum(r.queued_at for r in batch)
             results = self._commit(batch)
             self._depth -= len(batch)
             self.batches += 1

@@ -48,6 +48,22 @@ def split_level(level: int) -> tuple[int, int]:
     return divmod(level, USER_LEVELS)
 
 
+def salt_of(epoch: int, secret: bytes = b"") -> bytes:
+    """The user-priority salt of one salt period (``epoch`` = wall time // period)."""
+    return (secret + epoch.to_bytes(8, "big"))[-64:]
+
+
+def priority_of(user_id: str, salt: bytes) -> int:
+    """A user's priority under ``salt``: 0 (served longest) .. USER_LEVELS-1.
+
+    With the default empty secret an upstream client computes the same priority
+    as the server, which is what lets it drop early what the server would shed
+    (DAGOR's collaborative admission).
+    """
+    digest = hashlib.blake2b(user_id.encode(), digest_size=2, key=salt).digest()
+    return int.from_bytes(digest, "big") % USER_LEVELS
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ControllerOptions:
     delay_threshold_ms: float = 20.0  # DAGOR's default mean queuing time
@@ -76,13 +92,23 @@ class AdmissionController:
 
     def __init__(self, options: ControllerOptions | None = None, *,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, secret: bytes = b"") -> None:
+                 wall_clock: Callable[[], float] = time.time, secret: bytes = b"",
+                 extra_delay_ms: Callable[[], float] | None = None,
+                 on_window: Callable[[], None] | None = None,
+                 pinned_level: int | None = None) -> None:
+        """``extra_delay_ms`` adds a downstream queue's mean wait (the writer's) to each
+        window's mean; ``on_window`` runs after each window closes; ``pinned_level``
+        fixes the level whatever the signals say (drills and tests)."""
         self.options = (options or ControllerOptions()).validate()
+        assert pinned_level is None or 0 <= pinned_level <= MAX_LEVEL, pinned_level
+        self._extra_delay_ms = extra_delay_ms
+        self._on_window = on_window
+        self.pinned_level = pinned_level
         self._clock = clock
         self._wall_clock = wall_clock
         self._secret = secret
         self.min_level = self.options.p0_user_floor - 1
-        self.level = MAX_LEVEL
+        self.level = MAX_LEVEL if pinned_level is None else pinned_level
         self._histogram = [0] * (MAX_LEVEL + 1)
         self._count = 0
         self._delay_ms_total = 0.0
@@ -92,6 +118,7 @@ class AdmissionController:
         self._salt = b""
         self.windows = 0
         self.last_mean_delay_ms = 0.0
+        self.last_overloaded = False
 
     # -- per request -------------------------------------------------------------
 
@@ -100,9 +127,8 @@ class AdmissionController:
         epoch = int(self._wall_clock() // self.options.salt_period_s)
         if epoch != self._salt_epoch:
             self._salt_epoch = epoch
-            self._salt = self._secret + epoch.to_bytes(8, "big")
-        digest = hashlib.blake2b(user_id.encode(), digest_size=2, key=self._salt[:64]).digest()
-        return int.from_bytes(digest, "big") % USER_LEVELS
+            self._salt = salt_of(epoch, self._secret)
+        return priority_of(user_id, self._salt)
 
     def admit(self, tier: Tier, user_priority: int) -> bool:
         """Counts the request and says whether the current level admits it."""
@@ -131,9 +157,14 @@ class AdmissionController:
     def _close_window(self) -> None:
         n = self._count
         mean = self._delay_ms_total / n if n else 0.0
+        if self._extra_delay_ms is not None:
+            mean += self._extra_delay_ms()
         self.last_mean_delay_ms = mean
         overloaded = self._external_overload or mean > self.options.delay_threshold_ms
-        if overloaded and n:
+        self.last_overloaded = overloaded
+        if self.pinned_level is not None:
+            self.level = self.pinned_level
+        elif overloaded and n:
             self.level = self._tighter(n)
         elif not overloaded:
             self.level = self._looser(n)
@@ -143,6 +174,8 @@ class AdmissionController:
         self._delay_ms_total = 0.0
         self._external_overload = False
         self._window_start = self._clock()
+        if self._on_window is not None:
+            self._on_window()
 
     def _tighter(self, n: int) -> int:
         """Walks the level down until ``shed_step`` more of the window would be shed."""

@@ -1,0 +1,170 @@
+"""One worker's admission: the controller, its signals, and the Pressure it drives.
+
+The admission interceptor asks :meth:`Governor.admit` for every call of a
+tiered method and reports each admitted call's queuing delay with
+:meth:`Governor.started`. :meth:`Governor.run` (a task on the worker's event
+loop) wakes every ``tick_s`` and
+
+- measures the event loop's lag (how late the wake-up came): a loop that
+  cannot keep its own timers is overloaded whatever the queuing delay says;
+- reads the writer's queue (depth, and the mean wait of the writes committed
+  since the last window, which is added to the window's queuing delay: a
+  grab admitted quickly but waiting 50 ms for its group commit was queued);
+- asks whether a bank is in trouble (its error rate over a threshold, or its
+  breaker not closed);
+- raises the controller's overload flag for the window on any of these, and
+  closes the window when its time is up.
+
+When a window closes the Pressure gets the new level and signals, and a log
+line records any level change. ``enabled = False`` keeps everything measured
+and reported but admits every call (level stays at the top).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from gateway.qos.controller import MAX_LEVEL, AdmissionController, split_level
+from gateway.qos.pressure import Pressure
+from gateway.qos.tiers import Tier
+
+log = structlog.get_logger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WriterSample:
+    """The writer's counters at one moment."""
+
+    depth: int = 0  # writes queued, not yet committed
+    wait_s_total: float = 0.0  # time writes spent queued, summed
+    requests: int = 0  # writes committed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Thresholds:
+    loop_lag_ms: float = 50.0
+    writer_depth: int = 5_000
+
+
+class Governor:
+    """Admission for one worker process; every method runs on its event loop."""
+
+    def __init__(self, controller_factory: Callable[..., AdmissionController],
+                 pressure: Pressure, *, enabled: bool = True,
+                 thresholds: Thresholds | None = None,
+                 writer: Callable[[], Awaitable[WriterSample]] | None = None,
+                 bank_trouble: Callable[[], bool] | None = None,
+                 tick_s: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+        """``controller_factory(extra_delay_ms=..., on_window=...)`` builds the controller
+        (the governor supplies those two hooks)."""
+        self.controller = controller_factory(extra_delay_ms=self._writer_wait_ms,
+                                             on_window=self._on_window)
+        self.pressure = pressure
+        self.enabled = enabled
+        self.thresholds = thresholds or Thresholds()
+        self._writer = writer
+        self._bank_trouble = bank_trouble or (lambda: False)
+        self._tick_s = tick_s
+        self._clock = clock
+        n = len(Tier)
+        self.offered = [0] * n
+        self.admitted = [0] * n
+        self.shed = [0] * n
+        self.loop_lag_ms = 0.0
+        self._window_lag_ms = 0.0
+        self._sample = WriterSample()
+        self._window_sample = WriterSample()
+        self.writer_wait_ms = 0.0
+        self._writer_trouble = False
+        self._bank_trouble_now = False
+        self._levels: dict[int, str] = {}
+        self._stopping = asyncio.Event()
+
+    # -- per call --------------------------------------------------------------------
+
+    def user_priority(self, user_id: str) -> int:
+        return self.controller.user_priority(user_id)
+
+    def admit(self, tier: Tier, user_priority: int) -> bool:
+        """Counts the call and says whether the level admits it."""
+        t = int(tier)
+        self.offered[t] += 1
+        ok = self.controller.admit(tier, user_priority) or not self.enabled
+        if ok:
+            self.admitted[t] += 1
+        else:
+            self.shed[t] += 1
+        return ok
+
+    def started(self, queuing_s: float) -> None:
+        """An admitted call's handler started ``queuing_s`` after it arrived."""
+        self.controller.record_delay(queuing_s * 1000.0)
+
+    @property
+    def level(self) -> int:
+        return self.controller.level if self.enabled else MAX_LEVEL
+
+    def level_text(self) -> str:
+        """The level as the trailing-metadata value (cached: one string per level)."""
+        level = self.level
+        text = self._levels.get(level)
+        if text is None:
+            text = self._levels[level] = str(level)
+        return text
+
+    # -- the tick task -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Ticks until :meth:`stop`: loop lag, writer, banks, window time."""
+        while not self._stopping.is_set():
+            started = self._clock()
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self._tick_s)
+                return
+            except TimeoutError:
+                pass
+            lag_ms = max(0.0, (self._clock() - started - self._tick_s) * 1000.0)
+            await self._tick(lag_ms)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _tick(self, lag_ms: float) -> None:
+        self.loop_lag_ms = lag_ms
+        self._window_lag_ms = max(self._window_lag_ms, lag_ms)
+        if self._writer is not None:
+            self._sample = await self._writer()
+        self._writer_trouble = self._sample.depth > self.thresholds.writer_depth
+        self._bank_trouble_now = self._bank_trouble()
+        if lag_ms > self.thresholds.loop_lag_ms or self._writer_trouble:
+            self.controller.report_overload()
+        self.controller.tick()
+
+    # -- controller hooks ----------------------------------------------------------------
+
+    def _writer_wait_ms(self) -> float:
+        """Mean queue wait of the writes committed since the last window closed."""
+        now, then = self._sample, self._window_sample
+        n = now.requests - then.requests
+        self.writer_wait_ms = (now.wait_s_total - then.wait_s_total) / n * 1000.0 if n > 0 else 0.0
+        self._window_sample = now
+        return self.writer_wait_ms
+
+    def _on_window(self) -> None:
+        c = self.controller
+        before = self.pressure.level
+        self.pressure.update(self.level, writer_trouble=self._writer_trouble,
+                             bank_trouble=self._bank_trouble_now)
+        if self.pressure.level != before:
+            tier, prio = split_level(self.pressure.level)
+            log.info("admission_level", level=self.pressure.level, tier=Tier(tier).name,
+                     user_priority=prio, queuing_delay_ms=round(c.last_mean_delay_ms, 3),
+                     loop_lag_ms=round(self._window_lag_ms, 3),
+                     writer_trouble=self._writer_trouble, bank_trouble=self._bank_trouble_now,
+                     shed=dict(zip((t.name for t in Tier), self.shed, strict=True)))
+        self._window_lag_ms = 0.0
