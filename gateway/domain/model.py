@@ -68,6 +68,8 @@ class TxKind(enum.IntEnum):
     ENVELOPE_CREDIT = 4
     EXPIRY_REFUND = 5
     WITHDRAW_REVERSAL = 6
+    PHOTO_UNLOCK = 7  # viewer's wallet -> owner's wallet; the viewer's entry and the transfer
+    PHOTO_INCOME = 8  # the owner's wallet entry of that same transfer
     GRAB = 20  # escrow -> pending credit; not a wallet movement
 
 
@@ -157,6 +159,15 @@ class EnvelopeView:
     expires_at_ms: int
     grabs: tuple[GrabView, ...]
     best_luck_user_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UnlockResult:
+    """A Moments photo unlock: paid (``amount_fen`` > 0, in the books) or free (nothing written)."""
+
+    payment_id: str
+    amount_fen: int
+    free: bool
 
 
 class Balance(NamedTuple):
