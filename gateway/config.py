@@ -136,5 +136,19 @@ class Settings:
                 raise ValueError(f"unknown settings in {path}: {sorted(unknown)}")
             if "banks" in values:
                 values["banks"] = tuple(values["banks"])
+            _check_types(path, values)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validate()
+
+
+def _check_types(path: str | Path, values: dict) -> None:
+    """Each value from a file has its field's type (an int may stand for a float)."""
+    defaults = Settings()
+    for name, value in values.items():
+        want = type(getattr(defaults, name))
+        ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ValueError(f"{path}: {name} must be {want.__name__}, "
+                             f"not {type(value).__name__} ({value!r})")

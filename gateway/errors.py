@@ -121,8 +121,14 @@ def rich_status(err: GatewayError) -> grpc.Status:
 
 async def abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoReturn:
     """Ends the call with ``err`` mapped to its status (raises, never returns)."""
+    status = rich_status(err)
+    # abort_with_status supersedes the trailers set so far (the admission level among
+    # them): carry them over.
+    kept = context.trailing_metadata() if hasattr(context, "trailing_metadata") else None
+    if kept:
+        status = _Status(status.code, status.details, (*status.trailing_metadata, *kept))
     # grpc-stubs 1.53 predates ServicerContext.abort_with_status, which grpcio has.
-    await context.abort_with_status(rich_status(err))  # type: ignore[attr-defined]
+    await context.abort_with_status(status)  # type: ignore[attr-defined]
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 

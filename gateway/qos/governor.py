@@ -84,6 +84,7 @@ class Governor:
         self._bank_trouble_now = False
         self._levels: dict[int, str] = {}
         self._stopping = asyncio.Event()
+        pressure.start_at(self.level)
 
     # -- per call --------------------------------------------------------------------
 

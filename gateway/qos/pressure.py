@@ -100,6 +100,11 @@ class Pressure:
 
     # -- written by the governor ---------------------------------------------------------
 
+    def start_at(self, level: int) -> None:
+        """The level before the first window (a pinned one), without a window's steps."""
+        self.level = level
+        self.noncore_share = self.noncore_floor_share if self.raised else 1.0
+
     def update(self, level: int, *, writer_trouble: bool = False,
                bank_trouble: bool = False) -> None:
         """Called when an admission window closes, with the new level and signals."""

@@ -22,14 +22,20 @@ from gateway.loops import BackgroundLoop
 from gateway.payments.bank import BankClient
 from gateway.payments.butler import ButlerOptions, PaymentButler
 from gateway.payments.resolver import Resolver
+from gateway.qos.controller import AdmissionController
+from gateway.qos.governor import Governor, Thresholds, WriterSample
 from gateway.qos.pressure import Pressure
+from gateway.qos.tiers import tier_table
 from gateway.security import tickets
+from gateway.transport.interceptors.admission import AdmissionInterceptor
 from gateway.transport.interceptors.auth import AuthInterceptor
 from gateway.transport.interceptors.logging import LoggingInterceptor
+from gateway.transport.metrics import Metrics
 from gateway.usecases import (
     CardPayments,
     Gateway,
     Grabbing,
+    Moments,
     Operations,
     Sending,
     WalletReads,
@@ -51,14 +57,19 @@ class App:
     background: list[BackgroundLoop]
     interceptors: list[grpc.aio.ServerInterceptor]
     pressure: Pressure
+    governor: Governor
+    metrics: Metrics
     health: Any  # grpc_health.v1.health.aio.HealthServicer (absent from grpc-stubs)
     _tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
 
     def start_background(self) -> None:
-        self._tasks = [asyncio.create_task(w.run()) for w in self.background]
+        """Starts the governor (every worker) and the background workers (worker 0)."""
+        self._tasks = [asyncio.create_task(self.governor.run())]
+        self._tasks += [asyncio.create_task(w.run()) for w in self.background]
 
     async def close(self) -> None:
         """Stops the background workers, then the bank link, then the ledger (in that order)."""
+        self.governor.stop()
         for w in self.background:
             w.stop()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -75,6 +86,29 @@ def open_ledger(settings: Settings, data_dir: Path) -> LmdbLedger:
         map_size_bytes=settings.map_size_mb << 20, max_readers=settings.max_readers,
         max_batch=settings.writer_max_batch, max_wait_s=settings.writer_max_wait_ms / 1000,
         queue_limit=settings.writer_queue_limit)
+
+
+def build_governor(settings: Settings, ledger: Ledger, butler: PaymentButler | None,
+                   pressure: Pressure) -> Governor:
+    """The worker's admission: controller options, signals and thresholds from settings."""
+    async def writer() -> WriterSample:
+        stats = await ledger.stats()
+        return WriterSample(stats.queue_depth, stats.queue_wait_s_total, stats.requests)
+
+    def bank_trouble() -> bool:
+        if butler is None:
+            return False
+        return any(h["breaker_state"] != "closed" or h["error_rate"] > settings.qos_bank_error_rate
+                   for h in butler.health())
+
+    pin = settings.qos_pin_level if settings.qos_pin_level >= 0 else None
+    return Governor(
+        lambda **hooks: AdmissionController(settings.controller_options(), pinned_level=pin,
+                                            **hooks),
+        pressure, enabled=settings.qos_enabled, writer=writer, bank_trouble=bank_trouble,
+        thresholds=Thresholds(loop_lag_ms=settings.qos_loop_lag_ms,
+                              writer_depth=settings.qos_writer_depth),
+        tick_s=min(0.1, settings.qos_window_s / 2))
 
 
 def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
@@ -99,17 +133,22 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
             resolver = Resolver(ledger, bank, delay_s=settings.resolve_delay_s,
                                 max_backoff_s=settings.resolver_max_backoff_s)
             background.append(resolver)
+    governor = build_governor(settings, ledger, butler, pressure)
     cards = CardPayments(ledger, settings, butler if butler is not None else bank)
     gateway = Gateway(
         settings=settings,
         sending=Sending(ledger, settings, cards),
         grabbing=Grabbing(ledger, hotpath.GrabGate(settings.gate_max_envelopes)),
         cards=cards,
-        wallet=WalletReads(ledger),
+        moments=Moments(ledger, settings, pressure),
+        wallet=WalletReads(ledger, settings, pressure),
         operations=Operations(ledger, butler, bank,
-                              {"credit": credit, "payment-unknown": resolver}))
-    interceptors = [LoggingInterceptor(access_log=settings.access_log,
+                              {"credit": credit, "payment-unknown": resolver}, governor))
+    metrics = Metrics()
+    interceptors = [AdmissionInterceptor(governor, metrics, tier_table(settings.tiers)),
+                    LoggingInterceptor(access_log=settings.access_log,
                                        echo_request_id=settings.echo_request_id),
                     AuthInterceptor(keyring)]
     return App(settings, keyring, ledger, gateway, bank, butler, credit, background,
-               interceptors, pressure, health.aio.HealthServicer())  # type: ignore[attr-defined]
+               interceptors, pressure, governor, metrics,
+               health.aio.HealthServicer())  # type: ignore[attr-defined]

@@ -13,6 +13,9 @@ from gateway.ledger import Ledger
 from gateway.payments.bank import BankClient
 from gateway.payments.butler import PaymentButler
 from gateway.payments.crosscheck import cross_check_bank
+from gateway.qos.controller import split_level
+from gateway.qos.governor import Governor
+from gateway.qos.tiers import Tier
 
 MAX_RATE_PER_S = 10_000_000
 _DUE_SCAN_LIMIT = 10_000  # the payment-unknown lag is counted up to this many
@@ -55,6 +58,7 @@ class AdmissionState:
     degradations: dict[str, bool]  # name -> in force
     free_share: float  # of Moments unlocks
     noncore_share: float  # of the non-core consumers' nominal rate
+    served: dict[str, int] = dataclasses.field(default_factory=dict)  # degraded answers
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,7 +73,9 @@ class Operations:
     """``consumers`` maps a topic to the worker draining it (None on workers other than 0)."""
 
     def __init__(self, ledger: Ledger, butler: PaymentButler | None, bank: BankClient | None,
-                 consumers: dict[str, RateControlled | None]) -> None:
+                 consumers: dict[str, RateControlled | None],
+                 governor: Governor | None = None) -> None:
+        self._governor = governor
         self._ledger = ledger
         self._butler = butler
         self._bank = bank
@@ -85,7 +91,19 @@ class Operations:
         topics = [TopicLag(topic, lags[topic], c.rate_per_s if c is not None else 0.0)
                   for topic, c in self._consumers.items()]
         banks = self._butler.health() if self._butler is not None else []
-        return QosStatus(topics, banks, stats.queue_depth)
+        return QosStatus(topics, banks, stats.queue_depth, self.admission_state())
+
+    def admission_state(self) -> AdmissionState | None:
+        gov = self._governor
+        if gov is None:
+            return None
+        c, p = gov.controller, gov.pressure
+        tier, prio = split_level(gov.level)
+        tiers = [TierCount(t.name, gov.offered[t], gov.admitted[t], gov.shed[t], p.sheds(t))
+                 for t in Tier]
+        return AdmissionState(gov.enabled, gov.level, Tier(tier).name, prio,
+                              c.last_mean_delay_ms, gov.loop_lag_ms, c.windows, tiers,
+                              p.in_force(), p.free_share, p.noncore_share, dict(p.served))
 
     def set_consumer_rate(self, topic: str, rate_per_s: float) -> float:
         if topic not in self._consumers:

@@ -22,6 +22,7 @@ interceptor's context. A wrapper is one closure and one handler tuple per call (
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -41,6 +42,8 @@ __all__ = [
     "Rejections",
     "behaviour_kind",
     "behaviour_of",
+    "code_of",
+    "code_of_exception",
     "metadata_of",
     "method_of",
     "rejection_handler",
@@ -71,6 +74,26 @@ def metadata_of(details: grpc.HandlerCallDetails) -> Any:
 def service_of(method: str) -> str:
     """The ``/<package>.<Service>/`` prefix of a full method name."""
     return method[: method.rfind("/") + 1]
+
+
+def code_of(context: Any) -> str:
+    """The status code name a handler has set on ``context`` ("OK" when none)."""
+    code = context.code() if hasattr(context, "code") else None
+    if code is None:
+        return "OK"
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+def code_of_exception(context: Any, exc: BaseException) -> str:
+    """The status code name of a call its handler ended by raising ``exc``."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"  # the caller went away (a closed stream ends with GeneratorExit)
+    if isinstance(exc, grpc.aio.AbortError):
+        return code_of(context)
+    # Anything else is a bug in the servicer; grpc reports it as UNKNOWN unless the
+    # handler had set a code first.
+    code = code_of(context)
+    return "UNKNOWN" if code == "OK" else code
 
 
 # -- behaviour wrapping by RPC kind --------------------------------------------------------

@@ -23,7 +23,6 @@ keeps the request id binding and echo.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os
@@ -44,6 +43,8 @@ from gateway.transport.interceptors._plumbing import (
     Behaviour,
     behaviour_kind,
     behaviour_of,
+    code_of,
+    code_of_exception,
     metadata_of,
     method_of,
     structlog_var,
@@ -63,9 +64,6 @@ _SECRET_KEYS = frozenset(
 # Set directly on every call rather than through bind_contextvars (see structlog_var).
 _REQUEST_ID_VAR = structlog_var("request_id")
 
-_OK = "OK"
-_CANCELLED = "CANCELLED"
-_UNKNOWN = "UNKNOWN"
 _UNIMPLEMENTED = "UNIMPLEMENTED"
 
 
@@ -202,10 +200,10 @@ def _async_logged(
                 await context.send_initial_metadata(echo)
             return await fn(request, context)
         except BaseException as exc:
-            code = _code_of_exception(context, exc)
+            code = code_of_exception(context, exc)
             raise
         finally:
-            access(method, request_id, start_ns, code or _code_of(context))
+            access(method, request_id, start_ns, code or code_of(context))
 
     return wrapped
 
@@ -225,11 +223,11 @@ def _async_gen_logged(
             async for response in fn(request, context):
                 yield response
         except BaseException as exc:
-            code = _code_of_exception(context, exc)
+            code = code_of_exception(context, exc)
             raise
         finally:
             if access is not None:
-                access(method, request_id, start_ns, code or _code_of(context))
+                access(method, request_id, start_ns, code or code_of(context))
 
     return wrapped
 
@@ -250,35 +248,17 @@ def _sync_logged(
             result = fn(request, context)
         except BaseException as exc:
             if access is not None:
-                access(method, request_id, start_ns, _code_of_exception(context, exc))
+                access(method, request_id, start_ns, code_of_exception(context, exc))
             raise
         finally:
             _REQUEST_ID_VAR.reset(token)
         if streaming:
             return _LoggedIterator(result, access, method, request_id, start_ns, context)
         if access is not None:
-            access(method, request_id, start_ns, _code_of(context))
+            access(method, request_id, start_ns, code_of(context))
         return result
 
     return wrapped
-
-
-def _code_of(context: Any) -> str:
-    code = context.code() if hasattr(context, "code") else None
-    if code is None:
-        return _OK
-    return code.name if isinstance(code, grpc.StatusCode) else str(code)
-
-
-def _code_of_exception(context: Any, exc: BaseException) -> str:
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        return _CANCELLED  # the caller went away (a closed stream ends with GeneratorExit)
-    if isinstance(exc, grpc.aio.AbortError):
-        return _code_of(context)
-    # Anything else is a bug in the servicer; grpc reports it as UNKNOWN unless the
-    # handler had set a code first.
-    code = _code_of(context)
-    return _UNKNOWN if code == _OK else code
 
 
 class _LoggedIterator:
@@ -311,7 +291,7 @@ class _LoggedIterator:
     def _end(self, exc: BaseException | None) -> None:
         if self._access is None:
             return
-        code = _code_of(self._context) if exc is None else _code_of_exception(self._context, exc)
+        code = code_of(self._context) if exc is None else code_of_exception(self._context, exc)
         self._access(self._method, self._request_id, self._start_ns, code)
 
 

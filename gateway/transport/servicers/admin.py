@@ -21,8 +21,23 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                latency_ms_p99=h["latency_ms_p99"], error_rate=h["error_rate"],
                                breaker_state=h["breaker_state"])
                  for h in status.banks]
-        return pb.GetQosStatusResponse(topics=topics, banks=banks,
-                                       writer_queue_depth=status.writer_queue_depth)
+        response = pb.GetQosStatusResponse(topics=topics, banks=banks,
+                                           writer_queue_depth=status.writer_queue_depth)
+        a = status.admission
+        if a is not None:
+            response.tiers.extend(
+                pb.TierStatus(tier=t.tier, shedding=t.shedding, admitted=t.admitted,
+                              rejected=t.shed, offered=t.offered) for t in a.tiers)
+            response.admission.CopyFrom(pb.AdmissionStatus(
+                enabled=a.enabled, level=a.level, level_tier=a.level_tier,
+                level_user_priority=a.level_user_priority,
+                queuing_delay_ms=a.queuing_delay_ms, loop_lag_ms=a.loop_lag_ms,
+                windows=a.windows, moments_free_share=a.free_share,
+                noncore_share=a.noncore_share))
+            response.degradations.extend(
+                pb.Degradation(name=name, in_force=on, served=a.served.get(name, 0))
+                for name, on in a.degradations.items())
+        return response
 
     @maps_errors
     async def SetConsumerRate(self, request, context):
