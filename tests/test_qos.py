@@ -217,3 +217,26 @@ def test_a_setting_of_the_wrong_type_is_refused(tmp_path):
         Settings.load(cfg)
     cfg.write_text("qos_delay_threshold_ms = 5\nqos_window_requests = 100\n")
     assert Settings.load(cfg).qos_delay_threshold_ms == 5
+
+
+def test_the_client_drops_locally_what_the_server_would_shed(stack, tmp_path):
+    """Once a response said the level sheds P1, the throttled client refuses P1 calls
+    itself (SHED_LOCALLY) and the server never sees them."""
+    level = USER_LEVELS - 1  # P0 admitted, P1 and up shed
+    stack.start_gateway("--config", str(write_config(tmp_path / "q.toml", qos_pin_level=level)))
+
+    async def scenario():
+        async with Client(stack.target, throttle=True) as c:
+            user = stack.meta("a")
+            await top_up(c, user, 100)  # learns the level from the trailers
+            for _ in range(5):
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await c.envelopes.GetEnvelope(
+                        envelope_pb2.GetEnvelopeRequest(envelope_id="e" * 20), metadata=user)
+                assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert reason_of(exc.value) == "SHED_LOCALLY"
+            assert c.throttle is not None and c.throttle.shed_locally == 5
+            qos = await c.admin.GetQosStatus(admin_pb2.GetQosStatusRequest(),
+                                             metadata=stack.meta("ops", scopes=("admin",)))
+            assert {t.tier: t.offered for t in qos.tiers}["P1"] == 0
+    run(scenario())

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from gateway.errors import rich_status
 from gateway.qos.governor import Governor
 from gateway.qos.pressure import refused, shed_error
 from gateway.qos.tiers import DEGRADABLE, Tier
@@ -54,7 +55,6 @@ from gateway.transport.interceptors._plumbing import (
     with_behaviour,
     with_context,
 )
-from gateway.errors import rich_status
 
 __all__ = ["LEVEL_HEADER", "AdmissionInterceptor", "RpcMetrics"]
 
