@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from gateway.transport.servicers._boundary import maps_errors, subject
 from gateway.transport.servicers._convert import timestamp_ms
 from gateway.usecases import Gateway
@@ -17,20 +15,21 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
 
     @maps_errors
     async def GetBalance(self, request, context):
-        balance_fen, pending_fen = await self._gw.wallet.balance(subject())
-        return pb.GetBalanceResponse(balance_fen=balance_fen, pending_credit_fen=pending_fen,
-                                     stale=False, as_of=timestamp_ms(time.time_ns() // 10**6))
+        b = await self._gw.wallet.balance(subject())
+        return pb.GetBalanceResponse(balance_fen=b.balance_fen,
+                                     pending_credit_fen=b.pending_credit_fen,
+                                     stale=b.stale, as_of=timestamp_ms(b.as_of_ms))
 
     @maps_errors
     async def ListTransactions(self, request, context):
-        entries, token = await self._gw.wallet.list_transactions(subject(), request.page_size,
-                                                    request.page_token)
+        page = await self._gw.wallet.list_transactions(subject(), request.page_size,
+                                                       request.page_token)
         return pb.ListTransactionsResponse(
             transactions=[pb.Transaction(
                 transaction_id=e.transaction_id, kind=int(e.kind), amount_fen=e.amount_fen,
                 reference_id=e.reference_id, created_at=timestamp_ms(e.created_at_ms))
-                for e in entries],
-            next_page_token=token, stale=False)
+                for e in page.entries],
+            next_page_token=page.next_page_token, stale=page.stale)
 
     @maps_errors
     async def TopUp(self, request, context):
