@@ -222,8 +222,6 @@ def _admission(a: AdmissionState | None) -> Iterator[Metric]:
 
 
 def _writer(stats: LedgerStats) -> Iterator[Metric]:
-    # queue_wait_s_total is newer than the other ledger counters; 0 until the ledger has it.
-    queue_wait_s = getattr(stats, "queue_wait_s_total", 0.0)
     yield GaugeMetricFamily("hongbao_writer_queue_depth", "Writes waiting to be committed",
                             value=stats.queue_depth)
     yield CounterMetricFamily("hongbao_writer_batches", "Group commits", value=stats.batches)
@@ -236,7 +234,8 @@ def _writer(stats: LedgerStats) -> Iterator[Metric]:
     yield CounterMetricFamily("hongbao_writer_commit_seconds", "Time committing, fsync included",
                               value=stats.commit_s_total)
     yield CounterMetricFamily("hongbao_writer_queue_wait_seconds",
-                              "Time writes waited in the writer queue", value=queue_wait_s)
+                              "Time writes waited in the writer queue",
+                              value=stats.queue_wait_s_total)
     yield GaugeMetricFamily("hongbao_credit_backlog", "Grabs not yet credited to a wallet",
                             value=stats.credit_backlog)
 
