@@ -10,6 +10,8 @@ import time
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from gateway import errors
 from gateway.client import Client
@@ -19,6 +21,7 @@ from gateway.domain.model import Payment, PaymentKind, PaymentStatus
 from gateway.errors import reason_of
 from gateway.ledger import LmdbLedger
 from gateway.qos import pressure as qos
+from gateway.qos.controller import USER_LEVELS, priority_of, salt_of
 from gateway.qos.pressure import Pressure
 from gateway.qos.tiers import Tier
 from gateway.usecases.wallet import LruCache, TokenBucket, WalletReads
@@ -403,3 +406,49 @@ def test_real_gateway_list_over_budget_answers_the_cached_page(configured):
             assert reason_of(bad.value) == "BAD_PAGE_SIZE"
     run(scenario())
 
+
+
+def users_either_side(priority: int) -> tuple[str, str]:
+    """A user whose priority is <= ``priority`` and one whose is above, this hour and the
+    next (so a test that crosses the hour keeps them apart)."""
+    epoch = int(time.time() // 3600)
+    salts = (salt_of(epoch), salt_of(epoch + 1))
+    users = [f"w{i}" for i in range(10_000)]
+    low = next(u for u in users if all(priority_of(u, s) <= priority for s in salts))
+    high = next(u for u in users if all(priority_of(u, s) > priority for s in salts))
+    return low, high
+
+
+def test_real_gateway_shed_wallet_reads_with_nothing_cached_are_refused_with_shed(configured):
+    """With the level pinned inside P2, an admitted user reads fresh while a shed user, who
+    has nothing cached, gets RESOURCE_EXHAUSTED SHED (tier P2, the level, a pushback)."""
+    level = 2 * USER_LEVELS + USER_LEVELS // 2 - 1
+    stack = configured(f"qos_pin_level = {level}\nqos_retry_pushback_ms = 700\n")
+    admitted, shed_user = users_either_side(USER_LEVELS // 2 - 1)
+
+    async def scenario():
+        async with Client(stack.target) as c:
+            ok, refused_meta = stack.meta(admitted), stack.meta(shed_user)
+            b = await balance(c, ok)
+            assert not b.stale
+            page = await c.wallet.ListTransactions(wallet_pb2.ListTransactionsRequest(),
+                                                   metadata=ok, timeout=10)
+            assert not page.stale
+            calls = (c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(), metadata=refused_meta,
+                                         timeout=10),
+                     c.wallet.ListTransactions(wallet_pb2.ListTransactionsRequest(),
+                                               metadata=refused_meta, timeout=10))
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await call
+                err = exc.value
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert reason_of(err) == "SHED"
+                status = rpc_status.from_call(err)
+                assert status is not None
+                info = error_details_pb2.ErrorInfo()
+                status.details[0].Unpack(info)
+                assert dict(info.metadata) == {"tier": "P2", "level": str(level)}
+                trailers = dict(err.trailing_metadata() or ())
+                assert trailers["grpc-retry-pushback-ms"] == "700"
+    run(scenario())
