@@ -14,7 +14,7 @@ import pytest
 
 import hotpath
 from gateway import errors
-from gateway.domain import keys, rules
+from gateway.domain import keys, records, rules
 from gateway.domain.keys import payment_id_for
 from gateway.domain.model import (
     CardEnvelope,
@@ -27,6 +27,7 @@ from gateway.domain.model import (
     PaymentStatus,
     PayMethod,
     TxKind,
+    UnlockResult,
 )
 from gateway.domain.store import Books
 from gateway.ledger import BooksLedger, LmdbLedger, MemoryLedger
@@ -363,6 +364,87 @@ def test_unknown_envelope_is_not_found(ledger):
     assert state is None and payment is None
     assert stats.credit_backlog == 0 and stats.queue_depth == 0
     assert_balanced(ledger)
+
+
+async def _unlock(led, viewer, owner, rid="u1", photo="ph1", amount=100, fp=None):
+    return await led.unlock_photo(viewer, rid, fp or keys.fingerprint("unlock", photo, owner),
+                                  owner_id=owner, photo_id=photo, amount_fen=amount)
+
+
+def test_photo_unlock_moves_once_from_viewer_to_owner(ledger):
+    """A paid unlock is one viewer -> owner transfer with an entry in each wallet and the
+    owner told; a retry returns it, another payload under its id is refused."""
+    async def scenario():
+        await _fund(ledger, "vic", 1000)
+        first = await _unlock(ledger, "vic", "olga")
+        again = await _unlock(ledger, "vic", "olga")
+        with pytest.raises(errors.InvalidArgument) as exc:
+            await _unlock(ledger, "vic", "olga", photo="ph2")
+        with pytest.raises(errors.InvalidArgument):
+            await ledger.unlock_result("vic", "u1", keys.fingerprint("unlock", "ph1", "pat"))
+        found = await ledger.unlock_result("vic", "u1", keys.fingerprint("unlock", "ph1", "olga"))
+        pages = [await ledger.list_transactions(u, 10, None) for u in ("vic", "olga")]
+        return (first, again, exc.value, found, pages, await ledger.notifications("olga", 0, 10),
+                await ledger.balance("vic"), await ledger.balance("olga"))
+
+    first, again, err, found, (vic, olga), feed, vic_bal, olga_bal = run(scenario())
+    assert first == again == found
+    assert first.payment_id == keys.unlock_id("vic", "u1", free=False)
+    assert (first.amount_fen, first.free) == (100, False)
+    assert err.reason == "REQUEST_ID_REUSED"
+    assert vic_bal == (900, 0) and olga_bal == (100, 0)
+    tid = keys.unlock_tid(first.payment_id.encode()).decode()
+    assert [(e.kind, e.amount_fen, e.transaction_id, e.reference_id) for e in vic.entries[:1]
+            ] == [(TxKind.PHOTO_UNLOCK, -100, tid, first.payment_id)]
+    assert [(e.kind, e.amount_fen, e.transaction_id, e.reference_id) for e in olga.entries
+            ] == [(TxKind.PHOTO_INCOME, 100, tid, first.payment_id)]
+    assert [(n.kind, n.amount_fen, n.payment_id) for n in feed] == [
+        (NoticeKind.CREDITED, 100, first.payment_id)]
+    assert "ph1" in feed[0].message
+    report = assert_balanced(ledger)
+    assert report.totals["unlocks"] == 1 and report.totals["unlock_fen"] == 100
+
+
+def test_photo_unlock_without_funds_changes_nothing(ledger):
+    """An unlock the wallet cannot cover is refused and writes nothing, not even its record."""
+    async def scenario():
+        await _fund(ledger, "wes", 99)
+        with pytest.raises(errors.FailedPrecondition) as exc:
+            await _unlock(ledger, "wes", "olga")
+        found = await ledger.unlock_result("wes", "u1", keys.fingerprint("unlock", "ph1", "olga"))
+        return (exc.value, found, await ledger.balance("wes"), await ledger.balance("olga"),
+                await ledger.list_transactions("olga", 10, None),
+                await ledger.notifications("olga", 0, 10))
+
+    err, found, wes, olga, page, feed = run(scenario())
+    assert err.reason == "INSUFFICIENT_BALANCE" and err.metadata["needed_fen"] == "100"
+    assert found is None and wes == (99, 0) and olga == (0, 0)
+    assert page.entries == [] and feed == []
+    assert_balanced(ledger)
+
+
+def test_audit_catches_unlock_record_and_transfer_out_of_step(ledger):
+    """An unlock transfer without its record, or a record without its transfer, is reported."""
+    async def scenario():
+        await _fund(ledger, "xan", 1000)
+
+        def stray_transfer(b: Books) -> None:
+            b.move(keys.unlock_tid(b"unl_stray"), b"w:xan", b"w:yul", 5, TxKind.PHOTO_UNLOCK,
+                   b"unl_stray")
+
+        def stray_record(b: Books) -> None:
+            result = UnlockResult("unl_norecord", 7, False)
+            b.tx.put(keys.IDEM, keys.unlock_idem_key(b"xan", b"r9"),
+                     records.pack_unlock(b"f" * 16, result, "yul", "ph9"))
+
+        await ledger.write(stray_transfer)
+        await ledger.write(stray_record)
+        return await ledger.audit()
+
+    report = run(scenario())
+    assert not report.balanced
+    assert any("u:unl_stray belongs to no photo unlock" in d for d in report.discrepancies)
+    assert any("u:unl_norecord" in d and "is missing" in d for d in report.discrepancies)
 
 
 def test_a_bug_in_one_request_aborts_only_its_batch_cleanly(ledger):

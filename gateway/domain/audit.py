@@ -13,7 +13,9 @@ beside a live gateway. Checks:
    user's pending credit is the sum of their uncredited grabs;
 5. every payment is final or a known in-flight one, each settled one has its
    transfer, every withdrawal holds, pays out or returns exactly its amount,
-   and each bank's clearing account equals what its settled payments say.
+   and each bank's clearing account equals what its settled payments say;
+   every paid photo unlock has exactly one transfer, of its amount, from the
+   viewer's wallet to the owner's, and every unlock transfer has its unlock.
 
 The bank cross-check (check 6) needs the bank and lives with the bank link's
 users (``gateway.ops.reconcile``).
@@ -28,7 +30,7 @@ from collections import defaultdict
 import hotpath
 from gateway.domain import keys, records
 from gateway.domain.model import EnvelopeStatus, Payment, PaymentKind, PaymentStatus
-from gateway.domain.store import Tx
+from gateway.domain.store import Tx, scan_prefix
 
 
 @dataclasses.dataclass
@@ -84,17 +86,24 @@ class _Snapshot:
     outbox: set[bytes]  # grab keys waiting on the credit outbox
     envelopes: list[tuple[bytes, bytes]]
     payments: list[Payment]
+    # Paid photo unlocks (unlock tid -> amount, viewer's wallet, owner's wallet) as the
+    # unlock records say, and the unlock transfers as the journal says (same shape).
+    unlocks: dict[bytes, tuple[int, bytes, bytes]]
+    unlock_moves: dict[bytes, tuple[int, bytes, bytes]]
 
 
 def _read(tx: Tx) -> _Snapshot:
     accounts = {k: hotpath.unpack_i64(v) for k, v in tx.scan(keys.ACCOUNTS)}
     replay: dict[bytes, int] = defaultdict(int)
     transfers: dict[bytes, int] = {}
+    unlock_moves: dict[bytes, tuple[int, bytes, bytes]] = {}
     for tid, raw in tx.scan(keys.TRANSFERS):
         amount, _at, _kind, debit, credit, _ref = hotpath.unpack_transfer(raw)
         replay[debit] -= amount
         replay[credit] += amount
         transfers[tid] = amount
+        if tid.startswith(keys.UNLOCK_TID):
+            unlock_moves[tid] = (amount, debit, credit)
     grabs_by_env: dict[bytes, list[tuple[bytes, tuple]]] = defaultdict(list)
     for key, raw in tx.scan(keys.GRABS):
         env, user = keys.split_grab_key(key)
@@ -103,7 +112,19 @@ def _read(tx: Tx) -> _Snapshot:
         accounts, replay, transfers, grabs_by_env,
         {gkey for _seq, gkey in tx.scan(keys.CREDIT_OUTBOX)},
         list(tx.scan(keys.ENVELOPES)),
-        [records.unpack_payment(raw)[0] for _k, raw in tx.scan(keys.PAYMENTS)])
+        [records.unpack_payment(raw)[0] for _k, raw in tx.scan(keys.PAYMENTS)],
+        _read_unlocks(tx), unlock_moves)
+
+
+def _read_unlocks(tx: Tx) -> dict[bytes, tuple[int, bytes, bytes]]:
+    out: dict[bytes, tuple[int, bytes, bytes]] = {}
+    for key, raw in scan_prefix(tx, keys.IDEM, keys.UNLOCK_IDEM):
+        viewer, _rid = keys.split_unlock_idem_key(key)
+        _fp, result, owner_id, _photo = records.unpack_unlock(raw)
+        out[keys.unlock_tid(result.payment_id.encode())] = (
+            result.amount_fen, keys.wallet_account(viewer),
+            keys.wallet_account(owner_id.encode()))
+    return out
 
 
 def audit(tx: Tx) -> Report:
@@ -114,6 +135,7 @@ def audit(tx: Tx) -> Report:
     pending_expected, totals = _check_envelopes(r, s)
     pending_fen = _check_pending(r, s, pending_expected)
     clearing_in = _check_payments(r, s)
+    unlock_fen = _check_unlocks(r, s)
     accounts = s.accounts
     r.totals = {
         "accounts": len(accounts), "account_sum_fen": total, "transfers": len(s.transfers),
@@ -121,6 +143,7 @@ def audit(tx: Tx) -> Report:
         "wallet_fen": sum(v for k, v in accounts.items() if k.startswith(keys.WALLET)),
         "clearing_in_fen": sum(clearing_in.values()), "payments": len(s.payments),
         "payments_by_status": _by_status(s.payments),
+        "unlocks": len(s.unlocks), "unlock_fen": unlock_fen,
     }
     return r
 
@@ -274,3 +297,18 @@ def _check_withdrawal(r: Report, s: _Snapshot, p: Payment, in_flight_holds: set[
     if not ok:
         r.bad(f"withdrawal {p.payment_id} ({p.status.name}) moved the wrong money")
     return paid_out
+
+
+def _check_unlocks(r: Report, s: _Snapshot) -> int:
+    """Check 5, photo unlocks: record and transfer agree; returns the fen they moved."""
+    def text(move: tuple[int, bytes, bytes]) -> str:
+        return f"{move[0]} fen from {move[1].decode()} to {move[2].decode()}"
+
+    for tid, expected in s.unlocks.items():
+        moved = s.unlock_moves.get(tid)
+        if moved != expected:
+            r.bad(f"photo unlock {tid.decode()} should move {text(expected)}; its transfer "
+                  f"{'is missing' if moved is None else 'moves ' + text(moved)}")
+    for tid in s.unlock_moves.keys() - s.unlocks.keys():
+        r.bad(f"transfer {tid.decode()} belongs to no photo unlock")
+    return sum(amount for amount, _debit, _credit in s.unlocks.values())

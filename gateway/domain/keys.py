@@ -117,6 +117,14 @@ def reversal_tid(payment: bytes) -> bytes:
     return b"r:" + payment
 
 
+UNLOCK_TID = b"u:"
+
+
+def unlock_tid(unlock: bytes) -> bytes:
+    """Viewer's wallet -> owner's wallet, for a paid Moments photo unlock."""
+    return UNLOCK_TID + unlock
+
+
 # -- record keys --------------------------------------------------------------------------
 
 def grab_key(env: bytes, user: bytes) -> bytes:
@@ -134,6 +142,20 @@ def grabs_prefix(env: bytes) -> bytes:
 
 def send_idem_key(user: bytes, request_id: bytes) -> bytes:
     return b"send\0" + user + b"\0" + request_id
+
+
+UNLOCK_IDEM = b"unlock\0"
+
+
+def unlock_idem_key(user: bytes, request_id: bytes) -> bytes:
+    """IDEM: a paid photo unlock, by (viewer, request id); free unlocks have no record."""
+    return UNLOCK_IDEM + user + b"\0" + request_id
+
+
+def split_unlock_idem_key(key: bytes) -> tuple[bytes, bytes]:
+    """(viewer, request id) of an unlock record's key."""
+    user, request_id = key[len(UNLOCK_IDEM):].split(b"\0", 1)
+    return user, request_id
 
 
 def user_seq_key(user: bytes, seq: int) -> bytes:
@@ -161,6 +183,18 @@ def payment_id_for(user_id: str, kind: str, request_id: str) -> str:
     """Deterministic, so a retry after a crash reuses the bank order id (the bank dedups it)."""
     digest = hashlib.blake2b(f"{kind}\0{user_id}\0{request_id}".encode(), digest_size=10)
     return "pay_" + digest.hexdigest()
+
+
+def unlock_id(viewer_id: str, request_id: str, *, free: bool) -> str:
+    """A photo unlock's id, deterministic from (viewer, request id).
+
+    ``unl_`` for a paid unlock (its transfer is ``u:<id>``), ``free_`` for a
+    free one: the same hash, so the two never collide and either says which it
+    was.
+    """
+    digest = hashlib.blake2b(f"photo_unlock\0{viewer_id}\0{request_id}".encode(),
+                             digest_size=10)
+    return ("free_" if free else "unl_") + digest.hexdigest()
 
 
 def request_digest(request_id: str) -> bytes:

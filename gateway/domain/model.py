@@ -98,6 +98,11 @@ def expired_refund_text(unclaimed_count: int) -> str:
     return f"{unclaimed_count} unclaimed shares came back to your wallet"
 
 
+def photo_income_text(photo_id: str) -> str:
+    """The owner's CREDITED event of a paid photo unlock (it does not name the viewer)."""
+    return f"a friend paid to see your photo {photo_id}"
+
+
 # -- results -------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True, slots=True)

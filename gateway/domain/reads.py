@@ -16,6 +16,7 @@ from gateway.domain.model import (
     Notice,
     Payment,
     SendResult,
+    UnlockResult,
     WalletEntry,
     WalletPage,
 )
@@ -113,6 +114,19 @@ def send_result(tx: Tx, user_id: str, request_id: str, fingerprint: bytes
     buf = tx.get(keys.ENVELOPES, saved.envelope_id.encode())
     assert buf is not None, saved.envelope_id
     return dataclasses.replace(saved, status=hotpath.envelope_header(buf)[7])
+
+
+def unlock_result(tx: Tx, viewer_id: str, request_id: str, fingerprint: bytes
+                  ) -> UnlockResult | None:
+    """The saved result of a paid photo unlock by (viewer, request id), or None."""
+    raw = tx.get(keys.IDEM, keys.unlock_idem_key(viewer_id.encode(), request_id.encode()))
+    if raw is None:
+        return None
+    saved_fp, saved, _owner, _photo = records.unpack_unlock(raw)
+    if saved_fp != fingerprint:
+        raise errors.InvalidArgument(
+            "REQUEST_ID_REUSED", "request_id was used before with another payload")
+    return saved
 
 
 def notifications(tx: Tx, user_id: str, after_event_id: int, limit: int) -> list[Notice]:

@@ -17,6 +17,7 @@ from gateway.domain.model import (
     PaymentStatus,
     SendResult,
     TxKind,
+    UnlockResult,
     WalletEntry,
 )
 
@@ -78,6 +79,19 @@ def pack_send_result(fp: bytes, r: SendResult) -> bytes:
 def unpack_send_result(raw: bytes) -> tuple[bytes, SendResult]:
     env_id, status, paid_via, payment_id = json.loads(raw[16:])
     return raw[:16], SendResult(env_id, status, paid_via, payment_id)
+
+
+def pack_unlock(fp: bytes, r: UnlockResult, owner_id: str, photo_id: str) -> bytes:
+    """A paid unlock's idempotency record: the fingerprint, then result, owner and photo."""
+    assert len(fp) == 16 and not r.free, (fp, r)
+    return fp + json.dumps([r.payment_id, r.amount_fen, owner_id, photo_id],
+                           separators=_COMPACT).encode()
+
+
+def unpack_unlock(raw: bytes) -> tuple[bytes, UnlockResult, str, str]:
+    """The fingerprint, the result, the owner and the photo of an unlock record."""
+    payment_id, amount_fen, owner_id, photo_id = json.loads(raw[16:])
+    return raw[:16], UnlockResult(payment_id, amount_fen, False), owner_id, photo_id
 
 
 def pack_payment(p: Payment, fingerprint: bytes, due_ms: int = 0) -> bytes:

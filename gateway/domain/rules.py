@@ -39,7 +39,9 @@ from gateway.domain.model import (
     PayMethod,
     SendResult,
     TxKind,
+    UnlockResult,
     expired_refund_text,
+    photo_income_text,
 )
 from gateway.domain.store import Books
 
@@ -384,3 +386,45 @@ def payment_unknown(b: Books, payment_id: str, resolve_in_ms: int, reason: str) 
         b.notify(p.user_id.encode(), NoticeKind.UNKNOWN, p.amount_fen, payment_id=payment_id,
                  envelope_id=p.envelope_id)
     return unknown
+
+
+# -- Moments photo unlocks -------------------------------------------------------------
+
+def unlock_photo(b: Books, viewer: bytes, rid: bytes, fingerprint: bytes, owner: bytes,
+                 photo_id: str, amount_fen: int) -> UnlockResult:
+    """Viewer's wallet -> owner's wallet, ``amount_fen``, idempotent by (viewer, request id).
+
+    One transfer (``u:<unlock id>``, kind PHOTO_UNLOCK) and an entry in each
+    wallet: PHOTO_UNLOCK ``-amount_fen`` for the viewer, PHOTO_INCOME
+    ``+amount_fen`` for the owner, both referencing the unlock id. The owner,
+    who did not make the call, gets a CREDITED event in their feed, as a
+    credited grab does; the viewer gets none, the answer being their
+    confirmation, as with a balance-paid send. The owner's wallet opens on
+    its first credit. A retry returns the saved result; the same request id
+    with another photo or owner is refused.
+    """
+    idem_key = keys.unlock_idem_key(viewer, rid)
+    raw = b.tx.get(keys.IDEM, idem_key)
+    if raw is not None:
+        saved_fp, saved, _owner, _photo = records.unpack_unlock(raw)
+        if saved_fp != fingerprint:
+            raise errors.InvalidArgument(*_REUSED)
+        return saved
+    assert viewer != owner and amount_fen > 0, (viewer, amount_fen)
+    wallet = wallet_account(viewer)
+    if not hotpath.debit_ok(b.account(wallet), amount_fen):
+        raise errors.FailedPrecondition(
+            "INSUFFICIENT_BALANCE", "the wallet does not cover the unlock",
+            balance_fen=str(b.account(wallet)), needed_fen=str(amount_fen))
+    unlock_id = keys.unlock_id(viewer.decode(), rid.decode(), free=False)
+    ref = unlock_id.encode()
+    tid = keys.unlock_tid(ref)
+    b.move(tid, wallet, wallet_account(owner), amount_fen, TxKind.PHOTO_UNLOCK, ref)
+    b.wallet_entry(viewer, TxKind.PHOTO_UNLOCK, -amount_fen, tid, ref)
+    b.wallet_entry(owner, TxKind.PHOTO_INCOME, amount_fen, tid, ref)
+    b.notify(owner, NoticeKind.CREDITED, amount_fen, payment_id=unlock_id,
+             message=photo_income_text(photo_id))
+    result = UnlockResult(unlock_id, amount_fen, False)
+    b.tx.put(keys.IDEM, idem_key,
+             records.pack_unlock(fingerprint, result, owner.decode(), photo_id))
+    return result

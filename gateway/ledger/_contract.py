@@ -37,6 +37,7 @@ from gateway.domain.model import (
     PaymentBegun,
     PaymentStatus,
     SendResult,
+    UnlockResult,
     WalletPage,
 )
 from gateway.domain.store import Books, Tx
@@ -118,6 +119,26 @@ class Ledger(abc.ABC):
     async def notifications(self, user_id: str, after_event_id: int, limit: int
                             ) -> list[Notice]:
         """The user's notification events after ``after_event_id``, oldest first."""
+
+    # -- Moments photo unlocks -------------------------------------------------------
+
+    @abc.abstractmethod
+    async def unlock_photo(self, viewer_id: str, request_id: str, fingerprint: bytes, *,
+                           owner_id: str, photo_id: str, amount_fen: int) -> UnlockResult:
+        """Moves ``amount_fen`` from the viewer's wallet to the owner's: one transfer, an
+        entry in each wallet, a CREDITED event in the owner's feed.
+
+        Idempotent by (viewer, request_id): a retry returns the first result;
+        another payload under the same id raises InvalidArgument
+        ``REQUEST_ID_REUSED``. A wallet that does not cover the amount raises
+        FailedPrecondition ``INSUFFICIENT_BALANCE`` and changes nothing.
+        """
+
+    @abc.abstractmethod
+    async def unlock_result(self, viewer_id: str, request_id: str, fingerprint: bytes
+                            ) -> UnlockResult | None:
+        """The first result of a paid unlock by (viewer, request_id), or None; InvalidArgument
+        ``REQUEST_ID_REUSED`` if the id was used with another payload."""
 
     # -- card payments -------------------------------------------------------------
 
@@ -210,6 +231,11 @@ class BooksLedger(Ledger):
         packed = [(e.encode(), u.encode(), request_digest(r)) for u, e, r in items]
         return await self.write(rules.grab_many, packed)
 
+    async def unlock_photo(self, viewer_id, request_id, fingerprint, *, owner_id, photo_id,
+                           amount_fen) -> UnlockResult:
+        return await self.write(rules.unlock_photo, viewer_id.encode(), request_id.encode(),
+                                 fingerprint, owner_id.encode(), photo_id, amount_fen)
+
     async def begin_payment(self, payment, fingerprint, due_in_ms, envelope=None):
         return await self.write(rules.begin_payment, payment, fingerprint, due_in_ms,
                                  envelope)
@@ -244,6 +270,9 @@ class BooksLedger(Ledger):
 
     async def get_envelope(self, envelope_id):
         return self.read(reads.get_envelope, envelope_id)
+
+    async def unlock_result(self, viewer_id, request_id, fingerprint):
+        return self.read(reads.unlock_result, viewer_id, request_id, fingerprint)
 
     async def balance(self, user_id):
         return self.read(reads.balance, user_id)
