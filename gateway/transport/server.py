@@ -32,6 +32,7 @@ from gateway.transport.portfile import write_port_file
 from gateway.transport.servicers.admin import AdminServicer
 from gateway.transport.servicers.auth import AuthServicer
 from gateway.transport.servicers.envelope import EnvelopeServicer
+from gateway.transport.servicers.moments import MomentsServicer
 from gateway.transport.servicers.notification import NotificationServicer
 from gateway.transport.servicers.wallet import WalletServicer
 from hongbao.v1 import (
@@ -41,6 +42,8 @@ from hongbao.v1 import (
     auth_pb2_grpc,
     envelope_pb2,
     envelope_pb2_grpc,
+    moments_pb2,
+    moments_pb2_grpc,
     notification_pb2,
     notification_pb2_grpc,
     wallet_pb2,
@@ -53,6 +56,7 @@ SERVICE_NAMES = (
     envelope_pb2.DESCRIPTOR.services_by_name["EnvelopeService"].full_name,
     wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,
     notification_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
+    moments_pb2.DESCRIPTOR.services_by_name["MomentsService"].full_name,
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
@@ -98,6 +102,7 @@ def _grpc_server(app: App, opts: ServeOptions) -> tuple[grpc.aio.Server, int, bo
     wallet_pb2_grpc.add_WalletServiceServicer_to_server(WalletServicer(gw), server)
     notification_pb2_grpc.add_NotificationServiceServicer_to_server(
         NotificationServicer(gw), server)
+    moments_pb2_grpc.add_MomentsServiceServicer_to_server(MomentsServicer(gw), server)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(app.keyring), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(gw.operations), server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)

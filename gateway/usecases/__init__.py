@@ -2,7 +2,8 @@
 
 Owns: input checks (``checks``), sending envelopes balance first
 (``sending``), grabbing behind the grab gate (``grabbing``), card payments
-with a closed loop (``cards``), wallet reads (``wallet``), operator requests
+with a closed loop (``cards``), wallet reads (``wallet``), Moments photo
+unlocks, free under payment pressure (``moments``), operator requests
 (``operations``) and the time-driven workers (``background``). Servicers call
 these and never reach the ledger, the butler or the bank themselves.
 
@@ -17,6 +18,7 @@ import dataclasses
 from gateway.config import Settings
 from gateway.usecases.cards import CardPayments
 from gateway.usecases.grabbing import Grabbing
+from gateway.usecases.moments import Moments
 from gateway.usecases.operations import Operations
 from gateway.usecases.sending import SendCommand, Sending
 from gateway.usecases.wallet import WalletReads
@@ -31,8 +33,9 @@ class Gateway:
     grabbing: Grabbing
     cards: CardPayments
     wallet: WalletReads
+    moments: Moments
     operations: Operations
 
 
-__all__ = ["CardPayments", "Gateway", "Grabbing", "Operations", "SendCommand", "Sending",
-           "WalletReads"]
+__all__ = ["CardPayments", "Gateway", "Grabbing", "Moments", "Operations", "SendCommand",
+           "Sending", "WalletReads"]

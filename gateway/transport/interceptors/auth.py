@@ -68,6 +68,7 @@ METHOD_SCOPES: Mapping[str, str] = MappingProxyType({
     _WALLET + "TopUp": "pay",
     _WALLET + "Withdraw": "pay",
     "/hongbao.v1.NotificationService/WatchNotifications": "read",
+    "/hongbao.v1.MomentsService/UnlockPhoto": "pay",  # moves money out of the caller's wallet
     "/hongbao.v1.AuthService/IssueTicket": EXEMPT,
 })
 # Whole services, keyed by "/<package>.<Service>/"; a method entry above wins.
