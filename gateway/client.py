@@ -125,7 +125,7 @@ def _local_refusal(reason: str, tier: Tier) -> grpc.aio.AioRpcError:
     status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail])
     trailers = grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString()))
     return grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
-                                trailers, details=message)
+                                trailers, details=message, debug_error_string=reason)
 
 
 def _user_of(metadata: Any) -> str:

@@ -77,7 +77,8 @@ class Settings:
     list_budget_ms: float = 50.0  # ListTransactions reads longer than this use the cache
     list_cache_size: int = 20_000  # users whose last first page is kept (LRU)
     noncore_floor_share: float = 0.1  # non-core consumers' rate under pressure (of nominal)
-    credit_floor_rate_per_s: float = 1_000.0  # the credit consumer's, when the writer is the bottleneck
+    # The credit consumer's rate while the writer is the bottleneck.
+    credit_floor_rate_per_s: float = 1_000.0
     unlock_fen: int = 100  # what a Moments photo unlock costs the viewer
     unlock_free_step: float = 0.25  # share of unlocks turned free per pressured window
 
@@ -111,8 +112,10 @@ class Settings:
             raise ValueError("qos_p0_user_floor must be in 1..128")
         if self.qos_pin_level >= 4 * 128:
             raise ValueError("qos_pin_level must be < 512 (or -1 for automatic)")
-        if self.balance_rate_per_s < 0 or self.balance_cache_size < 0 or self.list_cache_size < 0:
-            raise ValueError("balance_rate_per_s and the cache sizes must be >= 0")
+        if min(self.balance_rate_per_s, self.balance_cache_size, self.list_cache_size,
+               self.list_budget_ms, self.credit_floor_rate_per_s) < 0:
+            raise ValueError("balance_rate_per_s, list_budget_ms, credit_floor_rate_per_s "
+                             "and the cache sizes must be >= 0")
         if not 0 < self.noncore_floor_share <= 1 or not 0 < self.unlock_free_step <= 1:
             raise ValueError("noncore_floor_share and unlock_free_step must be in (0, 1]")
         if not 1 <= self.unlock_fen <= self.max_share_fen:

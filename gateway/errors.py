@@ -119,6 +119,11 @@ def rich_status(err: GatewayError) -> grpc.Status:
     return status
 
 
+def with_trailers(status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> grpc.Status:
+    """``status`` with ``extra`` appended to its trailing metadata."""
+    return _Status(status.code, status.details, (*status.trailing_metadata, *extra))
+
+
 async def abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoReturn:
     """Ends the call with ``err`` mapped to its status (raises, never returns)."""
     status = rich_status(err)
@@ -126,7 +131,7 @@ async def abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoRetur
     # them): carry them over.
     kept = context.trailing_metadata() if hasattr(context, "trailing_metadata") else None
     if kept:
-        status = _Status(status.code, status.details, (*status.trailing_metadata, *kept))
+        status = with_trailers(status, tuple(kept))
     # grpc-stubs 1.53 predates ServicerContext.abort_with_status, which grpcio has.
     await context.abort_with_status(status)  # type: ignore[attr-defined]
     raise AssertionError("abort_with_status returned")  # pragma: no cover

@@ -34,6 +34,9 @@ class Stack:
         return self.root / "gateway"
 
     def start_gateway(self, *args: str) -> Proc:
+        """(Re)starts the gateway with ``args``; a running one is stopped first."""
+        if self.gateway is not None:
+            self.gateway.stop()
         self.gateway_args = args or self.gateway_args
         self.gateway = gateway_proc(self.data_dir, *self.gateway_args, bank=self.bank.target,
                                     log_path=self.root / "gateway.log")

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from gateway.errors import rich_status
+from gateway.errors import rich_status, with_trailers
 from gateway.qos.governor import Governor
 from gateway.qos.pressure import refused, shed_error
 from gateway.qos.tiers import DEGRADABLE, Tier
@@ -119,9 +119,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         refusal = self._refusals.get(key)
         if refusal is None:
             err = shed_error(tier, level, self._governor.pressure.pushback_ms)
-            status = rich_status(err)
-            status = type(status)(status.code, status.details,
-                                  (*status.trailing_metadata, (LEVEL_HEADER, str(level))))
+            status = with_trailers(rich_status(err), ((LEVEL_HEADER, str(level)),))
             refusal = rejection_handler(status, "SHED", *arity)
             if len(self._refusals) < _MAX_REFUSALS:
                 self._refusals[key] = refusal
