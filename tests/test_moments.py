@@ -1,14 +1,16 @@
 """MomentsService/UnlockPhoto: paid unlocks against a real server, free unlocks under pressure.
 
 The paid path runs end to end (bank simulator and gateway processes, gRPC over
-loopback, reconcile at the end). The free path is driven at the use-case level
-over real ledgers (LMDB in tmp_path, and memory), with a Pressure whose windows
-the test closes itself, since the free share only moves when one does.
+loopback, reconcile at the end), and so does the free path once, with the
+admission level pinned. The free share's steps are driven at the use-case
+level over real ledgers (LMDB in tmp_path, and memory), with a Pressure whose
+windows the test closes itself, since the share only moves when one does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -23,11 +25,11 @@ from gateway.domain.keys import payment_id_for, unlock_id
 from gateway.domain.model import Payment, PaymentKind, PaymentStatus, TxKind
 from gateway.errors import reason_of
 from gateway.ledger import BooksLedger, LmdbLedger, MemoryLedger
-from gateway.qos.controller import MAX_LEVEL
+from gateway.qos.controller import MAX_LEVEL, USER_LEVELS, priority_of, salt_of
 from gateway.qos.pressure import MOMENTS_FREE, Pressure
 from gateway.usecases import Moments
 from gateway.usecases.moments import free_point
-from hongbao.v1 import moments_pb2, notification_pb2, wallet_pb2
+from hongbao.v1 import admin_pb2, moments_pb2, notification_pb2, wallet_pb2
 from tests.conftest import run
 from tests.test_gateway import balance, top_up
 
@@ -47,6 +49,11 @@ async def entries(c: Client, meta) -> list[tuple[int, int, str]]:
     page = await c.wallet.ListTransactions(wallet_pb2.ListTransactionsRequest(page_size=100),
                                            metadata=meta, timeout=10)
     return [(t.kind, t.amount_fen, t.reference_id) for t in page.transactions]
+
+
+async def qos(c: Client, admin_meta) -> admin_pb2.GetQosStatusResponse:
+    return await c.admin.GetQosStatus(admin_pb2.GetQosStatusRequest(), metadata=admin_meta,
+                                      timeout=10)
 
 
 async def refused(call) -> grpc.aio.AioRpcError:
@@ -195,6 +202,53 @@ def test_unlock_fen_comes_from_the_config(stack, tmp_path):
             assert (await balance(c, stack.meta("kim"))).balance_fen == 350
             assert (await entries(c, jo))[0] == (PHOTO_UNLOCK, -250, r.payment_id)
     run(second())
+
+
+def _admitted_below_510(candidates: list[str]) -> str:
+    """A user whose P3 calls level 510 admits in this salt hour and the next (the hourly
+    salt of gateway.qos.controller, no secret: what the gateway computes)."""
+    epoch = int(time.time() // 3600)
+    for user in candidates:
+        if all(priority_of(user, salt_of(e)) < USER_LEVELS - 1 for e in (epoch, epoch + 1)):
+            return user
+    raise AssertionError("no candidate user is admitted at level 510")
+
+
+def test_pressure_on_a_real_server_frees_new_unlocks_and_a_paid_one_stays_paid(stack, tmp_path):
+    """With the level pinned where P3 is under pressure the free share climbs to 1.0: new
+    unlocks are free and move nothing, and a request_id paid before still answers paid."""
+    viewer = _admitted_below_510([f"viewer{i}" for i in range(20)])
+
+    async def calm():
+        async with Client(stack.target) as c:
+            await top_up(c, stack.meta(viewer), 1000)
+            return await unlock(c, stack.meta(viewer), "lee", rid="paid")
+
+    paid = run(calm())
+    config = tmp_path / "pressure.toml"
+    config.write_text(f"qos_pin_level = {P3_PARTLY_SHED}\nqos_window_s = 0.1\n")
+    assert stack.gateway is not None
+    stack.gateway.stop()
+    stack.start_gateway("--config", str(config))
+
+    async def pressured():
+        async with Client(stack.target) as c:
+            meta, admin = stack.meta(viewer), stack.meta("ops", ("admin",))
+            async with asyncio.timeout(20):
+                while (await qos(c, admin)).admission.moments_free_share < 1.0:
+                    await asyncio.sleep(0.05)
+            before = [await entries(c, u) for u in (meta, stack.meta("lee"))]
+            for i in range(20):
+                r = await unlock(c, meta, "lee", rid=f"new{i}")
+                assert (r.free, r.amount_fen) == (True, 0)
+                assert r.payment_id == unlock_id(viewer, f"new{i}", free=True)
+            assert await unlock(c, meta, "lee", rid="paid") == paid
+            assert (await balance(c, meta)).balance_fen == 900
+            assert (await balance(c, stack.meta("lee"))).balance_fen == 100
+            assert [await entries(c, u) for u in (meta, stack.meta("lee"))] == before
+            served = {d.name: d.served for d in (await qos(c, admin)).degradations}
+            assert served["moments_free"] == 20
+    run(pressured())
 
 
 # -- the free share, over real ledgers ------------------------------------------------------
