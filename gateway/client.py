@@ -11,8 +11,9 @@ callers, in two ways (both local: a call refused here never reaches the wire):
   call's ticket names. A level is trusted for ``level_ttl_s`` only, so a client
   that sends nothing but shed calls still hears of the recovery.
 - Adaptive throttling (Google SRE book, "Handling Overload"): over the last
-  ``window_s`` the client counts requests and accepts (calls the server did
-  not refuse with RESOURCE_EXHAUSTED) and refuses a call locally with
+  ``window_s`` the client counts requests and accepts (calls the server
+  answered other than RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED or
+  CANCELLED: under overload grpc's core cancels calls it cannot hand over) and refuses a call locally with
   probability ``max(0, (requests - K * accepts) / (requests + 1))``.
 
 A local refusal is a ``grpc.aio.AioRpcError`` with RESOURCE_EXHAUSTED and an
@@ -47,6 +48,9 @@ from hongbao.v1 import (
 )
 
 LEVEL_HEADER = "x-hongbao-admission-level"
+# Answers that say the server could not take the call (not an accept, for the throttle).
+_OVERLOADED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
+                         grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
 
 class Throttle:
@@ -159,8 +163,7 @@ class _ThrottleUnary(grpc.aio.UnaryUnaryClientInterceptor):
         try:
             await call
         except grpc.aio.AioRpcError as err:
-            self._t.record(err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           _level_of(err.trailing_metadata()))
+            self._t.record(err.code() not in _OVERLOADED, _level_of(err.trailing_metadata()))
             raise
         self._t.record(True, _level_of(await call.trailing_metadata()))
         return call

@@ -65,6 +65,7 @@ class Settings:
     qos_admit_step: float = 0.01  # of a window's requests admitted more per calm window
     qos_p0_user_floor: int = 64  # P0 user priorities (of 128) never shed
     qos_loop_lag_ms: float = 50.0  # event-loop lag that counts as overload
+    qos_loop_busy: float = 0.9  # loop thread CPU share that counts as saturation (0..1]
     qos_writer_depth: int = 5_000  # writer queue depth that counts as overload
     qos_bank_error_rate: float = 0.5  # a bank's error rate that counts as trouble
     qos_retry_pushback_ms: int = 1_000  # grpc-retry-pushback-ms on a shed call
@@ -108,6 +109,8 @@ class Settings:
         tier_table(self.tiers)  # its own check names a bad entry
         if not self.qos_delay_threshold_ms > 0 or not self.qos_window_s > 0:
             raise ValueError("qos_delay_threshold_ms and qos_window_s must be > 0")
+        if not 0 < self.qos_loop_busy <= 1:
+            raise ValueError("qos_loop_busy must be in (0, 1]")
         if not 1 <= self.qos_p0_user_floor <= 128:
             raise ValueError("qos_p0_user_floor must be in 1..128")
         if self.qos_pin_level >= 4 * 128:

@@ -36,6 +36,7 @@ from gateway.qos.tiers import Tier
 USER_LEVELS = 128
 TIERS = len(Tier)
 MAX_LEVEL = TIERS * USER_LEVELS - 1  # everything admitted
+P0_TOP = USER_LEVELS - 1  # all of P0 admitted, nothing else
 
 
 def key_of(tier: Tier, user_priority: int) -> int:
@@ -114,11 +115,13 @@ class AdmissionController:
         self._delay_ms_total = 0.0
         self._window_start = clock()
         self._external_overload = False
+        self._saturated = False
         self._salt_epoch = -1
         self._salt = b""
         self.windows = 0
         self.last_mean_delay_ms = 0.0
         self.last_overloaded = False
+        self.last_saturated = False
 
     # -- per request -------------------------------------------------------------
 
@@ -147,6 +150,14 @@ class AdmissionController:
         """An outside signal (loop lag, writer queue, bank errors) for the current window."""
         self._external_overload = True
 
+    def report_saturation(self) -> None:
+        """The worker's event loop is saturated, so calls queue in grpc's core, where no
+        timestamp reaches the interceptor. A weaker signal than :meth:`report_overload`:
+        on its own it tightens the level down to P0's top but never into P0, because
+        once everything else is shed the saturation is the refusals' own cost (a flood
+        of calls that are refused anyway), which shedding paying users cannot reduce."""
+        self._saturated = True
+
     def tick(self) -> None:
         """Closes the window if its time is up; call it now and then (e.g. every 100 ms)."""
         if self._clock() - self._window_start >= self.options.window_s:
@@ -166,13 +177,17 @@ class AdmissionController:
             self.level = self.pinned_level
         elif overloaded and n:
             self.level = self._tighter(n)
-        elif not overloaded:
+        elif self._saturated and n:
+            self.level = max(self._tighter(n), min(self.level, P0_TOP))
+        elif not overloaded and not self._saturated:
             self.level = self._looser(n)
+        self.last_saturated = self._saturated
         self.windows += 1
         self._histogram = [0] * (MAX_LEVEL + 1)
         self._count = 0
         self._delay_ms_total = 0.0
         self._external_overload = False
+        self._saturated = False
         self._window_start = self._clock()
         if self._on_window is not None:
             self._on_window()

@@ -7,13 +7,22 @@ loop) wakes every ``tick_s`` and
 
 - measures the event loop's lag (how late the wake-up came): a loop that
   cannot keep its own timers is overloaded whatever the queuing delay says;
+- measures how busy the loop's thread is (its CPU time over the tick). grpc
+  hands a waiting call to Python about once per loop iteration, so when the
+  loop is saturated calls queue inside grpc's core, before the interceptor
+  can timestamp them: the queuing delay it measures stays small while callers
+  wait. A window whose mean is over ``loop_busy`` reports saturation (see
+  :meth:`AdmissionController.report_saturation` for how far that may shed);
 - reads the writer's queue (depth, and the mean wait of the writes committed
   since the last window, which is added to the window's queuing delay: a
   grab admitted quickly but waiting 50 ms for its group commit was queued);
 - asks whether a bank is in trouble (its error rate over a threshold, or its
-  breaker not closed);
-- raises the controller's overload flag for the window on any of these, and
-  closes the window when its time is up.
+  breaker not closed). That feeds the payment-path degradations (Moments
+  unlocks turn free) and the status, not the level: the butler already
+  sheds a failing bank's traffic by its own breaker, and tightening the level
+  would refuse wallet reads that never touch a bank;
+- raises the controller's overload flag for the window on loop lag or a
+  deep writer queue, and closes the window when its time is up.
 
 When a window closes the Pressure gets the new level and signals, and a log
 line records any level change. ``enabled = False`` keeps everything measured
@@ -49,6 +58,7 @@ class WriterSample:
 class Thresholds:
     loop_lag_ms: float = 50.0
     writer_depth: int = 5_000
+    loop_busy: float = 0.9  # mean share of the window the loop's thread was on a CPU
 
 
 class Governor:
@@ -76,7 +86,11 @@ class Governor:
         self.admitted = [0] * n
         self.shed = [0] * n
         self.loop_lag_ms = 0.0
+        self.loop_busy = 0.0  # share of the last tick the loop's thread was on a CPU
+        self._busy_sum = 0.0
+        self._busy_ticks = 0
         self._window_lag_ms = 0.0
+        self._busy_sum, self._busy_ticks = 0.0, 0
         self._sample = WriterSample()
         self._window_sample = WriterSample()
         self.writer_wait_ms = 0.0
@@ -123,14 +137,15 @@ class Governor:
     async def run(self) -> None:
         """Ticks until :meth:`stop`: loop lag, writer, banks, window time."""
         while not self._stopping.is_set():
-            started = self._clock()
+            started, cpu = self._clock(), time.thread_time()
             try:
                 await asyncio.wait_for(self._stopping.wait(), self._tick_s)
                 return
             except TimeoutError:
                 pass
-            lag_ms = max(0.0, (self._clock() - started - self._tick_s) * 1000.0)
-            await self._tick(lag_ms)
+            elapsed = self._clock() - started
+            self.loop_busy = min(1.0, (time.thread_time() - cpu) / elapsed) if elapsed > 0 else 0.0
+            await self._tick(max(0.0, (elapsed - self._tick_s) * 1000.0))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -144,6 +159,10 @@ class Governor:
         self._bank_trouble_now = self._bank_trouble()
         if lag_ms > self.thresholds.loop_lag_ms or self._writer_trouble:
             self.controller.report_overload()
+        self._busy_sum += self.loop_busy
+        self._busy_ticks += 1
+        if self._busy_sum / self._busy_ticks >= self.thresholds.loop_busy:
+            self.controller.report_saturation()
         self.controller.tick()
 
     # -- controller hooks ----------------------------------------------------------------
@@ -169,3 +188,4 @@ class Governor:
                      writer_trouble=self._writer_trouble, bank_trouble=self._bank_trouble_now,
                      shed=dict(zip((t.name for t in Tier), self.shed, strict=True)))
         self._window_lag_ms = 0.0
+        self._busy_sum, self._busy_ticks = 0.0, 0

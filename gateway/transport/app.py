@@ -107,7 +107,8 @@ def build_governor(settings: Settings, ledger: Ledger, butler: PaymentButler | N
                                             **hooks),
         pressure, enabled=settings.qos_enabled, writer=writer, bank_trouble=bank_trouble,
         thresholds=Thresholds(loop_lag_ms=settings.qos_loop_lag_ms,
-                              writer_depth=settings.qos_writer_depth),
+                              writer_depth=settings.qos_writer_depth,
+                              loop_busy=settings.qos_loop_busy),
         tick_s=min(0.1, settings.qos_window_s / 2))
 
 

@@ -59,6 +59,7 @@ class AdmissionState:
     free_share: float  # of Moments unlocks
     noncore_share: float  # of the non-core consumers' nominal rate
     served: dict[str, int] = dataclasses.field(default_factory=dict)  # degraded answers
+    loop_busy: float = 0.0  # share of the last tick the loop's thread was on a CPU
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,7 +104,8 @@ class Operations:
                  for t in Tier]
         return AdmissionState(gov.enabled, gov.level, Tier(tier).name, prio,
                               c.last_mean_delay_ms, gov.loop_lag_ms, c.windows, tiers,
-                              p.in_force(), p.free_share, p.noncore_share, dict(p.served))
+                              p.in_force(), p.free_share, p.noncore_share, dict(p.served),
+                              gov.loop_busy)
 
     def set_consumer_rate(self, topic: str, rate_per_s: float) -> float:
         if topic not in self._consumers:

@@ -33,7 +33,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 level_user_priority=a.level_user_priority,
                 queuing_delay_ms=a.queuing_delay_ms, loop_lag_ms=a.loop_lag_ms,
                 windows=a.windows, moments_free_share=a.free_share,
-                noncore_share=a.noncore_share))
+                noncore_share=a.noncore_share, loop_busy=a.loop_busy))
             response.degradations.extend(
                 pb.Degradation(name=name, in_force=on, served=a.served.get(name, 0))
                 for name, on in a.degradations.items())
