@@ -13,8 +13,8 @@ callers, in two ways (both local: a call refused here never reaches the wire):
 - Adaptive throttling (Google SRE book, "Handling Overload"): over the last
   ``window_s`` the client counts requests and accepts (calls the server
   answered other than RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED or
-  CANCELLED: under overload grpc's core cancels calls it cannot hand over) and refuses a call locally with
-  probability ``max(0, (requests - K * accepts) / (requests + 1))``.
+  CANCELLED: under overload grpc's core cancels calls it cannot hand over)
+  and refuses a call locally with probability ``max(0, (requests - K * accepts) / (requests + 1))``.
 
 A local refusal is a ``grpc.aio.AioRpcError`` with RESOURCE_EXHAUSTED and an
 ``ErrorInfo`` reason: ``SHED_LOCALLY`` (the level) or ``THROTTLED_LOCALLY``.
