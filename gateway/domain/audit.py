@@ -63,6 +63,7 @@ class Report:
             f"{t.get('pending_fen', 0)} fen",
             f"bank money in   {t.get('clearing_in_fen', 0):>12} fen",
             f"payments        {t.get('payments', 0):>12}   in flight {len(self.in_flight)}",
+            f"photo unlocks   {t.get('unlocks', 0):>12}   paid {t.get('unlock_fen', 0)} fen",
         ]
         if self.bank is not None:
             lines.append(f"bank merchant   {self.bank['merchant_balance_fen']:>12} fen   "

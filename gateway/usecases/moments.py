@@ -22,10 +22,11 @@ gets the same answer. The rules, in the order they apply:
    INVALID_ARGUMENT ``REQUEST_ID_REUSED``;
 2. otherwise, a point below the share is free: ``payment_id`` is
    ``free_<hex>``, derived from (viewer, request_id) as the paid ``unl_<hex>``
-   is, ``amount_fen`` 0, ``free`` true. Nothing is recorded, so a retry of a
-   free unlock is decided afresh at the share then in force (free again at the
-   same or a higher share, possibly paid once the share has come down), and a
-   request_id reused with another payload is caught only against a paid unlock;
+   is, ``amount_fen`` 0, ``free`` true, whatever the wallet holds. Nothing is
+   recorded, so a retry of a free unlock is decided afresh at the share then in
+   force (free again at the same or a higher share, possibly paid once the
+   share has come down), and a request_id reused with another payload is caught
+   only against a paid unlock;
 3. otherwise the unlock is paid.
 
 Input is checked before anything is read or written: request_id and photo_id
