@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py protos_build.py $(wildcard protos/*/v1/*.proto) $(wildcard hotpath/*.pyx hotpath/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench soak protos clean install debug-test
+.PHONY: demo test lint bench soak protos clean install debug-test h2load
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/hongbao demo
 
-test: $(STAMP)
+# h2load (Debian's nghttp2-client) is the overload test's load generator.
+H2LOAD := $(shell command -v h2load)
+h2load:
+ifeq ($(H2LOAD),)
+	apt-get update -qq && apt-get install -y -qq nghttp2-client
+endif
+
+test: $(STAMP) h2load
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	HONGBAO_HOTPATH=pure $(PY) -m pytest -q tests/test_ledger.py
 
