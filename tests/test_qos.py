@@ -240,3 +240,24 @@ def test_the_client_drops_locally_what_the_server_would_shed(stack, tmp_path):
                                              metadata=stack.meta("ops", scopes=("admin",)))
             assert {t.tier: t.offered for t in qos.tiers}["P1"] == 0
     run(scenario())
+
+
+def test_hongbao_qos_shows_the_level_and_the_tiers(stack, tmp_path):
+    """`hongbao qos --once` draws one table: the pinned level, P3 shedding, the banks."""
+    stack.start_gateway("--config", str(write_config(tmp_path / "q.toml",
+                                                     qos_pin_level=P3_ALL_SHED)))
+    shown = subprocess.run(
+        [sys.executable, "-m", "gateway.ops.cli", "qos", "--target", stack.target,
+         "--data-dir", str(stack.data_dir), "--once"],
+        capture_output=True, text=True, timeout=60, env={"COLUMNS": "120", "PATH": ""})
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert f"level {P3_ALL_SHED}" in out and "(P2, user priority 127)" in out
+    p3 = next(line for line in out.splitlines() if "P3" in line and "│" in line)
+    assert "yes" in p3
+    assert "icbc" in out and "credit" in out and "noncore_stepdown" in out
+    bad = subprocess.run(
+        [sys.executable, "-m", "gateway.ops.cli", "qos", "--target", stack.target,
+         "--ticket", stack.ticket("a", scopes=("read",)), "--once"],
+        capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "PERMISSION_DENIED" in bad.stderr

@@ -20,7 +20,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--metrics-port", type=int, help="plain-text metrics on 127.0.0.1")
+    p.add_argument("--metrics-port", type=int,
+                   help="Prometheus metrics on 127.0.0.1 (worker i: port + i)")
     p.add_argument("--resolve-delay-s", type=float, default=None,
                    help="wait before asking the bank about an unknown result")
     p.add_argument("--durability", choices=("strict", "relaxed"), default=None,
@@ -116,6 +117,35 @@ def _cmd_reconcile(args) -> int:
     return 0 if report.balanced else 1
 
 
+def _qos_parser(sub) -> None:
+    p = sub.add_parser("qos", help="a worker's live QoS state (admission, tiers, bus, banks)")
+    p.add_argument("--target", required=True, metavar="HOST:PORT")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--ticket", help="an admin ticket")
+    who.add_argument("--data-dir", type=Path, help="mint an admin ticket from these keys")
+    who.add_argument("--key-file", type=Path)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    p.add_argument("--once", action="store_true", help="print one table and exit")
+
+
+def _cmd_qos(args) -> int:
+    from gateway.ops.qos import admin_ticket, watch
+    from gateway.security import tickets
+
+    if not 0.1 <= args.interval <= 60:
+        print("hongbao qos: --interval must be in 0.1..60 seconds", file=sys.stderr)
+        return 2
+    try:
+        ticket = admin_ticket(args.ticket, args.data_dir, args.key_file)
+    except tickets.KeyFileError as err:
+        print(f"hongbao qos: {err}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(watch(args.target, ticket, interval_s=args.interval, once=args.once))
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hongbao", description="red-envelope payment gateway")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -127,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     _ticket_parser(sub)
     sub.add_parser("demo", help="the Spring-Festival-eve scenario, end to end")
     _reconcile_parser(sub)
+    _qos_parser(sub)
     bench = sub.add_parser("bench", help="run the benchmarks in bench/")
     bench.add_argument("names", nargs="*",
                        help="hotpath, tickets, ledger, butler, balance_first (default: all)")
@@ -139,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_ticket(args)
     if args.cmd == "reconcile":
         return _cmd_reconcile(args)
+    if args.cmd == "qos":
+        return _cmd_qos(args)
     if args.cmd == "demo":
         from gateway.ops.demo import main as demo_main
 
