@@ -11,5 +11,10 @@ It also owns the QoS state the degradations read (``pressure``: which
 tiers are shed, the free share of Moments unlocks, the non-core consumers'
 share of their rate).
 
-May import: the standard library and ``gateway.errors`` (for the SHED error).
+It also owns the per-worker governor (``governor``) that feeds the
+controller its signals (loop lag and busy share, writer queue, bank trouble)
+and keeps the Pressure in step with each window.
+
+May import: the standard library, ``structlog`` (the governor's level log
+line) and ``gateway.errors`` (for the SHED error).
 """

@@ -128,7 +128,8 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
     background: list[BackgroundLoop] = []
     if run_background:
         credit = CreditConsumer(ledger, batch=settings.credit_batch,
-                                rate_per_s=settings.credit_rate_per_s)
+                                rate_per_s=settings.credit_rate_per_s, pressure=pressure,
+                                floor_rate_per_s=settings.credit_floor_rate_per_s)
         background += [credit, ExpirySweeper(ledger, interval_s=settings.expiry_sweep_s)]
         if bank is not None:
             resolver = Resolver(ledger, bank, delay_s=settings.resolve_delay_s,
@@ -142,6 +143,7 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
         grabbing=Grabbing(ledger, hotpath.GrabGate(settings.gate_max_envelopes)),
         cards=cards,
         moments=Moments(ledger, settings, pressure),
+        pressure=pressure,
         wallet=WalletReads(ledger, settings, pressure),
         operations=Operations(ledger, butler, bank,
                               {"credit": credit, "payment-unknown": resolver}, governor))

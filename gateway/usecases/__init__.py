@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from gateway.config import Settings
+from gateway.qos.pressure import Pressure
 from gateway.usecases.cards import CardPayments
 from gateway.usecases.grabbing import Grabbing
 from gateway.usecases.moments import Moments
@@ -34,6 +35,9 @@ class Gateway:
     cards: CardPayments
     wallet: WalletReads
     moments: Moments
+    # The worker's QoS state, for the transport's own step-downs (the notification
+    # streams poll less often while the level is raised).
+    pressure: Pressure
     operations: Operations
 
 

@@ -16,6 +16,7 @@ import structlog
 from gateway import errors
 from gateway.ledger import Ledger
 from gateway.loops import BackgroundLoop
+from gateway.qos.pressure import Pressure
 
 log = structlog.get_logger(__name__)
 
@@ -26,22 +27,37 @@ class CreditConsumer(BackgroundLoop):
     topic = "credit"
 
     def __init__(self, ledger: Ledger, *, batch: int = 1024, rate_per_s: float = 100_000.0,
-                 idle_sleep_s: float = 0.01) -> None:
-        assert batch >= 1 and rate_per_s >= 0
+                 idle_sleep_s: float = 0.01, pressure: Pressure | None = None,
+                 floor_rate_per_s: float = 1_000.0) -> None:
+        """``pressure.writer_trouble`` (the writer is the bottleneck) slows crediting to
+        ``floor_rate_per_s``, leaving the writer to the money path; otherwise the rate
+        holds whatever the level (credits are core work: money users are waiting for)."""
+        assert batch >= 1 and rate_per_s >= 0 and floor_rate_per_s >= 0
         super().__init__()
+        self._pressure = pressure
+        self.floor_rate_per_s = floor_rate_per_s
         self._ledger = ledger
         self._batch = batch
         self.rate_per_s = rate_per_s  # credits per second; 0 pauses the topic
         self._idle_sleep_s = idle_sleep_s
         self.applied = 0
 
+    @property
+    def effective_rate_per_s(self) -> float:
+        """The rate set, or the floor while the writer is the bottleneck."""
+        p = self._pressure
+        if p is not None and p.writer_trouble:
+            return min(self.rate_per_s, self.floor_rate_per_s)
+        return self.rate_per_s
+
     async def run(self) -> None:
         while not self.stopping:
-            if self.rate_per_s <= 0:
+            rate = self.effective_rate_per_s
+            if rate <= 0:
                 await self.pause(0.1)
                 continue
             # A slice of at most 100 ms of the rate, so a new rate bites quickly.
-            limit = max(1, min(self._batch, int(self.rate_per_s * 0.1)))
+            limit = max(1, min(self._batch, int(rate * 0.1)))
             started = time.monotonic()
             try:
                 n = await self._ledger.apply_credits(limit)
@@ -51,7 +67,7 @@ class CreditConsumer(BackgroundLoop):
             self.applied += n
             pause = self._idle_sleep_s if n == 0 else 0.0
             if n:
-                pause = max(pause, n / self.rate_per_s - (time.monotonic() - started))
+                pause = max(pause, n / rate - (time.monotonic() - started))
             await self.pause(pause)
 
 

@@ -70,6 +70,13 @@ class QosStatus:
     admission: AdmissionState | None = None  # None when no governor runs (tests of parts)
 
 
+def _rate_of(consumer: RateControlled | None) -> float:
+    """The rate a consumer runs at now (its floor while stepped down), 0 when absent."""
+    if consumer is None:
+        return 0.0
+    return float(getattr(consumer, "effective_rate_per_s", consumer.rate_per_s))
+
+
 class Operations:
     """``consumers`` maps a topic to the worker draining it (None on workers other than 0)."""
 
@@ -89,8 +96,7 @@ class Operations:
         stats = await self._ledger.stats()
         lags = {"credit": stats.credit_backlog,
                 "payment-unknown": len(await self._ledger.due_payments(_DUE_SCAN_LIMIT))}
-        topics = [TopicLag(topic, lags[topic], c.rate_per_s if c is not None else 0.0)
-                  for topic, c in self._consumers.items()]
+        topics = [TopicLag(topic, lags[topic], _rate_of(c)) for topic, c in self._consumers.items()]
         banks = self._butler.health() if self._butler is not None else []
         return QosStatus(topics, banks, stats.queue_depth, self.admission_state())
 

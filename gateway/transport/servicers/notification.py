@@ -4,6 +4,12 @@ Events live in the caller's durable feed in the ledger (written in the same
 transaction as the change they report), so a stream can resume after any
 disconnect, or a restart, from the last event id it saw. New events are
 picked up by polling the feed; any worker process can serve any user.
+
+The streams are non-core work (P3) and step down under pressure: while the
+admission level is raised they poll ``noncore_share`` as often (a tenth, by
+default: every second instead of every 100 ms). Nothing is lost by it, the
+events wait in the feed, and a stream that finds a full page reads the next
+one at once, so it catches up as soon as the level drops.
 """
 
 from __future__ import annotations
@@ -37,4 +43,4 @@ class NotificationServicer(notification_pb2_grpc.NotificationServiceServicer):
                     created_at=timestamp_ms(e.created_at_ms)))
                 after = e.event_id
             if len(events) < _PAGE:
-                await asyncio.sleep(self._poll_s)
+                await asyncio.sleep(self._poll_s / self._gw.pressure.noncore_share)
