@@ -203,6 +203,9 @@ def _admission(a: AdmissionState | None) -> Iterator[Metric]:
                               value=a.windows)
     yield GaugeMetricFamily("hongbao_event_loop_lag_seconds", "Event-loop lag, last window",
                             value=a.loop_lag_ms / 1000)
+    yield GaugeMetricFamily("hongbao_event_loop_busy_ratio",
+                            "Share of the last tick the event loop's thread was on a CPU",
+                            value=a.loop_busy)
     offered = _counter("hongbao_tier_offered", "Calls offered to admission", ("tier",))
     admitted = _counter("hongbao_tier_admitted", "Calls admitted", ("tier",))
     shed = _counter("hongbao_tier_shed", "Calls shed by the level", ("tier",))
