@@ -139,7 +139,14 @@ def test_a_shed_call_is_refused_before_its_body_is_read(stack, tmp_path):
                 await call.read()
             assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert reason_of(exc.value) == "SHED"
+            # No ticket at all: still SHED, not UNAUTHENTICATED (the ticket check never ran).
+            call = raw(b"", metadata=())
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await call.read()
+            assert reason_of(exc.value) == "SHED"
     run(scenario())
+    log = (stack.root / "gateway.log").read_text()
+    assert "WatchNotifications" not in log  # refused before the access log too
 
 
 def test_p0_is_shed_only_by_user_priority(stack, tmp_path):

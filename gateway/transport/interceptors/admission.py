@@ -13,7 +13,9 @@ every call of a tiered method (``gateway.qos.tiers``) it
    ``level``, ``grpc-retry-pushback-ms``, and the level in
    ``x-hongbao-admission-level``. A degradable method (``tiers.DEGRADABLE``)
    goes on instead, with :data:`gateway.qos.pressure.refused` set, and its use
-   case answers from its cache;
+   case answers from its cache. A shed call of any other method skips the inner
+   interceptors altogether: its arity comes from the protobuf descriptor pool, so no
+   handler is looked up and the ticket is not verified;
 3. wraps an admitted call's behaviour: its queuing delay (arrival here to the
    handler's start) goes to the governor and the metrics, the level goes back
    in the trailing metadata of every response (DAGOR's collaborative
@@ -30,11 +32,13 @@ gateway has none.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from gateway.errors import rich_status, with_trailers
 from gateway.qos.governor import Governor
@@ -72,6 +76,20 @@ class RpcMetrics(Protocol):
     def observe_queuing(self, seconds: float) -> None: ...
 
 
+@functools.cache
+def _arity(method: str) -> tuple[bool, bool] | None:
+    """(request streaming, response streaming) of a method of a compiled proto, or None.
+
+    Read from the protobuf descriptor pool, so a shed call needs no handler lookup.
+    """
+    service, _, name = method.strip("/").rpartition("/")
+    try:
+        found = descriptor_pool.Default().FindMethodByName(f"{service}.{name}")
+    except KeyError:
+        return None
+    return bool(found.client_streaming), bool(found.server_streaming)
+
+
 def _user_of(metadata: Any) -> str:
     for key, value in metadata or ():
         if key == _AUTHORIZATION:
@@ -98,23 +116,31 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         arrival = time.perf_counter()
         method = method_of(handler_call_details)
         tier = self._table.get(method)
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
         if tier is None:
-            return self._measured(handler, method, _EXEMPT, arrival, None)
+            handler = await continuation(handler_call_details)
+            return None if handler is None else self._measured(
+                handler, method, _EXEMPT, arrival, None)
         gov = self._governor
         priority = gov.user_priority(_user_of(metadata_of(handler_call_details)))
         if gov.admit(tier, priority):
-            return self._measured(handler, method, tier.name, arrival, None)
+            handler = await continuation(handler_call_details)
+            return None if handler is None else self._measured(
+                handler, method, tier.name, arrival, None)
         self._metrics.shed(tier.name, "level")
-        if method in DEGRADABLE:
+        arity = _arity(method)
+        if method in DEGRADABLE or arity is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            if method not in DEGRADABLE:
+                arity = (handler.request_streaming, handler.response_streaming)
+                return self._refusal(arity, tier, gov.level)
             return self._measured(handler, method, tier.name, arrival, tier)
-        return self._refusal(handler, tier, gov.level)
+        # The inner interceptors (access log, ticket check) never run for a shed call.
+        return self._refusal(arity, tier, gov.level)
 
-    def _refusal(self, handler: grpc.RpcMethodHandler, tier: Tier, level: int
+    def _refusal(self, arity: tuple[bool, bool], tier: Tier, level: int
                  ) -> grpc.RpcMethodHandler:
-        arity = (handler.request_streaming, handler.response_streaming)
         key = (int(tier), level, *arity)
         refusal = self._refusals.get(key)
         if refusal is None:
