@@ -163,3 +163,61 @@ def test_the_tier_table_is_data_and_can_be_overridden():
         tier_table({"/hongbao.v1.WalletService/GetBalance": "P9"})
     with pytest.raises(ValueError):
         tier_table({"GetBalance": "P1"})
+
+
+def test_saturation_alone_sheds_down_to_p0_but_never_into_it():
+    """A saturated loop with short queuing delays sheds P3..P1, then holds at P0's top."""
+    from gateway.qos.controller import P0_TOP
+
+    clock = Clock()
+    ctl = _controller(clock)
+    for _ in range(60):
+        ctl.report_saturation()
+        _window(ctl, clock, delay_ms=1.0)
+    assert ctl.level == P0_TOP
+    admitted = _window(ctl, clock, delay_ms=1.0)  # no signal: loosens from there
+    assert admitted[Tier.P0] == 500 and ctl.level > P0_TOP
+
+
+def test_when_the_load_stops_full_admission_returns_within_5_s():
+    """After a deep overload, a trickle of P0 calls alone: back to 511 within 5 windows."""
+    clock = Clock()
+    ctl = _controller(clock)
+    for _ in range(40):
+        _window(ctl, clock, delay_ms=80.0)
+    assert split_level(ctl.level)[0] == Tier.P0
+    rng = random.Random(3)
+    for window in range(1, 6):
+        for _ in range(20):
+            ctl.admit(Tier.P0, rng.randrange(USER_LEVELS))
+        clock.now += 1.0
+        ctl.tick()
+        if ctl.level == MAX_LEVEL:
+            break
+    assert ctl.level == MAX_LEVEL and window <= 5
+
+
+def test_a_downstream_queue_wait_counts_as_queuing_delay():
+    """The writer's mean queue wait is added to the window's mean (handler start is quick)."""
+    clock = Clock()
+    waits = [30.0]
+    ctl = AdmissionController(ControllerOptions(window_requests=1_000_000), clock=clock,
+                              wall_clock=lambda: 0.0, extra_delay_ms=lambda: waits[0])
+    _window(ctl, clock, delay_ms=1.0)
+    assert ctl.level < MAX_LEVEL and ctl.last_mean_delay_ms == pytest.approx(31.0)
+    waits[0] = 0.0
+    level = ctl.level
+    _window(ctl, clock, delay_ms=1.0)
+    assert ctl.level > level
+
+
+def test_a_pinned_level_holds_whatever_the_signals():
+    clock = Clock()
+    windows = []
+    ctl = AdmissionController(ControllerOptions(window_requests=1_000_000), clock=clock,
+                              wall_clock=lambda: 0.0, pinned_level=300,
+                              on_window=lambda: windows.append(1))
+    assert ctl.level == 300
+    _window(ctl, clock, delay_ms=500.0)
+    _window(ctl, clock, delay_ms=0.0)
+    assert ctl.level == 300 and len(windows) == 2

@@ -145,12 +145,13 @@ class Governor:
                 pass
             elapsed = self._clock() - started
             self.loop_busy = min(1.0, (time.thread_time() - cpu) / elapsed) if elapsed > 0 else 0.0
-            await self._tick(max(0.0, (elapsed - self._tick_s) * 1000.0))
+            await self.tick(max(0.0, (elapsed - self._tick_s) * 1000.0))
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _tick(self, lag_ms: float) -> None:
+    async def tick(self, lag_ms: float) -> None:
+        """One tick's checks (run() calls it every tick_s with the lag it measured)."""
         self.loop_lag_ms = lag_ms
         self._window_lag_ms = max(self._window_lag_ms, lag_ms)
         if self._writer is not None:
