@@ -27,6 +27,7 @@ from gateway.client import Client
 from gateway.errors import reason_of
 from gateway.ops.procs import banksim_proc, gateway_proc
 from gateway.payments.bank import BankClient
+from gateway.qos.controller import MAX_LEVEL
 from gateway.security import tickets
 from hongbao.v1 import admin_pb2, envelope_pb2, wallet_pb2
 
@@ -255,11 +256,13 @@ async def _grab_rush(c: Client, users: list[str], envelope_ids: list[str],
 
 
 async def _credit_backlog(c: Client, admin: Metadata, timeout_s: float = 60.0) -> int:
-    """Waits (at most ``timeout_s``) for the bus consumers to catch up; the credit lag left."""
+    """Waits (at most ``timeout_s``) for the bus consumers to catch up and for full
+    admission (the summary's reads must not be shed or answered from a cache); the credit
+    lag left."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         qos = await c.admin.GetQosStatus(admin_pb2.GetQosStatusRequest(), metadata=admin)
-        if all(t.lag == 0 for t in qos.topics):
+        if all(t.lag == 0 for t in qos.topics) and qos.admission.level == MAX_LEVEL:
             break
         await asyncio.sleep(0.1)
     return sum(t.lag for t in qos.topics if t.topic == "credit")
