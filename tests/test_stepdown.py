@@ -88,3 +88,30 @@ def test_the_credit_consumer_slows_to_its_floor_only_when_the_writer_is_the_bott
         assert_balanced(led)
     finally:
         led.close()
+
+
+def test_credits_keep_their_rate_while_the_level_is_raised(stack, tmp_path):
+    """A raised level steps the non-core work down, not crediting: grabs land in wallets
+    as promptly as ever (the writer is not the bottleneck here)."""
+    stack.start_gateway("--config", str(write_config(tmp_path / "q.toml", qos_pin_level=RAISED)))
+
+    async def scenario():
+        async with Client(stack.target) as c:
+            owner = stack.meta("owner")
+            await top_up(c, owner, 10_000)
+            env = await send(c, owner, 3_000, 3)
+            got = [await grab(c, stack.meta(u), env.envelope_id) for u in ("x", "y", "z")]
+            started = time.monotonic()
+            admin = stack.meta("ops", scopes=("admin",))
+            while time.monotonic() - started < 5:
+                qos = await c.admin.GetQosStatus(admin_pb2.GetQosStatusRequest(), metadata=admin)
+                if {t.topic: t.lag for t in qos.topics}["credit"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return got, time.monotonic() - started, qos
+
+    got, waited, qos = run(scenario())
+    assert all(g.amount_fen > 0 for g in got)
+    assert waited < 2.0, waited
+    assert {t.topic: t.rate_per_second for t in qos.topics}["credit"] == 100_000
+    assert not {d.name: d.in_force for d in qos.degradations}["credit_stepdown"]
