@@ -100,6 +100,17 @@ class Throttle:
             return "THROTTLED_LOCALLY"
         return None
 
+    def check(self, details: Any, *, adaptive: bool) -> Tier | None:
+        """Raises the local refusal for a call that must not be sent; else its tier
+        (None for a method without one, which is neither checked nor recorded)."""
+        method = details.method
+        tier = self.tier_of(method.decode() if isinstance(method, bytes) else method)
+        if tier is not None:
+            reason = self.refusal(tier, _user_of(details.metadata), adaptive=adaptive)
+            if reason is not None:
+                raise _local_refusal(reason, tier)
+        return tier
+
     def record(self, accepted: bool, level: str | None) -> None:
         """One sent call's outcome and the level its response carried."""
         now = self._clock()
@@ -151,14 +162,8 @@ class _ThrottleUnary(grpc.aio.UnaryUnaryClientInterceptor):
         self._t = throttle
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        method = client_call_details.method
-        method = method.decode() if isinstance(method, bytes) else method
-        tier = self._t.tier_of(method)
-        if tier is None:
+        if self._t.check(client_call_details, adaptive=True) is None:
             return await continuation(client_call_details, request)
-        reason = self._t.refusal(tier, _user_of(client_call_details.metadata))
-        if reason is not None:
-            raise _local_refusal(reason, tier)
         call = await continuation(client_call_details, request)
         try:
             await call
@@ -174,14 +179,7 @@ class _ThrottleStream(grpc.aio.UnaryStreamClientInterceptor):
         self._t = throttle
 
     async def intercept_unary_stream(self, continuation, client_call_details, request):
-        method = client_call_details.method
-        method = method.decode() if isinstance(method, bytes) else method
-        tier = self._t.tier_of(method)
-        if tier is not None:
-            reason = self._t.refusal(tier, _user_of(client_call_details.metadata),
-                                     adaptive=False)
-            if reason is not None:
-                raise _local_refusal(reason, tier)
+        self._t.check(client_call_details, adaptive=False)
         return await continuation(client_call_details, request)
 
 
