@@ -500,3 +500,21 @@ def test_lmdb_map_grows_when_full(tmp_path):
         assert_balanced(led)
     finally:
         led.close()
+
+
+def test_an_idle_ledger_commits_nothing_when_swept(ledger):
+    """The credit and expiry sweeps look first: with nothing due they write nothing (in
+    strict durability each write transaction would be an fsync)."""
+    async def scenario():
+        before = (await ledger.stats()).batches
+        for _ in range(20):
+            assert await ledger.apply_credits(100) == 0
+            assert await ledger.expire_due(100) == 0
+        idle = (await ledger.stats()).batches - before
+        await _fund(ledger, "ida", 1000)
+        env = await _send(ledger, "ida", 1000, 2)
+        await ledger.grab("ivo", env.envelope_id, "r")
+        return idle, await ledger.apply_credits(100)
+
+    idle, applied = run(scenario())
+    assert idle == 0 and applied == 1

@@ -155,3 +155,10 @@ def due_payments(tx: Tx, now_ms: int, limit: int) -> list[str]:
 def credit_backlog(tx: Tx) -> int:
     """Grabs whose credit has not reached a wallet yet."""
     return tx.count(keys.CREDIT_OUTBOX)
+
+
+def expiry_due(tx: Tx, now_ms: int) -> bool:
+    """True when the first envelope in the expiry queue is due by ``now_ms``."""
+    for key, _empty in tx.scan(keys.EXPIRY):
+        return keys.unbe64(key) <= now_ms
+    return False

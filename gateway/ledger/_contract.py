@@ -248,10 +248,21 @@ class BooksLedger(Ledger):
     async def payment_unknown(self, payment_id, resolve_in_ms, reason="") -> Payment:
         return await self.write(rules.payment_unknown, payment_id, resolve_in_ms, reason)
 
+    def _now_ms(self) -> int:
+        """The rules' notion of now (the memory backend's may be injected)."""
+        return time.time_ns() // 1_000_000
+
+    # The two sweeps look before they write: an idle gateway commits nothing (in strict
+    # durability every write transaction is an fsync). The write checks again.
+
     async def expire_due(self, limit: int) -> int:
+        if not self.read(reads.expiry_due, self._now_ms()):
+            return 0
         return await self.write(rules.expire_due, limit)
 
     async def apply_credits(self, limit: int) -> int:
+        if not self.read(reads.credit_backlog):
+            return 0
         return await self.write(rules.apply_credits, limit)
 
     # -- reads -------------------------------------------------------------------------

@@ -186,6 +186,9 @@ class MemoryLedger(BooksLedger):
             else:
                 req.future.set_result(value)
 
+    def _now_ms(self) -> int:
+        return self._clock_ms()
+
     def _writer_stats(self) -> tuple[int, int, int, int, float, float, float]:
         # Writes apply on the caller's loop turn: nothing waits in a queue thread.
         return (len(self._queue), self.batches, self.requests, self.batch_size_max,

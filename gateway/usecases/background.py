@@ -20,6 +20,8 @@ from gateway.qos.pressure import Pressure
 
 log = structlog.get_logger(__name__)
 
+_MAX_IDLE_S = 0.1  # the credit consumer's longest pause between looks when idle
+
 
 class CreditConsumer(BackgroundLoop):
     """Applies pending credits in batches, at a rate that can change at run time."""
@@ -51,6 +53,7 @@ class CreditConsumer(BackgroundLoop):
         return self.rate_per_s
 
     async def run(self) -> None:
+        idle = 0.0
         while not self.stopping:
             rate = self.effective_rate_per_s
             if rate <= 0:
@@ -65,10 +68,14 @@ class CreditConsumer(BackgroundLoop):
                 log.warning("credit_consumer_backoff", reason=err.reason)
                 n = 0
             self.applied += n
-            pause = self._idle_sleep_s if n == 0 else 0.0
-            if n:
-                pause = max(pause, n / rate - (time.monotonic() - started))
-            await self.pause(pause)
+            if n == 0:
+                # Idle: look again after a pause that doubles up to _MAX_IDLE_S (a look
+                # is a read; nothing is written while there is nothing to credit).
+                idle = min(_MAX_IDLE_S, idle * 2) if idle else self._idle_sleep_s
+                await self.pause(idle)
+                continue
+            idle = 0.0
+            await self.pause(n / rate - (time.monotonic() - started))
 
 
 class ExpirySweeper(BackgroundLoop):
