@@ -21,11 +21,11 @@ from pathlib import Path
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 import hotpath
 from gateway.config import Settings
 from gateway.security import tickets
+from gateway.transport import reflection
 from gateway.transport.app import App, build_app, open_ledger
 from gateway.transport.metrics import serve_metrics
 from gateway.transport.portfile import write_port_file
@@ -106,8 +106,8 @@ def _grpc_server(app: App, opts: ServeOptions) -> tuple[grpc.aio.Server, int, bo
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(app.keyring), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(gw.operations), server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, *reflection.SERVICE_NAMES), server)
     address = f"{opts.host}:{opts.port}"
     creds = _credentials(opts)
     port = (server.add_secure_port(address, creds) if creds
