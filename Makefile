@@ -63,3 +63,14 @@ protos: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info hongbao banksim/v1 hotpath/*.c hotpath/*.so hotpath/*.html
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# A FileDescriptorSet of the hongbao.v1 protos and everything they import, for tools that
+# take one instead of reflection (`ghz --protoset`, `grpcurl -protoset`). The include paths
+# are protos_build.py's: protos/ and grpcio-tools' well-known types.
+PROTOSET ?= build/hongbao.protoset
+.PHONY: protoset
+protoset: $(STAMP)
+	mkdir -p $(dir $(PROTOSET))
+	$(PY) -m grpc_tools.protoc -Iprotos \
+		-I"$$($(PY) -c 'import grpc_tools, pathlib; print(pathlib.Path(grpc_tools.__file__).parent / "_proto")')" \
+		--include_imports --descriptor_set_out=$(PROTOSET) $(sort $(wildcard protos/hongbao/v1/*.proto))
