@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from gateway.qos.controller import MAX_LEVEL, USER_LEVELS, AdmissionController, ControllerOptions
 from gateway.qos.governor import Governor, Thresholds, WriterSample
 from gateway.qos.pressure import Pressure
@@ -26,12 +28,13 @@ class World:
         return self.sample
 
 
-def governor(world: World, **kw) -> Governor:
+def governor(world: World, thresholds=..., **kw) -> Governor:
     return Governor(
         lambda **hooks: AdmissionController(ControllerOptions(window_requests=1_000_000),
                                             clock=world.clock, wall_clock=lambda: 0.0, **hooks),
         Pressure(), writer=world.writer, bank_trouble=lambda: world.bank_down,
-        thresholds=Thresholds(loop_lag_ms=50, writer_depth=100, loop_busy=1.0),
+        thresholds=(Thresholds(loop_lag_ms=50, writer_depth=100, loop_busy=1.0)
+                    if thresholds is ... else thresholds),
         clock=world.clock, **kw)
 
 
@@ -101,3 +104,24 @@ def test_admission_off_admits_everything_and_reports_511():
     one_second(gov, world)
     one_second(gov, world)
     assert gov.shed == [0] * 4 and gov.level == MAX_LEVEL and gov.pressure.level == MAX_LEVEL
+
+
+def test_a_busy_gil_reports_saturation_which_stops_at_p0s_top():
+    """Loop thread and writer thread together on the CPU 95 % of each tick: P3..P1 shed,
+    P0 whole."""
+    from gateway.qos.controller import P0_TOP
+
+    world = World()
+    gov = governor(world, thresholds=None)  # default loop_busy 0.9
+    rng = random.Random(9)
+    for _ in range(400):  # 40 windows of ten 100 ms ticks
+        for tier in Tier:
+            for _ in range(25):
+                if gov.admit(tier, rng.randrange(USER_LEVELS)):
+                    gov.started(0.001)
+        world.now += 0.101
+        world.sample = WriterSample(cpu_s_total=world.sample.cpu_s_total + 0.045)
+        run(gov.tick(1.0, loop_cpu_s=0.05, elapsed_s=0.1))
+    assert gov.loop_busy == pytest.approx(0.95)
+    assert gov.level == P0_TOP and gov.pressure.sheds(Tier.P1)
+    assert not gov.pressure.sheds(Tier.P0)

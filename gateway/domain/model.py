@@ -258,3 +258,4 @@ class LedgerStats:
     commit_s_total: float  # committing, fsync included
     credit_backlog: int  # grabs whose credit has not reached a wallet yet
     queue_wait_s_total: float = 0.0  # writes waiting for their group commit, summed
+    cpu_s_total: float = 0.0  # the writer thread's CPU time

@@ -212,8 +212,9 @@ class BooksLedger(Ledger):
         """Runs ``query(tx, *args)`` in one read transaction (synchronous and short)."""
 
     @abc.abstractmethod
-    def _writer_stats(self) -> tuple[int, int, int, int, float, float, float]:
-        """Queue depth, batches, requests, largest batch, apply, commit and queue-wait seconds."""
+    def _writer_stats(self) -> tuple[int, int, int, int, float, float, float, float]:
+        """Queue depth, batches, requests, largest batch, apply, commit and queue-wait
+        seconds, and the writer thread's CPU seconds."""
 
     # -- writes ------------------------------------------------------------------------
 
@@ -305,9 +306,9 @@ class BooksLedger(Ledger):
         return self.read(audit.audit)
 
     async def stats(self) -> LedgerStats:
-        depth, batches, requests, biggest, apply_s, commit_s, wait_s = self._writer_stats()
+        depth, batches, requests, biggest, apply_s, commit_s, wait_s, cpu_s = self._writer_stats()
         return LedgerStats(depth, batches, requests, biggest, apply_s, commit_s,
-                           self.read(reads.credit_backlog), wait_s)
+                           self.read(reads.credit_backlog), wait_s, cpu_s)
 
 
 __all__ = ["Books", "BooksLedger", "Ledger", "Tx"]

@@ -129,10 +129,10 @@ class LmdbLedger(_LmdbReads, BooksLedger):
     async def write(self, rule: Callable[..., T], *args: Any) -> T:
         return await self._writer.submit(rule, *args)
 
-    def _writer_stats(self) -> tuple[int, int, int, int, float, float, float]:
+    def _writer_stats(self) -> tuple[int, int, int, int, float, float, float, float]:
         w = self._writer
         return (w.depth, w.batches, w.requests, w.batch_size_max, w.apply_s_total,
-                w.commit_s_total, w.queue_wait_s_total)
+                w.commit_s_total, w.queue_wait_s_total, w.cpu_s_total)
 
     @property
     def map_size_bytes(self) -> int:

@@ -189,10 +189,10 @@ class MemoryLedger(BooksLedger):
     def _now_ms(self) -> int:
         return self._clock_ms()
 
-    def _writer_stats(self) -> tuple[int, int, int, int, float, float, float]:
-        # Writes apply on the caller's loop turn: nothing waits in a queue thread.
+    def _writer_stats(self) -> tuple[int, int, int, int, float, float, float, float]:
+        # Writes apply on the caller's loop turn: no queue thread waits or spends CPU.
         return (len(self._queue), self.batches, self.requests, self.batch_size_max,
-                self.apply_s_total, 0.0, 0.0)
+                self.apply_s_total, 0.0, 0.0, 0.0)
 
     def close(self) -> None:
         self._closed = True

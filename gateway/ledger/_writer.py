@@ -111,6 +111,7 @@ class GroupCommitWriter:
         self.apply_s_total = 0.0  # running the operations
         self.commit_s_total = 0.0  # committing, fsync included
         self.queue_wait_s_total = 0.0  # requests waiting for their batch to start, summed
+        self.cpu_s_total = 0.0  # the writer thread's own CPU time (it holds the GIL then)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -186,9 +187,10 @@ class GroupCommitWriter:
             if first is _STOP:
                 break
             batch, stop = self._collect(first)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             self.queue_wait_s_total += started * len(batch) - sum(r.queued_at for r in batch)
             results = self._commit(batch)
+            self.cpu_s_total += time.thread_time() - cpu
             self._depth -= len(batch)
             self.batches += 1
             self.requests += len(batch)

@@ -7,7 +7,8 @@ loop) wakes every ``tick_s`` and
 
 - measures the event loop's lag (how late the wake-up came): a loop that
   cannot keep its own timers is overloaded whatever the queuing delay says;
-- measures how busy the loop's thread is (its CPU time over the tick). grpc
+- measures how busy the GIL is: the CPU time of the loop's thread and of the
+  writer's thread over the tick (a window's mean of it is ``loop_busy``). grpc
   hands a waiting call to Python about once per loop iteration, so when the
   loop is saturated calls queue inside grpc's core, before the interceptor
   can timestamp them: the queuing delay it measures stays small while callers
@@ -52,6 +53,7 @@ class WriterSample:
     depth: int = 0  # writes queued, not yet committed
     wait_s_total: float = 0.0  # time writes spent queued, summed
     requests: int = 0  # writes committed
+    cpu_s_total: float = 0.0  # the writer thread's CPU time
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -144,27 +146,39 @@ class Governor:
             except TimeoutError:
                 pass
             elapsed = self._clock() - started
-            self.loop_busy = min(1.0, (time.thread_time() - cpu) / elapsed) if elapsed > 0 else 0.0
-            await self.tick(max(0.0, (elapsed - self._tick_s) * 1000.0))
+            await self.tick(max(0.0, (elapsed - self._tick_s) * 1000.0),
+                            loop_cpu_s=time.thread_time() - cpu, elapsed_s=elapsed)
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def tick(self, lag_ms: float) -> None:
-        """One tick's checks (run() calls it every tick_s with the lag it measured)."""
+    async def tick(self, lag_ms: float, *, loop_cpu_s: float = 0.0,
+                   elapsed_s: float = 0.0) -> None:
+        """One tick's checks; run() calls it every tick_s with the lag it measured, the
+        loop thread's CPU time and the wall time since the last tick."""
         self.loop_lag_ms = lag_ms
         self._window_lag_ms = max(self._window_lag_ms, lag_ms)
+        writer_cpu = self._sample.cpu_s_total
         if self._writer is not None:
             self._sample = await self._writer()
+        if elapsed_s > 0:
+            # The GIL's busy share: the loop's thread and the writer's; grpc's own threads
+            # run C code and are left out.
+            spent = loop_cpu_s + self._sample.cpu_s_total - writer_cpu
+            self.loop_busy = min(1.0, spent / elapsed_s)
+            self._note_busy()
         self._writer_trouble = self._sample.depth > self.thresholds.writer_depth
         self._bank_trouble_now = self._bank_trouble()
         if lag_ms > self.thresholds.loop_lag_ms or self._writer_trouble:
             self.controller.report_overload()
+        self.controller.tick()
+
+    def _note_busy(self) -> None:
+        """Adds the tick's busy share to the window's; over the threshold, saturation."""
         self._busy_sum += self.loop_busy
         self._busy_ticks += 1
         if self._busy_sum / self._busy_ticks >= self.thresholds.loop_busy:
             self.controller.report_saturation()
-        self.controller.tick()
 
     # -- controller hooks ----------------------------------------------------------------
 

@@ -93,7 +93,8 @@ def build_governor(settings: Settings, ledger: Ledger, butler: PaymentButler | N
     """The worker's admission: controller options, signals and thresholds from settings."""
     async def writer() -> WriterSample:
         stats = await ledger.stats()
-        return WriterSample(stats.queue_depth, stats.queue_wait_s_total, stats.requests)
+        return WriterSample(stats.queue_depth, stats.queue_wait_s_total, stats.requests,
+                            stats.cpu_s_total)
 
     def bank_trouble() -> bool:
         if butler is None:
