@@ -93,8 +93,10 @@ class Throttle:
                 key_of(tier, self._priority(user)) > self._level:
             self.shed_locally += 1
             return "SHED_LOCALLY"
+        if not adaptive or tier == Tier.P0:
+            return None
         requests, accepts = self._counts(now)
-        if adaptive and self._rng() < max(0.0, (requests - self.k * accepts) / (requests + 1)):
+        if self._rng() < max(0.0, (requests - self.k * accepts) / (requests + 1)):
             self._bucket(now)[1] += 1  # a refused request still counts as a request
             self.throttled_locally += 1
             return "THROTTLED_LOCALLY"

@@ -221,3 +221,24 @@ def test_a_pinned_level_holds_whatever_the_signals():
     _window(ctl, clock, delay_ms=500.0)
     _window(ctl, clock, delay_ms=0.0)
     assert ctl.level == 300 and len(windows) == 2
+
+
+def test_without_spare_capacity_the_level_opens_slowly_even_over_empty_keys():
+    """Callers dropping locally leave keys empty; a busy window opens only a few of them."""
+    from gateway.qos.controller import OPEN_KEYS_BUSY, P0_TOP
+
+    clock = Clock()
+    ctl = AdmissionController(ControllerOptions(window_requests=1_000_000), clock=clock,
+                              wall_clock=lambda: 0.0, pinned_level=None)
+    ctl.level = P0_TOP
+    for _ in range(100):
+        ctl.admit(Tier.P0, 5)  # only P0 arrives: the rest is dropped by the callers
+    ctl.report_no_spare()
+    clock.now += 1.0
+    ctl.tick()
+    assert ctl.level == P0_TOP + OPEN_KEYS_BUSY
+    for _ in range(100):
+        ctl.admit(Tier.P0, 5)
+    clock.now += 1.0
+    ctl.tick()  # spare capacity: the empty keys open at once
+    assert ctl.level == MAX_LEVEL

@@ -35,11 +35,11 @@ def test_rejections_raise_the_local_refusal_probability_as_the_sre_formula_says(
     t = throttle(clock, draw=0.79)  # just below p = 0.792
     for i in range(100):
         t.record(i < 10, None)
-    assert t.refusal(Tier.P0, "u") == "THROTTLED_LOCALLY"
+    assert t.refusal(Tier.P2, "u") == "THROTTLED_LOCALLY"
     t2 = throttle(clock, draw=0.80)
     for i in range(100):
         t2.record(i < 10, None)
-    assert t2.refusal(Tier.P0, "u") is None
+    assert t2.refusal(Tier.P2, "u") is None
 
 
 def test_the_window_forgets_old_rejections():
@@ -47,9 +47,9 @@ def test_the_window_forgets_old_rejections():
     t = throttle(clock, draw=0.0, window_s=10.0)
     for _ in range(100):
         t.record(False, None)
-    assert t.refusal(Tier.P0, "u") == "THROTTLED_LOCALLY"
+    assert t.refusal(Tier.P1, "u") == "THROTTLED_LOCALLY"
     clock.t += 12.0
-    assert t.refusal(Tier.P0, "u") is None
+    assert t.refusal(Tier.P1, "u") is None
 
 
 def test_a_level_is_honoured_then_expires():
@@ -61,3 +61,15 @@ def test_a_level_is_honoured_then_expires():
     assert t.refusal(Tier.P0, "u") is None
     clock.t += 1.5
     assert t.refusal(Tier.P1, "u") is None
+
+
+def test_p0_is_never_throttled_adaptively_only_by_the_level():
+    """However many refusals, a P0 call is sent unless the level itself sheds it."""
+    clock = Clock()
+    t = throttle(clock, draw=0.0)
+    for _ in range(1000):
+        t.record(False, None)
+    assert t.refusal(Tier.P0, "u") is None and t.refusal(Tier.P3, "u") == "THROTTLED_LOCALLY"
+    t.record(False, "0")  # level 0: P0 users above priority 0 are shed
+    refused = [t.refusal(Tier.P0, f"user{i}") for i in range(50)]
+    assert set(refused) <= {"SHED_LOCALLY", None} and "SHED_LOCALLY" in refused

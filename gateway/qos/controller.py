@@ -37,6 +37,7 @@ USER_LEVELS = 128
 TIERS = len(Tier)
 MAX_LEVEL = TIERS * USER_LEVELS - 1  # everything admitted
 P0_TOP = USER_LEVELS - 1  # all of P0 admitted, nothing else
+OPEN_KEYS_BUSY = USER_LEVELS // 8  # keys a calm window may open without spare capacity
 
 
 def key_of(tier: Tier, user_priority: int) -> int:
@@ -116,6 +117,7 @@ class AdmissionController:
         self._window_start = clock()
         self._external_overload = False
         self._saturated = False
+        self._no_spare = False
         self._salt_epoch = -1
         self._salt = b""
         self.windows = 0
@@ -158,6 +160,10 @@ class AdmissionController:
         of calls that are refused anyway), which shedding paying users cannot reduce."""
         self._saturated = True
 
+    def report_no_spare(self) -> None:
+        """The worker has little spare capacity this window: open the level slowly."""
+        self._no_spare = True
+
     def tick(self) -> None:
         """Closes the window if its time is up; call it now and then (e.g. every 100 ms)."""
         if self._clock() - self._window_start >= self.options.window_s:
@@ -188,6 +194,7 @@ class AdmissionController:
         self._delay_ms_total = 0.0
         self._external_overload = False
         self._saturated = False
+        self._no_spare = False
         self._window_start = self._clock()
         if self._on_window is not None:
             self._on_window()
@@ -202,12 +209,21 @@ class AdmissionController:
         return level
 
     def _looser(self, n: int) -> int:
-        """Walks the level up until ``admit_step`` more of the window would be admitted."""
+        """Walks the level up until ``admit_step`` more of the window would be admitted.
+
+        Keys nobody used in the window cost nothing to open, so with the load gone the
+        level is back at the top in a window or two. But a window without spare capacity
+        (:meth:`report_no_spare`) opens at most ``OPEN_KEYS_BUSY`` keys: its empty keys
+        may be callers dropping their own calls at the level they were told
+        (collaborative admission), who would all come back at once.
+        """
         if self.level >= MAX_LEVEL:
             return MAX_LEVEL
         target = max(1, int(n * self.options.admit_step))
+        limit = MAX_LEVEL if not self._no_spare else min(MAX_LEVEL,
+                                                         self.level + OPEN_KEYS_BUSY)
         level, added = self.level + 1, self._histogram[self.level + 1]
-        while level < MAX_LEVEL and added < target:
+        while level < limit and added < target:
             level += 1
             added += self._histogram[level]
         return level

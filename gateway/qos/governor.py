@@ -46,6 +46,11 @@ from gateway.qos.tiers import Tier
 log = structlog.get_logger(__name__)
 
 
+# Below this share of the saturation threshold a window has spare capacity, and the
+# level may open as fast as the traffic allows.
+SPARE_SHARE = 0.75
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class WriterSample:
     """The writer's counters at one moment."""
@@ -177,8 +182,11 @@ class Governor:
         """Adds the tick's busy share to the window's; over the threshold, saturation."""
         self._busy_sum += self.loop_busy
         self._busy_ticks += 1
-        if self._busy_sum / self._busy_ticks >= self.thresholds.loop_busy:
+        mean = self._busy_sum / self._busy_ticks
+        if mean >= self.thresholds.loop_busy:
             self.controller.report_saturation()
+        elif mean >= self.thresholds.loop_busy * SPARE_SHARE:
+            self.controller.report_no_spare()
 
     # -- controller hooks ----------------------------------------------------------------
 
