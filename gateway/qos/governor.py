@@ -7,8 +7,10 @@ loop) wakes every ``tick_s`` and
 
 - measures the event loop's lag (how late the wake-up came): a loop that
   cannot keep its own timers is overloaded whatever the queuing delay says;
-- measures how busy the GIL is: the CPU time of the loop's thread and of the
-  writer's thread over the tick (a window's mean of it is ``loop_busy``). grpc
+- measures how busy the worker is: the CPU time of the loop's thread and of
+  the writer's thread over the tick (the GIL's share), or the whole process's
+  over the CPUs it may run on, whichever is higher (a window's mean of it is
+  compared with ``loop_busy``). grpc
   hands a waiting call to Python about once per loop iteration, so when the
   loop is saturated calls queue inside grpc's core, before the interceptor
   can timestamp them: the queuing delay it measures stays small while callers
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -96,6 +99,7 @@ class Governor:
         self.loop_busy = 0.0  # share of the last tick the loop's thread was on a CPU
         self._busy_sum = 0.0
         self._busy_ticks = 0
+        self._cpus = max(1, len(os.sched_getaffinity(0)))
         self._window_lag_ms = 0.0
         self._busy_sum, self._busy_ticks = 0.0, 0
         self._sample = WriterSample()
@@ -144,7 +148,7 @@ class Governor:
     async def run(self) -> None:
         """Ticks until :meth:`stop`: loop lag, writer, banks, window time."""
         while not self._stopping.is_set():
-            started, cpu = self._clock(), time.thread_time()
+            started, cpu, process = self._clock(), time.thread_time(), time.process_time()
             try:
                 await asyncio.wait_for(self._stopping.wait(), self._tick_s)
                 return
@@ -152,15 +156,17 @@ class Governor:
                 pass
             elapsed = self._clock() - started
             await self.tick(max(0.0, (elapsed - self._tick_s) * 1000.0),
-                            loop_cpu_s=time.thread_time() - cpu, elapsed_s=elapsed)
+                            loop_cpu_s=time.thread_time() - cpu, elapsed_s=elapsed,
+                            process_cpu_s=time.process_time() - process)
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def tick(self, lag_ms: float, *, loop_cpu_s: float = 0.0,
-                   elapsed_s: float = 0.0) -> None:
+    async def tick(self, lag_ms: float, *, loop_cpu_s: float = 0.0, elapsed_s: float = 0.0,
+                   process_cpu_s: float = 0.0) -> None:
         """One tick's checks; run() calls it every tick_s with the lag it measured, the
-        loop thread's CPU time and the wall time since the last tick."""
+        loop thread's and the whole process's CPU time, and the wall time since the last
+        tick."""
         self.loop_lag_ms = lag_ms
         self._window_lag_ms = max(self._window_lag_ms, lag_ms)
         writer_cpu = self._sample.cpu_s_total
@@ -169,8 +175,11 @@ class Governor:
         if elapsed_s > 0:
             # The GIL's busy share: the loop's thread and the writer's; grpc's own threads
             # run C code and are left out.
-            spent = loop_cpu_s + self._sample.cpu_s_total - writer_cpu
-            self.loop_busy = min(1.0, spent / elapsed_s)
+            gil = (loop_cpu_s + self._sample.cpu_s_total - writer_cpu) / elapsed_s
+            # On as many CPUs as the process may use, grpc's C threads compete for the
+            # same cores: the whole process's share counts too (it is what saturates a
+            # worker pinned to one CPU while the GIL is 75-85 % busy).
+            self.loop_busy = min(1.0, max(gil, process_cpu_s / elapsed_s / self._cpus))
             self._note_busy()
         self._writer_trouble = self._sample.depth > self.thresholds.writer_depth
         self._bank_trouble_now = self._bank_trouble()
