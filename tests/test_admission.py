@@ -242,3 +242,21 @@ def test_without_spare_capacity_the_level_opens_slowly_even_over_empty_keys():
     clock.now += 1.0
     ctl.tick()  # spare capacity: the empty keys open at once
     assert ctl.level == MAX_LEVEL
+
+
+def test_saturation_with_few_refusals_sheds_p0_by_user_priority():
+    """Only P0 reaches the worker (callers drop the rest) and it still saturates: the
+    admitted calls are the cause, so P0's lowest user priorities go, down to the floor."""
+    from gateway.qos.controller import P0_TOP
+
+    clock = Clock()
+    ctl = _controller(clock)
+    ctl.level = P0_TOP
+    rng = random.Random(11)
+    for _ in range(30):
+        for _ in range(1000):
+            ctl.admit(Tier.P0, rng.randrange(USER_LEVELS))
+        ctl.report_saturation()
+        clock.now += 1.0
+        ctl.tick()
+    assert ctl.level == ctl.min_level == USER_LEVELS // 2 - 1

@@ -38,6 +38,9 @@ TIERS = len(Tier)
 MAX_LEVEL = TIERS * USER_LEVELS - 1  # everything admitted
 P0_TOP = USER_LEVELS - 1  # all of P0 admitted, nothing else
 OPEN_KEYS_BUSY = USER_LEVELS // 8  # keys a calm window may open without spare capacity
+# A saturated window whose refusals are at least this share of its calls may be
+# saturated by the refusals' own cost: saturation alone then stops at P0's top.
+REFUSAL_SHARE = 0.25
 
 
 def key_of(tier: Tier, user_priority: int) -> int:
@@ -118,6 +121,7 @@ class AdmissionController:
         self._external_overload = False
         self._saturated = False
         self._no_spare = False
+        self._refused = 0
         self._salt_epoch = -1
         self._salt = b""
         self.windows = 0
@@ -140,9 +144,12 @@ class AdmissionController:
         key = key_of(tier, user_priority)
         self._histogram[key] += 1
         self._count += 1
+        admitted = key <= self.level
+        if not admitted:
+            self._refused += 1
         if self._count >= self.options.window_requests:
             self._close_window()
-        return key <= self.level
+        return admitted
 
     def record_delay(self, queuing_ms: float) -> None:
         """The queuing delay of an admitted request (arrival to handler start)."""
@@ -153,11 +160,14 @@ class AdmissionController:
         self._external_overload = True
 
     def report_saturation(self) -> None:
-        """The worker's event loop is saturated, so calls queue in grpc's core, where no
-        timestamp reaches the interceptor. A weaker signal than :meth:`report_overload`:
-        on its own it tightens the level down to P0's top but never into P0, because
-        once everything else is shed the saturation is the refusals' own cost (a flood
-        of calls that are refused anyway), which shedding paying users cannot reduce."""
+        """The worker is saturated, so calls queue in grpc's core, where no timestamp
+        reaches the interceptor. A weaker signal than :meth:`report_overload`: while a
+        quarter or more of the window's calls are refused, it tightens the level down to
+        P0's top but not into P0, because then the saturation may be the refusals' own
+        cost (a flood of calls that are refused anyway, which shedding paying users
+        would not reduce). With fewer refusals (callers dropping their own calls at the
+        level they were told) the admitted calls are what saturate the worker, and it
+        sheds P0 by user priority down to the floor like any overload."""
         self._saturated = True
 
     def report_no_spare(self) -> None:
@@ -184,7 +194,8 @@ class AdmissionController:
         elif overloaded and n:
             self.level = self._tighter(n)
         elif self._saturated and n:
-            self.level = max(self._tighter(n), min(self.level, P0_TOP))
+            floor = P0_TOP if self._refused >= n * REFUSAL_SHARE else self.min_level
+            self.level = max(self._tighter(n), min(self.level, floor))
         elif not overloaded and not self._saturated:
             self.level = self._looser(n)
         self.last_saturated = self._saturated
@@ -195,6 +206,7 @@ class AdmissionController:
         self._external_overload = False
         self._saturated = False
         self._no_spare = False
+        self._refused = 0
         self._window_start = self._clock()
         if self._on_window is not None:
             self._on_window()
