@@ -65,7 +65,7 @@ class Settings:
     qos_admit_step: float = 0.01  # of a window's requests admitted more per calm window
     qos_p0_user_floor: int = 64  # P0 user priorities (of 128) never shed
     qos_loop_lag_ms: float = 50.0  # event-loop lag that counts as overload
-    qos_loop_busy: float = 0.9  # loop thread CPU share that counts as saturation (0..1]
+    qos_loop_busy: float = 0.85  # busy share (GIL or process CPU) that counts as saturation
     qos_writer_depth: int = 5_000  # writer queue depth that counts as overload
     qos_bank_error_rate: float = 0.5  # a bank's error rate that counts as trouble
     qos_retry_pushback_ms: int = 1_000  # grpc-retry-pushback-ms on a shed call

@@ -15,7 +15,8 @@ queuing delay is added to the window's mean. A window closes after
 - overloaded (mean queuing delay above ``delay_threshold_ms``, or an
   external signal raised by :meth:`report_overload`): the level moves down
   until the requests it would have shed in the closing window grow by
-  ``shed_step`` (5 %) of the window's total;
+  ``shed_step`` (5 %) of the window's total, a step that doubles with each
+  overloaded window in a row (up to 40 %, see :meth:`_tighter`);
 - otherwise it moves up until ``admit_step`` (1 %) more of the window's
   requests would have been admitted, at least one key.
 
@@ -37,10 +38,11 @@ USER_LEVELS = 128
 TIERS = len(Tier)
 MAX_LEVEL = TIERS * USER_LEVELS - 1  # everything admitted
 P0_TOP = USER_LEVELS - 1  # all of P0 admitted, nothing else
-OPEN_KEYS_BUSY = USER_LEVELS // 8  # keys a calm window may open without spare capacity
+OPEN_KEYS_BUSY = USER_LEVELS  # keys (one tier) a calm window may open without spare capacity
 # A saturated window whose refusals are at least this share of its calls may be
 # saturated by the refusals' own cost: saturation alone then stops at P0's top.
 REFUSAL_SHARE = 0.25
+MAX_STEP_DOUBLINGS = 3  # the shed step grows 5 % -> 40 % over consecutive overloaded windows
 
 
 def key_of(tier: Tier, user_priority: int) -> int:
@@ -122,6 +124,7 @@ class AdmissionController:
         self._saturated = False
         self._no_spare = False
         self._refused = 0
+        self._streak = 0  # overloaded windows in a row
         self._salt_epoch = -1
         self._salt = b""
         self.windows = 0
@@ -197,6 +200,7 @@ class AdmissionController:
             floor = P0_TOP if self._refused >= n * REFUSAL_SHARE else self.min_level
             self.level = max(self._tighter(n), min(self.level, floor))
         elif not overloaded and not self._saturated:
+            self._streak = 0
             self.level = self._looser(n)
         self.last_saturated = self._saturated
         self.windows += 1
@@ -212,8 +216,17 @@ class AdmissionController:
             self._on_window()
 
     def _tighter(self, n: int) -> int:
-        """Walks the level down until ``shed_step`` more of the window would be shed."""
-        target = max(1, int(n * self.options.shed_step))
+        """Walks the level down until ``shed_step`` more of the window would be shed.
+
+        The step doubles with each overloaded window in a row, up to ``MAX_STEP_DOUBLINGS``
+        doublings (5 %, 10 %, 20 %, 40 %): callers that drop at the level they were told
+        take their calls out of the next window, so a fixed 5 % of what still arrives
+        would need some 25 windows to shed two thirds of an offered load, while the calls
+        already admitted wait in grpc's queue. One calm window resets the step.
+        """
+        self._streak = min(self._streak + 1, MAX_STEP_DOUBLINGS + 1)
+        step = min(0.5, self.options.shed_step * 2 ** (self._streak - 1))
+        target = max(1, int(n * step))
         level, shed = self.level, 0
         while level > self.min_level and shed < target:
             shed += self._histogram[level]

@@ -68,7 +68,7 @@ class WriterSample:
 class Thresholds:
     loop_lag_ms: float = 50.0
     writer_depth: int = 5_000
-    loop_busy: float = 0.9  # mean share of the window the loop's thread was on a CPU
+    loop_busy: float = 0.85  # mean busy share of a window that counts as saturation
 
 
 class Governor:
