@@ -403,6 +403,28 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def _settle(target: str, admin: str, timeout_s: float = 20.0, calm_s: float = 2.5
+                  ) -> None:
+    """Waits for full admission held ``calm_s`` (two admission windows and more) before the
+    ramp: the generators' warm-up sends are a burst that saturates the worker, and the
+    window it ends in still closes tight after the burst is over."""
+    meta = Client.bearer(admin)
+    deadline = time.monotonic() + timeout_s
+    calm_since = None
+    async with Client(target) as c:
+        while time.monotonic() < deadline:
+            q = await c.admin.GetQosStatus(admin_pb2.GetQosStatusRequest(), metadata=meta,
+                                           timeout=DEADLINE_S)
+            now = time.monotonic()
+            if q.admission.level != MAX_LEVEL:
+                calm_since = None
+            elif calm_since is None:
+                calm_since = now
+            elif now - calm_since >= calm_s:
+                return
+            await asyncio.sleep(POLL_S)
+
+
 async def _poll(target: str, admin: str, pid: int, t0_box: list[float],
                 stop: asyncio.Event, rows: list[dict]) -> None:
     """GetQosStatus every POLL_S: the level and signals, and the worker's CPU share."""
@@ -467,6 +489,7 @@ async def _drive(stack: _Stack, specs: list[dict], admin: str, seconds: float,
             p.start()
         await asyncio.to_thread(_collect, procs, outbox, "ready",
                                 time.monotonic() + START_TIMEOUT_S)
+        await _settle(stack.target, admin)
         poller = asyncio.ensure_future(_poll(stack.target, admin, stack.gateway.pid, t0_box,
                                              stop, rows))
         t0 = time.monotonic() + 0.5

@@ -16,7 +16,7 @@ queuing delay is added to the window's mean. A window closes after
   external signal raised by :meth:`report_overload`): the level moves down
   until the requests it would have shed in the closing window grow by
   ``shed_step`` (5 %) of the window's total, a step that doubles with each
-  overloaded window in a row (up to 40 %, see :meth:`_tighter`);
+  overloaded window in a row (up to 20 %, see :meth:`_tighter`);
 - otherwise it moves up until ``admit_step`` (1 %) more of the window's
   requests would have been admitted, at least one key.
 
@@ -38,11 +38,11 @@ USER_LEVELS = 128
 TIERS = len(Tier)
 MAX_LEVEL = TIERS * USER_LEVELS - 1  # everything admitted
 P0_TOP = USER_LEVELS - 1  # all of P0 admitted, nothing else
-OPEN_KEYS_BUSY = USER_LEVELS  # keys (one tier) a calm window may open without spare capacity
+OPEN_KEYS_BUSY = USER_LEVELS // 2  # keys a calm window may open without spare capacity
 # A saturated window whose refusals are at least this share of its calls may be
 # saturated by the refusals' own cost: saturation alone then stops at P0's top.
 REFUSAL_SHARE = 0.25
-MAX_STEP_DOUBLINGS = 3  # the shed step grows 5 % -> 40 % over consecutive overloaded windows
+MAX_STEP_DOUBLINGS = 2  # the shed step grows 5 % -> 20 % over consecutive overloaded windows
 
 
 def key_of(tier: Tier, user_priority: int) -> int:
@@ -219,7 +219,7 @@ class AdmissionController:
         """Walks the level down until ``shed_step`` more of the window would be shed.
 
         The step doubles with each overloaded window in a row, up to ``MAX_STEP_DOUBLINGS``
-        doublings (5 %, 10 %, 20 %, 40 %): callers that drop at the level they were told
+        doublings (5 %, 10 %, 20 %): callers that drop at the level they were told
         take their calls out of the next window, so a fixed 5 % of what still arrives
         would need some 25 windows to shed two thirds of an offered load, while the calls
         already admitted wait in grpc's queue. One calm window resets the step.
