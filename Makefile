@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py protos_build.py $(wildcard protos/*/v1/*.proto) $(wildcard hotpath/*.pyx hotpath/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench soak protos clean install debug-test h2load
+.PHONY: demo test lint bench bench-overload soak protos clean install debug-test h2load
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/hongbao bench
+
+# One worker overloaded to 3x its capacity, admission on and off; a PNG report and the figures
+# (bench/overload.png, bench/RESULTS.md). A script of its own: it spawns its load generators.
+bench-overload: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check --group bench -e .
+	$(PY) bench/bench_overload.py
 
 protos: $(STAMP)
 	$(PY) protos_build.py
