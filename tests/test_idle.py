@@ -27,3 +27,33 @@ def test_an_idle_worker_commits_no_write_transaction(tmp_path):
 
     before, after = run(scenario())
     assert after == before
+
+
+def test_a_grab_wakes_the_idle_credit_consumer(tmp_path):
+    """With a 10 s idle pause the consumer would sleep through a grab; the grab's wake-up
+    has it credited at once."""
+    from gateway.usecases.background import CreditConsumer
+    from tests.test_ledger import _fund, _send
+
+    ledger = LmdbLedger(tmp_path / "data")
+    consumer = CreditConsumer(ledger, idle_sleep_s=10.0)
+
+    async def scenario():
+        await _fund(ledger, "ada", 1000)
+        env = await _send(ledger, "ada", 1000, 2)
+        task = asyncio.create_task(consumer.run())
+        await asyncio.sleep(0.2)  # idle now, in a 10 s pause
+        await ledger.grab("bob", env.envelope_id, "r")
+        consumer.wake()
+        for _ in range(50):
+            if consumer.applied:
+                break
+            await asyncio.sleep(0.02)
+        consumer.stop()
+        await task
+        return consumer.applied
+
+    try:
+        assert run(scenario()) == 1
+    finally:
+        ledger.close()

@@ -153,6 +153,8 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
                     LoggingInterceptor(access_log=settings.access_log,
                                        echo_request_id=settings.echo_request_id),
                     AuthInterceptor(keyring)]
+    if credit is not None:
+        gateway.grabbing.on_credit = credit.wake
     return App(settings, keyring, ledger, gateway, bank, butler, credit, background,
                interceptors, pressure, governor, metrics,
                health.aio.HealthServicer())  # type: ignore[attr-defined]

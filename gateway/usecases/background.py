@@ -9,6 +9,7 @@ no-op. The expiry sweeper returns what expired envelopes left unclaimed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -20,7 +21,7 @@ from gateway.qos.pressure import Pressure
 
 log = structlog.get_logger(__name__)
 
-_MAX_IDLE_S = 0.1  # the credit consumer's longest pause between looks when idle
+_MAX_IDLE_S = 0.1  # the credit consumer's longest pause between looks when idle (or a wake-up)
 
 
 class CreditConsumer(BackgroundLoop):
@@ -38,11 +39,26 @@ class CreditConsumer(BackgroundLoop):
         super().__init__()
         self._pressure = pressure
         self.floor_rate_per_s = floor_rate_per_s
+        self._work = asyncio.Event()
         self._ledger = ledger
         self._batch = batch
         self.rate_per_s = rate_per_s  # credits per second; 0 pauses the topic
         self._idle_sleep_s = idle_sleep_s
         self.applied = 0
+
+    def wake(self) -> None:
+        """New credits may be waiting: end an idle pause now (cheap when already awake)."""
+        self._work.set()
+
+    async def _idle(self, seconds: float) -> None:
+        """Sleeps up to ``seconds``, waking at once on :meth:`wake` or stop."""
+        if not self._work.is_set():
+            waiters = [asyncio.ensure_future(self._work.wait()),
+                       asyncio.ensure_future(self.pause(seconds))]
+            _done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for w in pending:
+                w.cancel()
+        self._work.clear()
 
     @property
     def effective_rate_per_s(self) -> float:
@@ -72,7 +88,7 @@ class CreditConsumer(BackgroundLoop):
                 # Idle: look again after a pause that doubles up to _MAX_IDLE_S (a look
                 # is a read; nothing is written while there is nothing to credit).
                 idle = min(_MAX_IDLE_S, idle * 2) if idle else self._idle_sleep_s
-                await self.pause(idle)
+                await self._idle(idle)
                 continue
             idle = 0.0
             await self.pause(n / rate - (time.monotonic() - started))

@@ -10,6 +10,8 @@ back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import hotpath
 from gateway import errors
 from gateway.domain.keys import request_digest
@@ -18,10 +20,17 @@ from gateway.ledger import Ledger
 from gateway.usecases.checks import check_envelope_id, check_request_id, check_user_id
 
 
+def _nothing() -> None:
+    pass
+
+
 class Grabbing:
     def __init__(self, ledger: Ledger, gate: hotpath.GrabGate) -> None:
         self._ledger = ledger
         self.gate = gate
+        # Called after a write that may have published credits (the credit consumer's
+        # wake-up, on the worker that runs it; other workers' grabs are found by its look).
+        self.on_credit: Callable[[], None] = _nothing
 
     async def _track(self, envelope_id: str, env_key: bytes) -> None:
         state = await self._ledger.envelope_state(envelope_id)
@@ -105,6 +114,7 @@ class Grabbing:
             self._settle(user_id, envelope_id, verdict, err)
             raise
         self._settle(user_id, envelope_id, verdict, result)
+        self.on_credit()
         return result
 
     async def grab_batch(self, items: list[tuple[str, str, str]]
@@ -136,6 +146,7 @@ class Grabbing:
             for i, result in zip(to_write, written, strict=True):
                 self._settle(items[i][0], items[i][1], verdicts[i], result)
                 results[i] = result
+            self.on_credit()
         return results
 
     async def get_envelope(self, envelope_id: str) -> EnvelopeView:
