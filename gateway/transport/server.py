@@ -148,7 +148,8 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
         write_port_file(opts.port_file, port)
     log.info("serving", address=f"{opts.host}:{port}", worker=opts.worker_index,
              hotpath=hotpath.IMPLEMENTATION, durability=settings.durability,
-             bank=opts.bank or "", tls=tls, pid=os.getpid())
+             bank=opts.bank or "", tls=tls, pid=os.getpid(),
+             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
     await _wait_for_signal()
 
     log.info("shutting_down", grace_s=settings.grace_s)
