@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py protos_build.py $(wildcard protos/*/v1/*.proto) $(wildcard hotpath/*.pyx hotpath/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-overload soak protos clean install debug-test h2load
+.PHONY: demo test lint bench bench-overload soak protos clean install debug-test h2load redis
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,7 +54,16 @@ lint: $(STAMP)
 		hotpath._gate hotpath._split hotpath._records
 	cd protos && npx --yes @bufbuild/buf@1.47.2 lint
 
-bench: $(STAMP)
+# The benchmarks' peers and load generators: Debian's redis-server (BatchGrab against Redis +
+# Lua) and nghttp2-client (h2load), installed when missing; the `bench` dependency group.
+REDIS := $(shell command -v redis-server)
+redis:
+ifeq ($(REDIS),)
+	apt-get update -qq && apt-get install -y -qq redis-server
+endif
+
+bench: $(STAMP) h2load redis
+	$(PY) -m pip install -q --disable-pip-version-check --group bench -e .
 	$(VENV)/bin/hongbao bench
 
 # One worker overloaded to 3x its capacity, admission on and off; a PNG report and the figures
