@@ -14,6 +14,9 @@ figures, wall time for the loopback ones):
   (metadata scan, verify, scope check, handler rewrap) and the part of it that is the
   behaviour wrapper alone (new handler, closure, setting the context variable), both
   measured in process against a do-nothing handler, so no network is involved;
+- ``admission_interceptor_us``: the admission interceptor per admitted call (tier,
+  claimed user's priority, controller, measuring wrapper, metrics); ``admission_shed_us``:
+  a whole call it refuses (prebuilt refusal, no handler lookup, no body);
 - ``logging_interceptor_us`` / ``logging_interceptor_access_log_us``: the request id
   interceptor without and with the JSON access line (rendered to an in-memory stream);
 - with ``--rpc``: loopback round trips (``rpc_*_us``) with no interceptors, with both,
@@ -38,10 +41,16 @@ from typing import Any, NamedTuple
 import grpc
 import structlog
 
+from gateway.qos.controller import USER_LEVELS, AdmissionController
+from gateway.qos.governor import Governor
+from gateway.qos.pressure import Pressure
+from gateway.qos.tiers import Tier, tier_table
 from gateway.security import tickets
 from gateway.transport.interceptors import auth as auth_mod
+from gateway.transport.interceptors.admission import AdmissionInterceptor
 from gateway.transport.interceptors.auth import AuthInterceptor
 from gateway.transport.interceptors.logging import LoggingInterceptor, configure_logging
+from gateway.transport.metrics import Metrics
 from hongbao.v1 import wallet_pb2, wallet_pb2_grpc
 
 GOAL_VERIFY_US = 5.0
@@ -61,6 +70,16 @@ class _Context:
 
     def code(self) -> None:
         return None
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        return None
+
+    async def abort_with_status(self, status: Any) -> None:
+        raise _Aborted
+
+
+class _Aborted(Exception):
+    """What the stand-in context raises where grpc would end the call."""
 
 
 # Each figure gets at most this long (at least three runs), so the whole bench stays
@@ -171,12 +190,36 @@ async def bench_interceptors(ring: tickets.KeyRing, calls: int, runs: int) -> di
             through(LoggingInterceptor(access_log=True)), calls // 4, runs)
     finally:
         structlog.configure(**saved)
+    admitted_us, shed_us = await _admission_us(through, calls, runs)
     return {
+        "admission_interceptor_us": admitted_us - bare_us,
+        "admission_shed_us": shed_us,
         "auth_interceptor_us": auth_us - bare_us,
         "auth_wrapper_us": wrapper_us - bare_us,
         "logging_interceptor_us": quiet_us - bare_us,
         "logging_interceptor_access_log_us": logged_us - bare_us,
     }
+
+
+async def _admission_us(through: Callable[[Any], Callable[[], Any]], calls: int, runs: int
+                        ) -> tuple[float, float]:
+    """The admission interceptor per admitted call (tier lookup, user priority from the
+    claimed subject, the controller, the measuring wrapper, the metrics), and a whole shed
+    call at a level that refuses P2 and nothing else (refusal built once, then reused)."""
+    def governor(pin: int | None) -> Governor:
+        return Governor(lambda **hooks: AdmissionController(pinned_level=pin, **hooks),
+                        Pressure())
+
+    admitted = through(AdmissionInterceptor(governor(None), Metrics(), tier_table()))
+    table = {**tier_table(), _METHOD: Tier.P1}  # P1: not degradable, so refused outright
+    shedding = through(AdmissionInterceptor(governor(USER_LEVELS - 1), Metrics(), table))
+
+    async def shed() -> None:
+        with contextlib.suppress(_Aborted):
+            await shedding()
+
+    return (await _per_call_us_async(admitted, calls, runs),
+            await _per_call_us_async(shed, calls, runs))
 
 
 async def bench_rpc(ring: tickets.KeyRing, calls: int, runs: int) -> dict[str, float]:

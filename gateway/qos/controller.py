@@ -134,6 +134,10 @@ class AdmissionController:
 
     # -- per request -------------------------------------------------------------
 
+    def salt_epoch(self) -> int:
+        """The number of the current salt period (wall time // salt_period_s)."""
+        return int(self._wall_clock() // self.options.salt_period_s)
+
     def user_priority(self, user_id: str) -> int:
         """0 (served longest) .. USER_LEVELS-1, stable for a salt period."""
         epoch = int(self._wall_clock() // self.options.salt_period_s)

@@ -116,6 +116,10 @@ class Governor:
     def user_priority(self, user_id: str) -> int:
         return self.controller.user_priority(user_id)
 
+    def salt_epoch(self) -> int:
+        """The current salt period's number: user priorities change when it does."""
+        return self.controller.salt_epoch()
+
     def admit(self, tier: Tier, user_priority: int) -> bool:
         """Counts the call and says whether the level admits it."""
         t = int(tier)
