@@ -21,6 +21,8 @@ def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     assert spec is not None and spec.loader is not None  # a .py path always has both
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs, as an import would be (dataclasses look their module up).
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
