@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"  # gateway/ops/ -> the checkout
-NAMES = ("hotpath", "tickets", "ledger", "butler", "balance_first", "batchgrab", "unary")
+NAMES = ("hotpath", "tickets", "ledger", "butler", "balance_first", "batchgrab", "unary", "storage")
 
 
 def _load(name: str):
