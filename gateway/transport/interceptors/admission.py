@@ -151,16 +151,17 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             return None if handler is None else self._measured(
                 handler, method, tier.name, arrival, None)
         self._metrics.shed(tier.name, "level")
+        if method in DEGRADABLE:  # goes on, and its use case answers from its cache
+            handler = await continuation(handler_call_details)
+            return None if handler is None else self._measured(
+                handler, method, tier.name, arrival, tier)
         arity = _arity(method)
-        if method in DEGRADABLE or arity is None:
+        if arity is None:  # a tier set in --config for a method no compiled proto has
             handler = await continuation(handler_call_details)
             if handler is None:
                 return None
-            if method not in DEGRADABLE:
-                arity = (handler.request_streaming, handler.response_streaming)
-                return self._refusal(arity, tier, gov.level)
-            return self._measured(handler, method, tier.name, arrival, tier)
-        # The inner interceptors (access log, ticket check) never run for a shed call.
+            arity = (handler.request_streaming, handler.response_streaming)
+        # Otherwise the inner interceptors (access log, ticket check) never run.
         return self._refusal(arity, tier, gov.level)
 
     def _priority(self, bearer: str) -> int:
