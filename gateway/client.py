@@ -37,7 +37,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from gateway.errors import DOMAIN
 from gateway.qos.controller import MAX_LEVEL, key_of, priority_of, salt_of
 from gateway.qos.tiers import DEFAULT_TIERS, Tier
-from gateway.security.tickets import subject_hint
+from gateway.security.tickets import subject_hint_of_header
 from hongbao.v1 import (
     admin_pb2_grpc,
     auth_pb2_grpc,
@@ -148,7 +148,7 @@ def _local_refusal(reason: str, tier: Tier) -> grpc.aio.AioRpcError:
 def _user_of(metadata: Any) -> str:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
-            return subject_hint(value.partition(" ")[2].strip())
+            return subject_hint_of_header(value)
     return ""
 
 

@@ -72,6 +72,7 @@ __all__ = [
     "KeyRing",
     "mint",
     "subject_hint",
+    "subject_hint_of_header",
     "verify",
 ]
 
@@ -533,6 +534,11 @@ def subject_hint(ticket: str) -> str:
     if not _MIN_PAYLOAD_BYTES <= len(payload) <= _MAX_PAYLOAD_BYTES:
         return ""
     return payload[_HEAD.size :].decode("ascii", "replace")
+
+
+def subject_hint_of_header(authorization: str) -> str:
+    """:func:`subject_hint` of an ``authorization: Bearer <ticket>`` header's value."""
+    return subject_hint(authorization.partition(" ")[2].strip())
 
 
 def _malformed() -> Unauthenticated:

@@ -44,7 +44,7 @@ from gateway.errors import rich_status, with_trailers
 from gateway.qos.governor import Governor
 from gateway.qos.pressure import refused, shed_error
 from gateway.qos.tiers import DEGRADABLE, Tier
-from gateway.security.tickets import subject_hint
+from gateway.security.tickets import subject_hint_of_header
 from gateway.transport.interceptors._plumbing import (
     ASYNC,
     ASYNC_GEN,
@@ -112,11 +112,6 @@ def _bearer_of(metadata: Any) -> str:
     return ""
 
 
-def _user_of_bearer(value: str) -> str:
-    _scheme, _, ticket = value.partition(" ")
-    return subject_hint(ticket.strip())
-
-
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """Sheds by the governor's level; measures and tags every admitted call."""
 
@@ -171,7 +166,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             self._priorities_epoch = epoch
         priority = self._priorities.get(bearer)
         if priority is None:
-            priority = self._governor.user_priority(_user_of_bearer(bearer))
+            priority = self._governor.user_priority(subject_hint_of_header(bearer))
             self._priorities[bearer] = priority
         return priority
 
