@@ -21,8 +21,10 @@ from gateway.transport.interceptors._plumbing import Rejections, method_of, serv
 from gateway.transport.interceptors.auth import AuthInterceptor, claims, current_claims
 from gateway.transport.interceptors.logging import (
     REQUEST_ID_HEADER,
+    AccessLog,
     LoggingInterceptor,
     configure_logging,
+    flush_access_log,
 )
 from hongbao.v1 import (
     admin_pb2,
@@ -565,3 +567,90 @@ def test_configure_logging_refuses_unknown_level():
     """An unknown level name is an error, not a silent default."""
     with pytest.raises(ValueError):
         configure_logging("loud")
+
+
+def test_access_log_fast_line_has_structlog_fields_and_is_buffered():
+    """AccessLog renders what structlog would (reason included), written within 100 ms."""
+    saved = structlog.get_config()
+    out = io.StringIO()
+
+    async def scenario():
+        fast = AccessLog()
+        fields = dict(method="/hongbao.v1.WalletService/GetBalance", code="UNAUTHENTICATED",
+                      duration_ms=0.25, request_id="r-9")
+        token = structlog.contextvars.bind_contextvars(reason="TICKET_MISSING")
+        try:
+            fast.info("rpc", **fields)
+            structlog.get_logger("gateway.access").info("rpc", **fields)
+        finally:
+            structlog.contextvars.reset_contextvars(**token)
+        fast.info("rpc", **{**fields, "code": "OK"}, user="user:5")
+        # The structlog line is written at once; the fast ones wait for the timer.
+        assert len(out.getvalue().splitlines()) == 1
+        for _ in range(100):
+            if len(out.getvalue().splitlines()) == 3:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        configure_logging("info", json=True, stream=out)
+        asyncio.run(scenario())
+    finally:
+        flush_access_log()
+        structlog.configure(**saved)
+        configure_logging("info", json=True)
+    slow, refused_line, ok = _three(out.getvalue())
+    for line in (slow, refused_line):
+        assert line["reason"] == "TICKET_MISSING" and line["code"] == "UNAUTHENTICATED"
+    assert {k: v for k, v in refused_line.items() if k != "timestamp"} == {
+        k: v for k, v in slow.items() if k != "timestamp"}
+    assert refused_line["timestamp"].endswith("Z") and len(refused_line["timestamp"]) == 27
+    assert (ok["code"], ok["user"], ok["event"], ok["level"]) == ("OK", "user:5", "rpc", "info")
+    assert "reason" not in ok
+
+
+def _three(text: str):
+    """The structlog line (written first), then the two buffered ones in order."""
+    slow, fast_refused, fast_ok = (json.loads(x) for x in text.splitlines())
+    return slow, fast_refused, fast_ok
+
+
+def test_access_log_falls_back_to_structlog_for_console_or_quiet_levels():
+    """Console text or a level above info: access lines go through structlog as before."""
+    saved = structlog.get_config()
+    out = io.StringIO()
+    try:
+        configure_logging("warning", json=True, stream=out)
+        AccessLog().info("rpc", method="/x/Y", code="OK", duration_ms=0.1, request_id="q")
+        flush_access_log()
+        assert out.getvalue() == ""
+        configure_logging("info", json=False, stream=out)
+        AccessLog().info("rpc", method="/x/Y", code="OK", duration_ms=0.1, request_id="q")
+        flush_access_log()
+        assert "rpc" in out.getvalue() and not out.getvalue().startswith("{")
+    finally:
+        structlog.configure(**saved)
+        configure_logging("info", json=True)
+
+
+def test_a_stopping_server_writes_its_buffered_access_lines(stack):
+    """SIGTERM: the last calls' access lines reach the log before the worker exits."""
+    from gateway.client import Client
+
+    async def calls():
+        async with Client(stack.target) as c:
+            for i in range(3):
+                await c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(),
+                                          metadata=(*stack.meta("user:log"),
+                                                    (REQUEST_ID_HEADER, f"last-{i}")))
+    asyncio.run(calls())
+    stack.gateway.stop()
+    stack.gateway = None
+    lines = [json.loads(x) for x in (stack.root / "gateway.log").read_text().splitlines()
+             if x.startswith("{")]
+    mine = [x for x in lines if x.get("event") == "rpc" and
+            str(x.get("request_id", "")).startswith("last-")]
+    assert [x["request_id"] for x in mine] == ["last-0", "last-1", "last-2"]
+    assert all(x["code"] == "OK" and x["user"] == "user:log" for x in mine)
+    stop_at = next(i for i, x in enumerate(lines) if x.get("event") == "stopped")
+    assert lines.index(mine[-1]) < stop_at

@@ -27,6 +27,7 @@ from gateway.config import Settings
 from gateway.security import tickets
 from gateway.transport import reflection
 from gateway.transport.app import App, build_app, open_ledger
+from gateway.transport.interceptors.logging import flush_access_log
 from gateway.transport.metrics import serve_metrics
 from gateway.transport.portfile import write_port_file
 from gateway.transport.servicers.admin import AdminServicer
@@ -158,4 +159,5 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     if metrics:
         metrics.close()
     await app.close()
+    flush_access_log()
     log.info("stopped")
