@@ -44,6 +44,8 @@ cdef void raise_reserved(EnvelopeGate *gate, int64_t claimed) noexcept nogil
 cdef class _TrackedEnvelope:
     cdef EnvelopeGate gate
     cdef readonly bytes key
+    cdef int busy               # admit_many calls probing the table without the GIL
+    cdef int drop_table_if_sold_out(self) except -1
 
 cdef class GrabGate:
     cdef dict _envelopes        # envelope key -> _TrackedEnvelope

@@ -10,6 +10,11 @@ assigns the real share from it.
 Per envelope the state is a C struct (EnvelopeGate) with the share count, an
 atomic `reserved` counter, an atomic sticky sold-out flag and an open-address
 table of 64-bit user hashes, linear probing, inserted by compare-and-swap.
+Once an envelope is sold out every admit answers SOLD_OUT without looking at
+its users, so the table (16 B per share: 2 KiB for 100 shares) is freed and
+the struct keeps only the flag: a gate full of finished envelopes costs their
+dict entries, not their tables.  The table goes only under the GIL and only
+while no admit_many is probing it without the GIL (``busy``).
 Slots go EMPTY -> hash -> TOMBSTONE and never back, which is what makes the
 lock-free insert correct: two admits of one user probe the same sequence and
 race for the same first empty slot, so exactly one of them wins.
@@ -74,6 +79,8 @@ cdef inline uint64_t _key_hash(bytes key) noexcept:
 cdef MarkResult mark_hash(EnvelopeGate *gate, uint64_t h) noexcept nogil:
     cdef uint64_t i = h & gate.mask
     cdef uint64_t probes, seen
+    if gate.table == NULL:
+        return MARK_TABLE_FULL   # sold out: nothing is kept
     for probes in range(gate.mask + 1):
         seen = hb_load_u64(&gate.table[i])
         if seen == HB_SLOT_EMPTY:
@@ -91,6 +98,8 @@ cdef MarkResult mark_hash(EnvelopeGate *gate, uint64_t h) noexcept nogil:
 cdef bint has_hash(EnvelopeGate *gate, uint64_t h) noexcept nogil:
     cdef uint64_t i = h & gate.mask
     cdef uint64_t probes, seen
+    if gate.table == NULL:
+        return False
     for probes in range(gate.mask + 1):
         seen = hb_load_u64(&gate.table[i])
         if seen == h:
@@ -108,6 +117,8 @@ cdef bint release_hash(EnvelopeGate *gate, uint64_t h) noexcept nogil:
     cdef uint64_t i = h & gate.mask
     cdef uint64_t probes, seen
     cdef int64_t reserved
+    if gate.table == NULL:
+        return False
     for probes in range(gate.mask + 1):
         seen = hb_load_u64(&gate.table[i])
         if seen == HB_SLOT_EMPTY:
@@ -144,6 +155,8 @@ cdef int _check_marked_once(EnvelopeGate *gate, uint64_t h) except -1:
     # Debug builds only: a user hash is live in at most one slot (the
     # invariant the lock-free insert relies on).  O(capacity) per call.
     cdef uint64_t i, seen = 0
+    if gate.table == NULL:
+        return 0
     for i in range(gate.mask + 1):
         if hb_load_u64(&gate.table[i]) == h:
             seen += 1
@@ -165,7 +178,15 @@ cdef class _TrackedEnvelope:
         self.gate.count = count
         self.gate.reserved = 0
         self.gate.sold_out = 0
+        self.busy = 0
         self.key = key
+
+    cdef int drop_table_if_sold_out(self) except -1:
+        # Under the GIL; an admit_many probing without it holds `busy` up.
+        if self.busy == 0 and self.gate.table != NULL and hb_load_i64(&self.gate.sold_out):
+            free(self.gate.table)
+            self.gate.table = NULL
+        return 0
 
     def __dealloc__(self):
         free(self.gate.table)
@@ -235,6 +256,7 @@ cdef class GrabGate:
         raise_reserved(&tracked.gate, claimed)
         if sold_out or claimed >= count:
             hb_store_i64(&tracked.gate.sold_out, 1)
+            tracked.drop_table_if_sold_out()
         cdef bytes user_key
         for user_key in users:
             if user_key is None:
@@ -281,11 +303,17 @@ cdef class GrabGate:
                 if user_key is None:
                     raise TypeError("user keys must be bytes, not None")
                 hashes[i] = _key_hash(user_key)
-            # `tracked` keeps the struct alive even if another thread forgets it.
+            # `tracked` keeps the struct alive even if another thread forgets it,
+            # and `busy` its table while the GIL is released.
             if n >= _NOGIL_BATCH:
-                with nogil:
-                    for i in range(n):
-                        answers[i] = admit_hash(&tracked.gate, hashes[i])
+                tracked.busy += 1
+                try:
+                    with nogil:
+                        for i in range(n):
+                            answers[i] = admit_hash(&tracked.gate, hashes[i])
+                finally:
+                    tracked.busy -= 1
+                tracked.drop_table_if_sold_out()
             else:
                 for i in range(n):
                     answers[i] = admit_hash(&tracked.gate, hashes[i])
@@ -310,10 +338,11 @@ cdef class GrabGate:
             release_hash(gate, _key_hash(user_key))
 
     def mark_sold_out(self, bytes envelope_key not None):
-        """Set the envelope's sticky sold-out flag (no-op if untracked)."""
-        cdef EnvelopeGate *gate = self._find(envelope_key)
-        if gate != NULL:
-            hb_store_i64(&gate.sold_out, 1)
+        """Set the envelope's sticky sold-out flag (no-op if untracked); frees its users."""
+        cdef _TrackedEnvelope tracked = self._envelopes.get(envelope_key)
+        if tracked is not None:
+            hb_store_i64(&tracked.gate.sold_out, 1)
+            tracked.drop_table_if_sold_out()
 
     def mark_user(self, bytes envelope_key not None, bytes user_key not None):
         """Record that the user has grabbed (no-op if untracked)."""
@@ -331,6 +360,15 @@ cdef class GrabGate:
         """True once the envelope's sticky sold-out flag is set."""
         cdef EnvelopeGate *gate = self._find(envelope_key)
         return gate != NULL and hb_load_i64(&gate.sold_out) != 0
+
+    def table_bytes(self):
+        """Bytes of user tables held (sold-out envelopes hold none)."""
+        cdef _TrackedEnvelope tracked
+        cdef Py_ssize_t total = 0
+        for tracked in self._envelopes.values():
+            if tracked.gate.table != NULL:
+                total += (tracked.gate.mask + 1) * sizeof(uint64_t)
+        return total
 
     def __len__(self):
         return len(self._envelopes)

@@ -26,6 +26,9 @@ def _need_bytes(value, name):
         raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
 
 
+_NO_USERS = frozenset()
+
+
 class _TrackedEnvelope:
     __slots__ = ("capacity", "count", "reserved", "sold_out", "used", "users")
 
@@ -40,8 +43,15 @@ class _TrackedEnvelope:
         self.used = 0          # slots ever filled, tombstones included
         self.users = set()
 
+    def set_sold_out(self):
+        """Sticky; the users are never asked about again, so their set goes."""
+        self.sold_out = True
+        self.users = _NO_USERS
+
     def mark(self, user_key):
         """Return True if the user was already marked."""
+        if self.sold_out:
+            return False   # nothing is kept once sold out
         if user_key in self.users:
             return True
         if self.used < self.capacity:
@@ -81,7 +91,7 @@ class GrabGate:
                     f"envelope tracked with count {tracked.count}, refreshed with {count}")
             tracked.reserved = max(tracked.reserved, claimed)
             if sold_out or claimed >= count:
-                tracked.sold_out = True
+                tracked.set_sold_out()
             for user_key in users:
                 _need_bytes(user_key, "user key")
                 tracked.mark(user_key)
@@ -121,7 +131,7 @@ class GrabGate:
         with self._lock:
             tracked = self._envelopes.get(envelope_key)
             if tracked is not None and user_key in tracked.users:
-                tracked.users.discard(user_key)   # its slot stays used: a tombstone
+                tracked.users.remove(user_key)   # its slot stays used: a tombstone
                 tracked.reserved = max(0, tracked.reserved - 1)
 
     def mark_sold_out(self, envelope_key):
@@ -130,7 +140,7 @@ class GrabGate:
         with self._lock:
             tracked = self._envelopes.get(envelope_key)
             if tracked is not None:
-                tracked.sold_out = True
+                tracked.set_sold_out()
 
     def mark_user(self, envelope_key, user_key):
         """Record that the user has grabbed (no-op if untracked)."""
@@ -153,6 +163,11 @@ class GrabGate:
         with self._lock:
             tracked = self._envelopes.get(envelope_key)
             return tracked is not None and tracked.sold_out
+
+    def table_bytes(self):
+        """Bytes the C gate's user tables would hold (sold-out envelopes hold none)."""
+        with self._lock:
+            return sum(8 * t.capacity for t in self._envelopes.values() if not t.sold_out)
 
     def __len__(self):
         return len(self._envelopes)

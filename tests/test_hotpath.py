@@ -286,6 +286,45 @@ def test_gate_sold_out_is_sticky(impl):
     assert not gate.is_sold_out(b"untracked")
 
 
+@pytest.mark.parametrize("how", ["mark_sold_out", "track", "admit_many"])
+def test_gate_frees_a_sold_out_envelopes_users(impl, how):
+    """A sold-out envelope keeps its flag, not its user table; later calls are no-ops."""
+    gate = impl.GrabGate()
+    gate.track(b"live", 100)
+    gate.track(b"env", 100)
+    live_bytes = gate.table_bytes() // 2
+    assert live_bytes == 256 * 8   # 2 * 100 shares, rounded up to a power of two
+    users = [b"u%d" % i for i in range(100)]
+    if how == "admit_many":        # big enough to probe without the GIL
+        assert gate.admit_many(b"env", users) == list(range(100))
+        assert gate.table_bytes() == 2 * live_bytes   # not sold out by admits alone
+        gate.mark_sold_out(b"env")
+    elif how == "track":
+        gate.track(b"env", 100, claimed=100)
+    else:
+        gate.mark_sold_out(b"env")
+    assert gate.table_bytes() == live_bytes
+    assert gate.admit(b"env", b"u1") == impl.GATE_SOLD_OUT
+    assert gate.admit_many(b"env", users) == [impl.GATE_SOLD_OUT] * 100
+    gate.release(b"env", b"u1")
+    gate.mark_user(b"env", b"u2")
+    gate.track(b"env", 100, claimed=3, users=[b"u3"])
+    assert gate.is_sold_out(b"env") and gate.table_bytes() == live_bytes
+    assert gate.admit(b"live", b"u1") == 0   # the other envelope is untouched
+
+
+def test_gate_holds_no_tables_for_many_sold_out_envelopes(impl):
+    """20,000 finished envelopes of 100 shares: no user table left, each still answers."""
+    gate = impl.GrabGate()
+    for i in range(20_000):
+        env = b"e%d" % i
+        gate.track(env, 100)
+        gate.admit_many(env, [b"u%d" % k for k in range(100)])
+        gate.mark_sold_out(env)
+    assert gate.table_bytes() == 0 and len(gate) == 20_000
+    assert gate.admit(b"e7", b"u0") == impl.GATE_SOLD_OUT
+
+
 def test_gate_release_undoes_an_admit(impl):
     """release() unmarks the user and returns the provisional slot; a stray release is a no-op."""
     gate = impl.GrabGate()
@@ -381,7 +420,7 @@ def test_gate_eviction_bound_holds_at_scale(impl):
 
 _GATE_OPS = st.lists(st.tuples(
     st.sampled_from(["track", "admit", "admit_many", "release", "mark_sold_out",
-                     "mark_user", "forget", "is_sold_out"]),
+                     "mark_user", "forget", "is_sold_out", "table_bytes"]),
     st.integers(0, 3),          # envelope; its count is envelope + 1 (8-slot tables)
     st.integers(0, 12),         # user: 13 of them, enough to fill a table
     st.integers(0, 4),          # claimed
@@ -402,6 +441,8 @@ def test_gate_behaves_like_the_pure_twin(max_envelopes, ops):
             args = (env, [b"user%d" % ((u + k) % 13) for k in range(70)])
         elif op in ("mark_sold_out", "forget", "is_sold_out"):
             args = (env,)
+        elif op == "table_bytes":
+            args = ()
         else:
             args = (env, user)
         results = [outcome(getattr(g, op), *args) for g in gates]
