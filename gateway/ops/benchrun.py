@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"  # gateway/ops/ -> the checkout
-NAMES = ("hotpath", "tickets", "ledger", "butler", "balance_first", "batchgrab", "unary", "storage")
+NAMES = ("hotpath", "tickets", "ledger", "butler", "balance_first", "batchgrab", "unary", "storage",
+         "ghz")
 
 
 def _load(name: str):
