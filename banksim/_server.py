@@ -37,6 +37,8 @@ class Settings:
     seed: int = 0
     map_size: int = 256 << 20
     grace_s: float = 2.0
+    # (certificate, private key, client CA or None) as PEM; None serves plaintext.
+    tls: tuple[bytes, bytes, bytes | None] | None = None
 
 
 def write_port_file(path: str | os.PathLike[str], port: int) -> None:
@@ -85,7 +87,13 @@ async def _serve(settings: Settings, sim: BankSim) -> int:
         reflection.SERVICE_NAME,
     ]
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(_address(settings.host, settings.port))
+    address = _address(settings.host, settings.port)
+    if settings.tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        cert, key, ca = settings.tls
+        port = server.add_secure_port(address, grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None))
     await server.start()
     for name in services:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -97,6 +105,8 @@ async def _serve(settings: Settings, sim: BankSim) -> int:
     if settings.port_file:
         write_port_file(settings.port_file, port)
     log.info("banksim_serving", host=settings.host, port=port, data_dir=settings.data_dir,
+             tls=settings.tls is not None,
+             mtls=settings.tls is not None and settings.tls[2] is not None,
              banks=sorted(settings.banks), seed=settings.seed,
              card_balance_fen=settings.card_balance_fen)
     try:

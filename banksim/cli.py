@@ -31,6 +31,7 @@ DEFAULT_BANKS = ("icbc", "ccb", "abc", "boc")
 _GENERAL_DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1", "port": 0, "port_file": None, "card_balance_fen": 1_000_000,
     "seed": None, "map_size_mib": 256, "grace_s": 2.0, "log_level": "info",
+    "tls_cert": None, "tls_key": None, "tls_ca": None,
 }
 _FAULT_HELP = {
     "capacity_tps": "requests per second each bank admits (0: unlimited)",
@@ -67,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "it doubles when full")
     parser.add_argument("--grace-s", type=float, help="graceful shutdown period (default 2)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--tls-cert", help="serve over TLS with this PEM certificate")
+    parser.add_argument("--tls-key", help="and this PEM private key")
+    parser.add_argument("--tls-ca", help="require client certificates signed by this PEM CA "
+                        "(mutual TLS; needs --tls-cert and --tls-key)")
     for key in FAULT_KEYS:
         parser.add_argument("--" + key.replace("_", "-"), type=float, help=_FAULT_HELP[key])
 
@@ -125,8 +130,34 @@ def settings_from(args: argparse.Namespace) -> tuple[Any, str]:
         port_file=pick("port_file"), card_balance_fen=card_balance_fen, banks=banks,
         seed=_int(seed, "seed", 0, 2**64), map_size=map_size_mib << 20,
         grace_s=float(pick("grace_s")),
+        tls=_tls(pick("tls_cert"), pick("tls_key"), pick("tls_ca")),
     )
     return settings, str(pick("log_level"))
+
+
+def _pem(path: str, flag: str, marker: bytes) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data or marker not in data:
+        raise ConfigError(f"{flag} {path}: not a PEM {marker.decode().lower()}")
+    return data
+
+
+def _tls(cert: str | None, key: str | None, ca: str | None
+         ) -> tuple[bytes, bytes, bytes | None] | None:
+    """(cert, key, ca) PEM bytes, None for plaintext; an incomplete set is an error:
+    a CA alone must not start a plaintext server that checks no client."""
+    if cert is None and key is None and ca is None:
+        return None
+    if cert is None or key is None:
+        missing = " and ".join(f"--tls-{n}" for n, v in (("cert", cert), ("key", key))
+                               if v is None)
+        raise ConfigError(f"TLS needs both --tls-cert and --tls-key; {missing} is missing")
+    return (_pem(cert, "--tls-cert", b"CERTIFICATE"), _pem(key, "--tls-key", b"PRIVATE KEY"),
+            _pem(ca, "--tls-ca", b"CERTIFICATE") if ca is not None else None)
 
 
 def _load(path: str) -> dict[str, Any]:

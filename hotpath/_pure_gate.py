@@ -26,9 +26,6 @@ def _need_bytes(value, name):
         raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
 
 
-_NO_USERS = frozenset()
-
-
 class _TrackedEnvelope:
     __slots__ = ("capacity", "count", "reserved", "sold_out", "used", "users")
 
@@ -41,12 +38,12 @@ class _TrackedEnvelope:
         self.reserved = 0
         self.sold_out = False
         self.used = 0          # slots ever filled, tombstones included
-        self.users = set()
+        self.users: set[bytes] = set()
 
     def set_sold_out(self):
         """Sticky; the users are never asked about again, so their set goes."""
         self.sold_out = True
-        self.users = _NO_USERS
+        self.users = set()
 
     def mark(self, user_key):
         """Return True if the user was already marked."""

@@ -29,28 +29,55 @@ def _serve_parser(sub) -> None:
     p.add_argument("--key-file", type=Path, help="ticket keys (default: in --data-dir)")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
-    p.add_argument("--tls-ca", type=Path, help="require client certificates from this CA")
+    p.add_argument("--tls-ca", type=Path, help="require client certificates from this CA "
+                   "(mutual TLS; needs --tls-cert and --tls-key)")
+    _bank_tls_arguments(p)
     p.add_argument("--config", type=Path, help="TOML settings (see gateway/config.py)")
     p.add_argument("--log-level", default="info")
 
 
+def _bank_tls_arguments(p) -> None:
+    p.add_argument("--bank-tls-ca", type=Path,
+                   help="reach the bank over TLS, its certificate checked against this CA")
+    p.add_argument("--bank-tls-cert", type=Path, help="client certificate for the bank link")
+    p.add_argument("--bank-tls-key", type=Path, help="its private key")
+
+
+def _fail(command: str, message: object) -> int:
+    """One line on stderr and exit status 2: how every start-up mistake is reported."""
+    print(f"hongbao {command}: {message}", file=sys.stderr)
+    return 2
+
+
 def _cmd_serve(args) -> int:
     from gateway.config import Settings
+    from gateway.security import tickets
+    from gateway.security.tls import TlsConfigError
     from gateway.transport.interceptors.logging import configure_logging
     from gateway.transport.server import ServeOptions, serve
     from gateway.transport.supervisor import supervise
 
-    configure_logging(args.log_level)
-    settings = Settings.load(args.config, durability=args.durability,
-                             resolve_delay_s=args.resolve_delay_s)
+    try:
+        configure_logging(args.log_level)
+        settings = Settings.load(args.config, durability=args.durability,
+                                 resolve_delay_s=args.resolve_delay_s)
+    except (ValueError, OSError) as err:  # a bad level, an unknown or mistyped setting
+        return _fail("serve", err)
+    if args.workers < 1:
+        return _fail("serve", "--workers must be >= 1")
     opts = ServeOptions(
         data_dir=args.data_dir, host=args.host, port=args.port, port_file=args.port_file,
         bank=args.bank, workers=args.workers, worker_index=args.worker_index,
         metrics_port=args.metrics_port, key_file=args.key_file, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_ca=args.tls_ca, reuse_port=args.reuse_port)
-    if args.workers < 1:
-        print("--workers must be >= 1", file=sys.stderr)
-        return 2
+        tls_key=args.tls_key, tls_ca=args.tls_ca, bank_tls_ca=args.bank_tls_ca,
+        bank_tls_cert=args.bank_tls_cert, bank_tls_key=args.bank_tls_key,
+        reuse_port=args.reuse_port)
+    try:
+        opts.check()
+        if args.key_file is not None:
+            tickets.KeyRing.from_file(args.key_file)  # readable, private, well formed
+    except (TlsConfigError, tickets.KeyFileError) as err:
+        return _fail("serve", err)
     if args.workers > 1:
         argv = sys.argv[1:]
         keep = []
@@ -113,17 +140,19 @@ def _reconcile_parser(sub) -> None:
     p = sub.add_parser("reconcile", help="prove the books balance")
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--bank", metavar="HOST:PORT", help="cross-check with the bank simulator")
+    _bank_tls_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
 
 def _cmd_reconcile(args) -> int:
     from gateway.ops.reconcile import reconcile_dir
+    from gateway.security.tls import TlsConfigError, channel_credentials
 
     try:
-        report = reconcile_dir(args.data_dir, args.bank)
-    except FileNotFoundError as err:
-        print(f"hongbao reconcile: {err}", file=sys.stderr)
-        return 2
+        creds = channel_credentials(args.bank_tls_ca, args.bank_tls_cert, args.bank_tls_key)
+        report = reconcile_dir(args.data_dir, args.bank, creds)
+    except (FileNotFoundError, TlsConfigError) as err:
+        return _fail("reconcile", err)
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.balanced else 1
 

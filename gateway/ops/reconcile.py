@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import grpc
+
 from gateway.domain.audit import Report, audit
 from gateway.ledger import LmdbSnapshot
 from gateway.payments.bank import BankClient
 from gateway.payments.crosscheck import cross_check_bank
 
 
-def reconcile_dir(data_dir: Path, bank_target: str | None = None) -> Report:
+def reconcile_dir(data_dir: Path, bank_target: str | None = None,
+                  bank_credentials: grpc.ChannelCredentials | None = None) -> Report:
     """Audits the ledger in ``data_dir`` (read-only) and, given a bank, cross-checks it."""
     snapshot = LmdbSnapshot(data_dir)
     try:
@@ -25,7 +28,7 @@ def reconcile_dir(data_dir: Path, bank_target: str | None = None) -> Report:
         snapshot.close()
     if bank_target:
         async def check() -> None:
-            bank = BankClient(bank_target, timeout_s=10)
+            bank = BankClient(bank_target, timeout_s=10, credentials=bank_credentials)
             try:
                 await cross_check_bank(report, bank)
             finally:

@@ -73,10 +73,13 @@ _DECLINES = {
 class BankClient:
     """One channel to the bank simulator, shared by every request of a process."""
 
-    def __init__(self, target: str, timeout_s: float = 3.0) -> None:
+    def __init__(self, target: str, timeout_s: float = 3.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(target)
+        self.tls = credentials is not None
+        self._channel = (grpc.aio.secure_channel(target, credentials) if credentials is not None
+                         else grpc.aio.insecure_channel(target))
         self._bank = bank_pb2_grpc.BankServiceStub(self._channel)
         self._admin = bank_pb2_grpc.BankAdminServiceStub(self._channel)
 

@@ -114,12 +114,14 @@ def build_governor(settings: Settings, ledger: Ledger, butler: PaymentButler | N
 
 
 def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
-              bank_target: str | None = None, run_background: bool = True) -> App:
+              bank_target: str | None = None, run_background: bool = True,
+              bank_credentials: grpc.ChannelCredentials | None = None) -> App:
     """Wires one worker; ``run_background`` is true on worker 0 only."""
     pressure = Pressure(free_step=settings.unlock_free_step,
                         noncore_floor_share=settings.noncore_floor_share,
                         pushback_ms=settings.qos_retry_pushback_ms)
-    bank = BankClient(bank_target, settings.bank_timeout_s) if bank_target else None
+    bank = (BankClient(bank_target, settings.bank_timeout_s, bank_credentials)
+            if bank_target else None)
     butler = None
     if bank is not None:
         butler = PaymentButler(bank, settings.capacities(),

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import hotpath
 from gateway.config import Settings
-from gateway.security import tickets
+from gateway.security import tickets, tls
 from gateway.transport import reflection
 from gateway.transport.app import App, build_app, open_ledger
 from gateway.transport.interceptors.logging import flush_access_log
@@ -77,18 +77,18 @@ class ServeOptions:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    bank_tls_ca: Path | None = None
+    bank_tls_cert: Path | None = None
+    bank_tls_key: Path | None = None
     reuse_port: bool = False
 
+    def check(self) -> None:
+        """Raises TlsConfigError (one line) for an incomplete or unreadable TLS flag set."""
+        tls.server_credentials(self.tls_cert, self.tls_key, self.tls_ca)
+        self.bank_credentials()
 
-def _credentials(opts: ServeOptions) -> grpc.ServerCredentials | None:
-    if not opts.tls_cert:
-        return None
-    if not opts.tls_key:
-        raise ValueError("--tls-cert needs --tls-key")
-    ca = opts.tls_ca.read_bytes() if opts.tls_ca else None
-    return grpc.ssl_server_credentials(
-        [(opts.tls_key.read_bytes(), opts.tls_cert.read_bytes())],
-        root_certificates=ca, require_client_auth=ca is not None)
+    def bank_credentials(self) -> grpc.ChannelCredentials | None:
+        return tls.channel_credentials(self.bank_tls_ca, self.bank_tls_cert, self.bank_tls_key)
 
 
 def _grpc_server(app: App, opts: ServeOptions) -> tuple[grpc.aio.Server, int, bool]:
@@ -110,7 +110,7 @@ def _grpc_server(app: App, opts: ServeOptions) -> tuple[grpc.aio.Server, int, bo
     reflection.enable_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, *reflection.SERVICE_NAMES), server)
     address = f"{opts.host}:{opts.port}"
-    creds = _credentials(opts)
+    creds = tls.server_credentials(opts.tls_cert, opts.tls_key, opts.tls_ca)
     port = (server.add_secure_port(address, creds) if creds
             else server.add_insecure_port(address))
     return server, port, creds is not None
@@ -133,8 +133,9 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     keyring = (tickets.KeyRing.from_file(opts.key_file) if opts.key_file
                else tickets.KeyRing.load_or_create(opts.data_dir))
     app = build_app(settings, keyring, open_ledger(settings, opts.data_dir),
-                    bank_target=opts.bank, run_background=opts.worker_index == 0)
-    server, port, tls = _grpc_server(app, opts)
+                    bank_target=opts.bank, run_background=opts.worker_index == 0,
+                    bank_credentials=opts.bank_credentials())
+    server, port, secure = _grpc_server(app, opts)
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await app.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -149,7 +150,8 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
         write_port_file(opts.port_file, port)
     log.info("serving", address=f"{opts.host}:{port}", worker=opts.worker_index,
              hotpath=hotpath.IMPLEMENTATION, durability=settings.durability,
-             bank=opts.bank or "", tls=tls, pid=os.getpid(),
+             bank=opts.bank or "", tls=secure, mtls=secure and opts.tls_ca is not None,
+             bank_tls=opts.bank_tls_ca is not None, pid=os.getpid(),
              event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
     await _wait_for_signal()
 
