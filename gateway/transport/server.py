@@ -30,6 +30,7 @@ from gateway.transport.app import App, build_app, open_ledger
 from gateway.transport.interceptors.logging import flush_access_log
 from gateway.transport.metrics import serve_metrics
 from gateway.transport.portfile import write_port_file
+from gateway.transport.servicers._boundary import register
 from gateway.transport.servicers.admin import AdminServicer
 from gateway.transport.servicers.auth import AuthServicer
 from gateway.transport.servicers.envelope import EnvelopeServicer
@@ -38,17 +39,11 @@ from gateway.transport.servicers.notification import NotificationServicer
 from gateway.transport.servicers.wallet import WalletServicer
 from hongbao.v1 import (
     admin_pb2,
-    admin_pb2_grpc,
     auth_pb2,
-    auth_pb2_grpc,
     envelope_pb2,
-    envelope_pb2_grpc,
     moments_pb2,
-    moments_pb2_grpc,
     notification_pb2,
-    notification_pb2_grpc,
     wallet_pb2,
-    wallet_pb2_grpc,
 )
 
 log = structlog.get_logger(__name__)
@@ -99,13 +94,16 @@ def _grpc_server(app: App, opts: ServeOptions) -> tuple[grpc.aio.Server, int, bo
                  ("grpc.max_receive_message_length", 4 << 20)],
         maximum_concurrent_rpcs=app.settings.max_concurrent_rpcs)
     gw = app.gateway
-    envelope_pb2_grpc.add_EnvelopeServiceServicer_to_server(EnvelopeServicer(gw), server)
-    wallet_pb2_grpc.add_WalletServiceServicer_to_server(WalletServicer(gw), server)
-    notification_pb2_grpc.add_NotificationServiceServicer_to_server(
-        NotificationServicer(gw), server)
-    moments_pb2_grpc.add_MomentsServiceServicer_to_server(MomentsServicer(gw), server)
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(app.keyring), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(gw.operations), server)
+    # Registered with deserializers that never raise: an undecodable body is answered
+    # INVALID_ARGUMENT BAD_MESSAGE (servicers/_boundary.py), not UNKNOWN or a hang.
+    for pb2, name, servicer in (
+            (envelope_pb2, "EnvelopeService", EnvelopeServicer(gw)),
+            (wallet_pb2, "WalletService", WalletServicer(gw)),
+            (notification_pb2, "NotificationService", NotificationServicer(gw)),
+            (moments_pb2, "MomentsService", MomentsServicer(gw)),
+            (auth_pb2, "AuthService", AuthServicer(app.keyring)),
+            (admin_pb2, "AdminService", AdminServicer(gw.operations))):
+        register(server, pb2.DESCRIPTOR.services_by_name[name], servicer)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     reflection.enable_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, *reflection.SERVICE_NAMES), server)
