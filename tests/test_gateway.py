@@ -124,12 +124,30 @@ BAD_SENDS = [
     ({"total_fen": 100, "count": 3, "kind": NORMAL}, "BAD_AMOUNT"),
     ({"total_fen": 100, "count": 2, "kind": 0}, "BAD_KIND"),
     ({"total_fen": 100, "count": 2, "greeting": "福" * 65}, "BAD_GREETING"),
+    *(({"total_fen": 100, "count": 2, "greeting": f"恭喜{c}发财"}, "BAD_GREETING")
+      for c in ("\x00", "\x1b[2J", "\n", "\t", "\x7f", "\x85", "\u202e", "\u2066", "\u200f")),
     ({"total_fen": 100, "count": 2, "expires_in_seconds": -1}, "BAD_EXPIRY"),
     ({"total_fen": 100, "count": 2, "request_id": ""}, "BAD_REQUEST_ID"),
     ({"total_fen": 100, "count": 2, "request_id": "x" * 65}, "BAD_REQUEST_ID"),
     ({"total_fen": 100, "count": 2, "request_id": "a b"}, "BAD_REQUEST_ID"),
     ({"total_fen": 100, "count": 2, "card_id": "nope"}, "BAD_CARD_ID"),
 ]
+
+
+def test_greetings_keep_emoji_sequences(stack):
+    """Joiners and variation selectors (emoji sequences) are not control characters."""
+    async def scenario():
+        async with Client(stack.target) as c:
+            u = stack.meta("emoji")
+            await top_up(c, u, 1_000)
+            greeting = "新年快乐 👨\u200d👩\u200d👧 ❤\ufe0f"
+            sent = await c.envelopes.SendEnvelope(envelope_pb2.SendEnvelopeRequest(
+                request_id="emoji-1", total_fen=100, count=1, kind=LUCKY, greeting=greeting,
+                pay_method=envelope_pb2.PAY_METHOD_BALANCE), metadata=u, timeout=10)
+            got = await c.envelopes.GetEnvelope(envelope_pb2.GetEnvelopeRequest(
+                envelope_id=sent.envelope_id), metadata=u, timeout=10)
+            assert got.envelope.greeting == greeting
+    run(scenario())
 
 
 def test_bad_input_is_refused_precisely_and_changes_nothing(stack):

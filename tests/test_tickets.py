@@ -70,6 +70,18 @@ def test_ticket_ids_are_unique(ring):
     assert verify(ring, a, now=NOW).ticket_id != verify(ring, b, now=NOW).ticket_id
 
 
+@pytest.mark.parametrize("subject", ["user 1", "a/b", "a\n", "a\x00b", "x" * 65])
+def test_verify_refuses_a_signed_subject_mint_would_refuse(ring, subject, monkeypatch):
+    """An issuer holding the key cannot widen the subject rule: verify applies mint's."""
+    import re
+    monkeypatch.setattr(tickets, "_SUBJECT_RE", re.compile(r"[\x00-\x7f]{1,200}"))
+    ticket, _ = mint(ring, subject, ["pay"], 60, now=NOW)
+    monkeypatch.undo()
+    with pytest.raises(Unauthenticated) as excinfo:
+        verify(ring, ticket, now=NOW)
+    assert reason(excinfo) == "TICKET_MALFORMED"
+
+
 @pytest.mark.parametrize("subject", ["", "x" * 65, "user 1", "用户", "a/b", "a\n"])
 def test_mint_refuses_bad_subject(ring, subject):
     """A subject outside 1..64 of [A-Za-z0-9._:-] is refused with BAD_TICKET_REQUEST."""

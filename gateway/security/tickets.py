@@ -497,6 +497,10 @@ def _verify_signed(keyring: KeyRing, ticket: str) -> Claims:
         subject = payload[_HEAD.size :].decode("ascii")
     except UnicodeDecodeError:
         raise _malformed() from None
+    # Only what mint() would sign: a holder of the key (an issuer) cannot widen what a
+    # subject may look like (spaces, '/', control bytes reach keys and logs otherwise).
+    if not _SUBJECT_RE.fullmatch(subject):
+        raise _malformed()
     # tuple.__new__ skips NamedTuple's generated __new__: half the cost, same object.
     claims: Claims = _tuple_new(
         Claims, (subject, _SCOPES_BY_MASK[mask], expires_at, issued_at, ticket_id.hex(), kid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import hotpath
 from gateway import errors
@@ -18,6 +19,12 @@ from gateway.domain.model import (
 from gateway.ledger import Ledger
 from gateway.usecases.cards import CardPayments
 from gateway.usecases.checks import INT64_MAX, check_card, check_request_id
+
+# Refused in greetings: C0 and C1 controls (NUL, ESC, newline, tab, ...) and the
+# bidirectional formatting characters (U+202E RIGHT-TO-LEFT OVERRIDE and kin), with which
+# one user's greeting could rewrite what another sees around it. Joiners and variation
+# selectors stay allowed: emoji sequences need them.
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,6 +66,11 @@ class Sending:
         if len(cmd.greeting) > s.max_greeting_chars:
             raise errors.InvalidArgument(
                 "BAD_GREETING", f"greeting is longer than {s.max_greeting_chars} characters")
+        spoof = _UNSHOWABLE.search(cmd.greeting)
+        if spoof is not None:
+            raise errors.InvalidArgument(
+                "BAD_GREETING", f"greeting holds U+{ord(spoof.group()):04X} at {spoof.start()}: "
+                "control and text-direction characters are not allowed")
         expires_in_s = cmd.expires_in_s or s.default_expiry_s
         if not 0 < expires_in_s <= s.max_expiry_s:
             raise errors.InvalidArgument(
