@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.timeout(330)  # above the run's own 300 s, so that one reports a hang
 def test_demo_runs_and_balances():
     """The demo exits 0, reports BALANCED and agrees with the bank."""
     out = subprocess.run([sys.executable, "-m", "gateway.ops.cli", "demo"], capture_output=True,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import urllib.request
+from pathlib import Path
 
 from gateway.client import Client
 from hongbao.v1 import envelope_pb2
@@ -51,3 +53,29 @@ def test_two_workers_give_each_share_once(stack):
             assert b"hongbao_writer_queue_depth" in r.read()
     assert len(winners) == 30 and sum(winners.values()) == 6_000
     assert owner_balance.balance_fen == 94_000
+
+
+def _workers_of(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in children.read_text().split()] if children.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_killing_a_supervisor_takes_its_workers_with_it(stack):
+    """Proc.kill (and a stop that outlasts its wait) SIGKILLs the process group: no orphans."""
+    stack.start_gateway("--workers", "2")
+    workers = _workers_of(stack.gateway.pid)
+    assert len(workers) == 2 and all(_alive(w) for w in workers)
+    stack.gateway.kill()
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(w) for w in workers)
+    stack.start_gateway("--workers", "1")   # the books, checked by the fixture, still balance

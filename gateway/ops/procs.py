@@ -1,7 +1,10 @@
 """Starting and stopping the project's own processes (demo, tests, benchmarks).
 
 Every process is started with a port file, waited for with a deadline, and
-stopped by its pid: SIGTERM, a bounded wait, then SIGKILL.
+stopped by its pid: SIGTERM, a bounded wait, then SIGKILL. Each starts in a session
+of its own, so its process group is its pid: SIGKILL goes to the group, and a
+``--workers N`` supervisor killed after its wait takes its workers with it instead of
+orphaning them (the supervisor itself waits up to 30 s for each worker to drain).
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+# Longer than a supervisor's drain of its workers, shorter than a test's time limit.
+STOP_TIMEOUT_S = 40.0
 
 
 class Proc:
@@ -42,7 +49,7 @@ class Proc:
         try:
             stdout = subprocess.DEVNULL if log is None else log
             self.popen = subprocess.Popen(self.cmd, stdout=stdout, stderr=subprocess.STDOUT,
-                                          env=self.env)
+                                          env=self.env, start_new_session=True)
         finally:
             if log is not None:
                 log.close()  # the child has its own copy of the descriptor
@@ -61,8 +68,8 @@ class Proc:
                 raise TimeoutError(f"{self.cmd[:4]} did not start in {timeout_s} s")
             time.sleep(0.02)
 
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not gone after ``timeout_s``."""
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, then SIGKILL to its group if it has not gone after ``timeout_s``."""
         if self.popen is None or self.popen.poll() is not None:
             return None if self.popen is None else self.popen.returncode
         self.popen.send_signal(signal.SIGTERM)
@@ -73,11 +80,15 @@ class Proc:
             return None
 
     def kill(self) -> None:
-        """SIGKILL: the crash that durability must survive."""
-        if self.popen is not None and self.popen.poll() is None:
+        """SIGKILL to the process and its group (workers): the crash durability must survive."""
+        if self.popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)   # the group: its pid (own session)
+        if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(10)
+        self.popen.wait(10)
 
 
 def banksim_proc(data_dir: Path, *extra: str, log_path: Path | None = None) -> Proc:
