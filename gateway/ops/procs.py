@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-
 # Longer than a supervisor's drain of its workers, shorter than a test's time limit.
 STOP_TIMEOUT_S = 40.0
 
