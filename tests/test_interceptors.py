@@ -654,3 +654,21 @@ def test_a_stopping_server_writes_its_buffered_access_lines(stack):
     assert all(x["code"] == "OK" and x["user"] == "user:log" for x in mine)
     stop_at = next(i for i, x in enumerate(lines) if x.get("event") == "stopped")
     assert lines.index(mine[-1]) < stop_at
+
+
+@pytest.mark.parametrize("name", ["ticket", "Authorization", "issuer_key", "x-hongbao-issuer-key",
+                                  "api_token", "client_secret", "password", "bearer",
+                                  "tls_key", "credentials"])
+def test_configure_logging_redacts_every_secret_like_field(name):
+    """Redaction goes by pattern: any field named like a secret is blanked, others kept."""
+    saved = structlog.get_config()
+    out = io.StringIO()
+    try:
+        configure_logging("info", json=True, stream=out)
+        structlog.get_logger("t").info("x", **{name: "v1.SECRET", "kid": "k1", "amount": 5})
+    finally:
+        structlog.configure(**saved)
+        configure_logging("info", json=True)
+    line = json.loads(out.getvalue())
+    assert line[name] == "[redacted]" and "SECRET" not in out.getvalue()
+    assert (line["kid"], line["amount"]) == ("k1", 5)

@@ -72,10 +72,14 @@ __all__ = ["REQUEST_ID_HEADER", "AccessLog", "LoggingInterceptor", "configure_lo
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-# Keys whose values must never reach a log line, whoever tries to log them.
-_SECRET_KEYS = frozenset(
-    {"authorization", "ticket", "issuer_key", "x-hongbao-issuer-key", "secret", "key"}
-)
+# Field names whose values must never reach a log line, whoever tries to log them:
+# anything named like a ticket, key, secret, token, password or authorization
+# (``issuer_key``, ``x-hongbao-issuer-key``, ``api_token``, ``Authorization``...).
+_SECRET_NAME = re.compile(r"ticket|key|secret|token|passw|authoriz|bearer|credential",
+                          re.IGNORECASE)
+# Names that match the pattern but hold no secret; the access line's fields never match.
+_NOT_SECRET = frozenset({"kid", "key_id"})
+_secret_names: dict[str, bool] = {}
 
 # Set directly on every call rather than through bind_contextvars (see structlog_var).
 _REQUEST_ID_VAR = structlog_var("request_id")
@@ -419,9 +423,20 @@ class AccessLog:
 # -- configuration -------------------------------------------------------------------------
 
 
+def is_secret_name(name: str) -> bool:
+    """True for a field name like a ticket, key, secret, token or authorization."""
+    known = _secret_names.get(name)
+    if known is None:
+        known = name not in _NOT_SECRET and _SECRET_NAME.search(name) is not None
+        if len(_secret_names) < 4096:
+            _secret_names[name] = known
+    return known
+
+
 def _drop_secrets(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
-    for key in _SECRET_KEYS.intersection(event_dict):
-        event_dict[key] = "[redacted]"
+    for key in event_dict:
+        if is_secret_name(key):
+            event_dict[key] = "[redacted]"
     return event_dict
 
 
