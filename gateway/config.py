@@ -42,7 +42,7 @@ class Settings:
     writer_max_batch: int = 2048
     writer_max_wait_ms: float = 0.0
     writer_queue_limit: int = 100_000
-    gate_max_envelopes: int = 100_000
+    gate_max_envelopes: int = 50_000  # ~250 B each once sold out, 16 B a share until then
     # Bus: the credit consumer applies grabbed money to wallets.
     credit_batch: int = 1024
     credit_rate_per_s: float = 100_000.0  # 0 pauses crediting
