@@ -357,7 +357,8 @@ class LoadStack:
         # would rightly shed its sends for as long as that lasts (a soak measures memory).
         # ``settings``: more TOML lines (gateway/config.py), for runs that isolate a cause.
         config = root / "load.toml"
-        config.write_text(f"qos_enabled = false\n{settings}\n")
+        # A few senders send at thousands a second: no per-user limit (USER_RATE_LIMITED).
+        config.write_text(f"qos_enabled = false\nuser_rate_per_s = 0\n{settings}\n")
         self.data_dir = root / "gw"
         self.ledger_file = self.data_dir / "ledger" / "data.mdb"
         self.bank = banksim_proc(root / "bank", "--log-level", "warning",

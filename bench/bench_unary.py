@@ -103,10 +103,13 @@ START_TIMEOUT_S = 60.0
 # hongbao's settings under test: label -> --config TOML ("" = the defaults). The last one
 # takes admission out too: a pinned worker in a closed loop is saturated, and admission
 # then sheds (P0 included, by user priority), which makes the calls answered cheaper.
+# Every variant turns the per-user rate limit off: h2load's replays are one user's calls
+# at thousands a second, which the limit exists to refuse (USER_RATE_LIMITED).
+_NO_USER_LIMIT = "user_rate_per_s = 0\n"
 SETTINGS = {
-    "hongbao default": "",
-    "hongbao no log": "access_log = false\n",
-    "hongbao no log no QoS": "access_log = false\nqos_enabled = false\n",
+    "hongbao default": _NO_USER_LIMIT,
+    "hongbao no log": _NO_USER_LIMIT + "access_log = false\n",
+    "hongbao no log no QoS": _NO_USER_LIMIT + "access_log = false\nqos_enabled = false\n",
 }
 WORKER_SETTINGS = ("hongbao default", "hongbao no log no QoS")
 # The baselines: grpc.aio on asyncio's own loop (the goal's), and on uvloop (hongbao's loop).

@@ -75,6 +75,10 @@ class Settings:
     # method -> "P0".."P3" or "exempt" ([tiers] in TOML; gateway.qos.tiers).
     tiers: dict = dataclasses.field(default_factory=dict)
     # Degradations (each one a setting; gateway.qos.pressure says when they apply).
+    # One user's SendEnvelope, GrabEnvelope, TopUp, Withdraw and UnlockPhoto calls per
+    # second per worker, and the burst above it (gateway/qos/userlimit.py); 0 = no limit.
+    user_rate_per_s: float = 50.0
+    user_burst: int = 100
     balance_rate_per_s: float = 5_000.0  # GetBalance per worker; past it, the cache; 0 = no limit
     balance_cache_size: int = 100_000  # users whose last balance is kept (LRU)
     list_budget_ms: float = 50.0  # ListTransactions reads longer than this use the cache
@@ -119,6 +123,8 @@ class Settings:
             raise ValueError("qos_p0_user_floor must be in 1..128")
         if self.qos_pin_level >= 4 * 128:
             raise ValueError("qos_pin_level must be < 512 (or -1 for automatic)")
+        if self.user_rate_per_s < 0 or self.user_burst < 0:
+            raise ValueError("user_rate_per_s and user_burst must be >= 0")
         if min(self.balance_rate_per_s, self.balance_cache_size, self.list_cache_size,
                self.list_budget_ms, self.credit_floor_rate_per_s) < 0:
             raise ValueError("balance_rate_per_s, list_budget_ms, credit_floor_rate_per_s "

@@ -25,6 +25,7 @@ from gateway.payments.resolver import Resolver
 from gateway.qos.controller import AdmissionController
 from gateway.qos.governor import Governor, Thresholds, WriterSample
 from gateway.qos.pressure import Pressure
+from gateway.qos.userlimit import UserRateLimiter
 from gateway.qos.tiers import tier_table
 from gateway.security import tickets
 from gateway.transport.interceptors.admission import AdmissionInterceptor
@@ -149,7 +150,8 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
         pressure=pressure,
         wallet=WalletReads(ledger, settings, pressure),
         operations=Operations(ledger, butler, bank,
-                              {"credit": credit, "payment-unknown": resolver}, governor))
+                              {"credit": credit, "payment-unknown": resolver}, governor),
+        limits=UserRateLimiter(settings.user_rate_per_s, settings.user_burst))
     metrics = Metrics()
     interceptors = [AdmissionInterceptor(governor, metrics, tier_table(settings.tiers)),
                     LoggingInterceptor(access_log=settings.access_log,

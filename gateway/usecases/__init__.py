@@ -17,6 +17,7 @@ import dataclasses
 
 from gateway.config import Settings
 from gateway.qos.pressure import Pressure
+from gateway.qos.userlimit import UserRateLimiter
 from gateway.usecases.cards import CardPayments
 from gateway.usecases.grabbing import Grabbing
 from gateway.usecases.moments import Moments
@@ -39,6 +40,8 @@ class Gateway:
     # streams poll less often while the level is raised).
     pressure: Pressure
     operations: Operations
+    # Per-user token buckets over the calls that move money or grab.
+    limits: UserRateLimiter
 
 
 __all__ = ["CardPayments", "Gateway", "Grabbing", "Moments", "Operations", "SendCommand",

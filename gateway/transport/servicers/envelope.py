@@ -23,6 +23,7 @@ class EnvelopeServicer(envelope_pb2_grpc.EnvelopeServiceServicer):
 
     @maps_errors
     async def SendEnvelope(self, request, context):
+        self._gw.limits.check(subject())
         cmd = SendCommand(
             request_id=request.request_id, total_fen=request.total_fen, count=request.count,
             kind=request.kind, greeting=request.greeting, pay_method=request.pay_method,
@@ -33,6 +34,7 @@ class EnvelopeServicer(envelope_pb2_grpc.EnvelopeServiceServicer):
 
     @maps_errors
     async def GrabEnvelope(self, request, context):
+        self._gw.limits.check(subject())
         r = await self._gw.grabbing.grab(subject(), request.envelope_id, request.request_id)
         return pb.GrabEnvelopeResponse(outcome=int(r.outcome), amount_fen=r.amount_fen,
                                        remaining_count=r.remaining_count,

@@ -14,6 +14,7 @@ class MomentsServicer(moments_pb2_grpc.MomentsServiceServicer):
 
     @maps_errors
     async def UnlockPhoto(self, request, context):
+        self._gw.limits.check(subject())
         r = await self._gw.moments.unlock(subject(), request.request_id, request.photo_id,
                                           request.owner_id)
         return pb.UnlockPhotoResponse(payment_id=r.payment_id, amount_fen=r.amount_fen,

@@ -33,12 +33,14 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
 
     @maps_errors
     async def TopUp(self, request, context):
+        self._gw.limits.check(subject())
         p = await self._gw.cards.top_up(subject(), request.request_id, request.card_id,
                                   request.amount_fen)
         return pb.TopUpResponse(payment_id=p.payment_id, status=int(p.status))
 
     @maps_errors
     async def Withdraw(self, request, context):
+        self._gw.limits.check(subject())
         p = await self._gw.cards.withdraw(subject(), request.request_id, request.card_id,
                                     request.amount_fen)
         return pb.WithdrawResponse(payment_id=p.payment_id, status=int(p.status))
