@@ -25,8 +25,8 @@ from gateway.payments.resolver import Resolver
 from gateway.qos.controller import AdmissionController
 from gateway.qos.governor import Governor, Thresholds, WriterSample
 from gateway.qos.pressure import Pressure
-from gateway.qos.userlimit import UserRateLimiter
 from gateway.qos.tiers import tier_table
+from gateway.qos.userlimit import UserRateLimiter
 from gateway.security import tickets
 from gateway.transport.interceptors.admission import AdmissionInterceptor
 from gateway.transport.interceptors.auth import AuthInterceptor
