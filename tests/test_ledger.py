@@ -8,6 +8,7 @@ Backend-specific behaviour (LMDB's map growth) is at the end.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -455,8 +456,9 @@ def test_a_bug_in_one_request_aborts_only_its_batch_cleanly(ledger):
         def overdraw(b: Books) -> None:
             b.move(b"t:bogus", b"w:jo", b"w:kim", 1000, 1, b"")
 
-        with pytest.raises(errors.Internal):
+        with pytest.raises(errors.Internal) as exc:
             await ledger.write(overdraw)
+        assert exc.value.reason == "WRITE_FAILED" and "jo" not in exc.value.message
         return await ledger.balance("jo"), await ledger.balance("kim")
 
     assert run(scenario()) == ((100, 0), (0, 0))
@@ -518,3 +520,68 @@ def test_an_idle_ledger_commits_nothing_when_swept(ledger):
 
     idle, applied = run(scenario())
     assert idle == 0 and applied == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_closed_ledger_refuses_writes_shutting_down(backend, tmp_path):
+    """After close (the graceful stop), a write is UNAVAILABLE SHUTTING_DOWN, not a hang."""
+    led = make_ledger(backend, tmp_path)
+    run(_fund(led, "sd", 100))
+    led.close()
+
+    async def late():
+        with pytest.raises(errors.Unavailable) as exc:
+            await _fund(led, "sd", 100, rid="late")
+        return exc.value.reason
+    assert run(late()) == "SHUTTING_DOWN"
+
+
+def test_a_stuck_writer_times_out_sync_callers(tmp_path):
+    """submit_sync (CLI, recovery) gives up with UNAVAILABLE WRITER_TIMEOUT, then the write
+    it queued still lands once the writer moves again."""
+    led = LmdbLedger(tmp_path)
+    try:
+        started = threading.Event()
+
+        def stall(_b):
+            started.set()
+            time.sleep(0.5)
+
+        async def block():
+            return await led.write(stall)
+        blocker = threading.Thread(target=run, args=(block(),))
+        blocker.start()
+        assert started.wait(5)
+        with pytest.raises(errors.Unavailable) as exc:
+            led._writer.submit_sync(_noop, timeout_s=0.05)
+        assert exc.value.reason == "WRITER_TIMEOUT"
+        blocker.join(10)
+    finally:
+        led.close()
+
+
+def _noop(_b) -> None:
+    return None
+
+
+def test_a_map_that_cannot_grow_is_ledger_full_and_loses_nothing(tmp_path):
+    """Past its size limit the writer answers RESOURCE_EXHAUSTED LEDGER_FULL for the batch;
+    what was committed before stays, and the books still balance."""
+    led = LmdbLedger(tmp_path, map_size_bytes=1 << 20)
+    led._writer._map_size_limit = 1 << 20   # no room to grow
+    try:
+        async def fill():
+            funded = []
+            for i in range(2000):
+                try:
+                    await _fund(led, f"full{i}", 1000, rid="x" * 60)
+                except errors.ResourceExhausted as exc:
+                    return funded, exc.reason
+                funded.append(f"full{i}")
+            return funded, None
+        funded, reason = run(fill())
+        assert reason == "LEDGER_FULL" and funded
+        assert run(led.balance(funded[-1])) == (1000, 0)
+        assert_balanced(led)
+    finally:
+        led.close()
