@@ -40,7 +40,8 @@ BACKENDS = ("lmdb", "memory")
 def make_ledger(backend: str, tmp_path, **kw) -> BooksLedger:
     if backend == "lmdb":
         return LmdbLedger(tmp_path, **kw)
-    return MemoryLedger(**{k: v for k, v in kw.items() if k in ("max_batch", "queue_limit")})
+    return MemoryLedger(**{k: v for k, v in kw.items()
+                           if k in ("max_batch", "queue_limit", "clock_ms")})
 
 
 @pytest.fixture(params=BACKENDS)
@@ -582,6 +583,39 @@ def test_a_map_that_cannot_grow_is_ledger_full_and_loses_nothing(tmp_path):
         funded, reason = run(fill())
         assert reason == "LEDGER_FULL" and funded
         assert run(led.balance(funded[-1])) == (1000, 0)
+        assert_balanced(led)
+    finally:
+        led.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expiry_races_the_deadline_and_refunds_exactly_once(backend, tmp_path):
+    """On an injected clock: a grab 1 ms before the deadline gets its share, one at the
+    deadline is EXPIRED; sweeps before it refund nothing; two sweeps racing at it refund
+    the rest once, to the fen; later sweeps and grabs change nothing."""
+    now = [1_800_000_000_000]
+    led = make_ledger(backend, tmp_path, clock_ms=lambda: now[0])
+    try:
+        async def scenario():
+            await _fund(led, "snd", 10_000)
+            sent = await _send(led, "snd", 1_000, 5, expires_in_s=10)
+            env = sent.envelope_id
+            deadline = now[0] + 10_000
+            now[0] = deadline - 1
+            early = [await led.grab(f"r{i}", env, "g") for i in range(2)]
+            assert [r.outcome for r in early] == [GrabOutcome.GRABBED] * 2
+            assert await led.expire_due(100) == 0          # not due yet: nothing written
+            now[0] = deadline
+            late = await led.grab("r9", env, "g")
+            assert late.outcome == GrabOutcome.EXPIRED and late.amount_fen == 0
+            raced = await asyncio.gather(led.expire_due(100), led.expire_due(100))
+            assert sorted(raced) == [0, 1]
+            assert await led.expire_due(100) == 0
+            after_grab = await led.grab("r8", env, "g")
+            assert after_grab.outcome == GrabOutcome.EXPIRED
+            grabbed = sum(r.amount_fen for r in early)
+            assert (await led.balance("snd"))[0] == 10_000 - grabbed  # the rest came back once
+        run(scenario())
         assert_balanced(led)
     finally:
         led.close()

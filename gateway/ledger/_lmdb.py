@@ -108,7 +108,9 @@ class LmdbLedger(_LmdbReads, BooksLedger):
     def __init__(self, data_dir: str | os.PathLike, *, durable: bool = True,
                  map_size_bytes: int = 1 << 30, max_readers: int = 1024,
                  max_batch: int = 2048, max_wait_s: float = 0.0,
-                 queue_limit: int = 100_000) -> None:
+                 queue_limit: int = 100_000,
+                 clock_ms: Callable[[], int] | None = None) -> None:
+        """``clock_ms`` (default: wall time) is the rules' notion of now, as in MemoryLedger."""
         path = Path(data_dir) / "ledger"
         path.mkdir(parents=True, exist_ok=True)
         self.env, self.dbs = _open(path, readonly=False, durable=durable,
@@ -124,7 +126,9 @@ class LmdbLedger(_LmdbReads, BooksLedger):
         dbs = self.dbs
         self._writer = GroupCommitWriter(
             self.env, lambda txn, now_ms: Books(LmdbTx(txn, dbs), now_ms),
-            max_batch=max_batch, max_wait_s=max_wait_s, queue_limit=queue_limit)
+            max_batch=max_batch, max_wait_s=max_wait_s, queue_limit=queue_limit,
+            clock_ms=clock_ms)
+        self._clock_ms = self._writer._clock_ms
 
     async def write(self, rule: Callable[..., T], *args: Any) -> T:
         return await self._writer.submit(rule, *args)
@@ -133,6 +137,9 @@ class LmdbLedger(_LmdbReads, BooksLedger):
         w = self._writer
         return (w.depth, w.batches, w.requests, w.batch_size_max, w.apply_s_total,
                 w.commit_s_total, w.queue_wait_s_total, w.cpu_s_total)
+
+    def _now_ms(self) -> int:
+        return self._clock_ms()
 
     @property
     def map_size_bytes(self) -> int:

@@ -63,6 +63,10 @@ def run_batch(state: Any, batch: list) -> list:
     return results
 
 
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 def batch_failed(exc: BaseException, size: int) -> list:
     """The answers of a batch a bug aborted: INTERNAL for each, logged once."""
     log.error("writer_batch_failed", size=size, exc_info=exc)
@@ -94,6 +98,7 @@ class GroupCommitWriter:
         queue_limit: int = 100_000,
         map_size_limit: int = 1 << 40,
         name: str = "lmdb-writer",
+        clock_ms: Callable[[], int] | None = None,
     ) -> None:
         assert max_batch >= 1 and queue_limit >= max_batch
         self._env = env
@@ -102,6 +107,8 @@ class GroupCommitWriter:
         self._max_wait_s = max_wait_s
         self._queue_limit = queue_limit
         self._map_size_limit = map_size_limit
+        # The rules' notion of now (expiry, timestamps); tests inject a clock.
+        self._clock_ms = clock_ms or _wall_ms
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._depth = 0  # approximate; guarded by the GIL for += / -=
         self._closed = False
@@ -210,7 +217,7 @@ class GroupCommitWriter:
         return [full] * len(batch)
 
     def _apply(self, batch: list[_Request]) -> list:
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = self._clock_ms()
         t0 = time.perf_counter()
         with self._env.begin(write=True) as txn:
             results = run_batch(self._make_batch(txn, now_ms), batch)
