@@ -23,7 +23,8 @@ import pytest
 import hotpath
 from gateway.client import Client
 from gateway.domain import keys, records
-from gateway.ledger._lmdb import LmdbTx, _open
+from gateway.domain.store import Tx
+from gateway.ledger import offline_write
 from hongbao.v1 import envelope_pb2, moments_pb2, wallet_pb2
 from tests.conftest import Stack
 
@@ -106,7 +107,7 @@ def _reconcile(data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 class Books:
     """Direct writes to a copy of the ledger: what a bug or a bad restore could leave."""
 
-    def __init__(self, tx: LmdbTx) -> None:
+    def __init__(self, tx: Tx) -> None:
         self.tx = tx
 
     def balance(self, acct: bytes) -> int:
@@ -143,12 +144,8 @@ class Books:
 def _plant(books_dir: Path, tmp_path: Path, change) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(books_dir, copy, ignore=shutil.ignore_patterns("*.port", "run"))
-    env, dbs = _open(copy / "ledger", readonly=False, map_size_bytes=1 << 30)
-    try:
-        with env.begin(write=True) as txn:
-            change(Books(LmdbTx(txn, dbs)))
-    finally:
-        env.close()
+    with offline_write(copy) as tx:
+        change(Books(tx))
     return copy
 
 

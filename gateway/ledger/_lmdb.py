@@ -9,6 +9,7 @@ every rule that moves money, is in ``gateway.domain``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -148,6 +149,25 @@ class LmdbLedger(_LmdbReads, BooksLedger):
     def close(self) -> None:
         self._writer.close()
         self.env.close()
+
+
+@contextlib.contextmanager
+def offline_write(data_dir: str | os.PathLike) -> Iterator[LmdbTx]:
+    """One write transaction on the ledger of a *stopped* gateway, committed on success.
+
+    For repair tools and for the tests that plant damage in a copy of real books to
+    prove reconcile finds it. It bypasses the money rules entirely: nothing in the
+    gateway itself uses it, and it must never run beside a live worker.
+    """
+    path = Path(data_dir) / "ledger"
+    if not (path / "data.mdb").exists():
+        raise FileNotFoundError(f"no ledger in {data_dir}")
+    env, dbs = _open(path, readonly=False, map_size_bytes=0)
+    try:
+        with env.begin(write=True) as txn:
+            yield LmdbTx(txn, dbs)
+    finally:
+        env.close()
 
 
 class LmdbSnapshot(_LmdbReads):
