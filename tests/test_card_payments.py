@@ -252,35 +252,6 @@ def test_card_envelope_with_unclear_payment_is_cancelled(bank_stack):
     run(scenario())
 
 
-def test_gateway_killed_during_the_bank_call_resolves_once(bank_stack):
-    """SIGKILL while the bank call is in flight: after restart the payment ends final, once."""
-    async def scenario_pay():
-        async with Client(bank_stack.target) as c:
-            await set_faults(bank_stack, latency_ms=800)
-            call = asyncio.ensure_future(top_up(c, bank_stack.meta("kai"), 1_700, rid="k",
-                                                card=CARD))
-            await asyncio.sleep(0.3)
-            bank_stack.gateway.kill()
-            with pytest.raises(grpc.aio.AioRpcError):
-                await call
-
-    run(scenario_pay())
-    bank_stack.start_gateway()
-
-    async def scenario_after():
-        async with Client(bank_stack.target) as c:
-            u = bank_stack.meta("kai")
-            await set_faults(bank_stack)
-            done = await wait_status(c, u, "k", 1_700,
-                                     {PS.PAYMENT_STATUS_FAILED, PS.PAYMENT_STATUS_REFUNDED},
-                                     timeout_s=20)
-            assert (await balance(c, u)).balance_fen == 0
-            assert await card_balance(bank_stack) == CARD_OPENING_FEN
-            return done
-
-    run(scenario_after())
-
-
 def test_bank_collapse_during_card_payments(tmp_path):
     """A bank that collapses mid-rush: every payment ends final, books and bank agree."""
     config = tmp_path / "gateway.toml"

@@ -25,6 +25,7 @@ import grpc
 import structlog
 
 from gateway import errors
+from gateway.crashpoints import crash_point
 from gateway.domain.model import PaymentKind, PaymentStatus
 from gateway.ledger import Ledger
 from gateway.loops import BackgroundLoop
@@ -99,6 +100,7 @@ class Resolver(BackgroundLoop):
         if p.kind == PaymentKind.WITHDRAW:
             if status != SETTLED:
                 status = await self._bank.void(payment_id)
+                crash_point("resolver_void")
             if status == SETTLED:
                 await self._finish(payment_id, PaymentStatus.SUCCEEDED)
             elif status == VOIDED:
@@ -108,11 +110,13 @@ class Resolver(BackgroundLoop):
             return
         if status not in (SETTLED, REFUNDED):
             status = await self._bank.void(payment_id)
+            crash_point("resolver_void")
         if status == VOIDED:
             await self._finish(payment_id, PaymentStatus.FAILED, "LOCKED")
             return
         if status == SETTLED:
             status = await self._bank.refund(payment_id)
+            crash_point("resolver_refund")
         if status == REFUNDED:
             await self._finish(payment_id, PaymentStatus.REFUNDED)
             return

@@ -15,6 +15,7 @@ import structlog
 
 from gateway import errors
 from gateway.config import Settings
+from gateway.crashpoints import crash_point
 from gateway.domain.keys import fingerprint, payment_id_for
 from gateway.domain.model import CardEnvelope, Payment, PaymentKind, PaymentStatus
 from gateway.ledger import Ledger
@@ -86,6 +87,7 @@ class CardPayments:
         payment, created = await self._ledger.begin_payment(
             intent, fp, self._due_in_ms(), envelope)
         if created:
+            crash_point("after_intent")
             payment = await self._call_bank(payment)
         # A retry never calls the bank again: it reports the state, and the
         # resolver settles whatever a crash left unclear.
@@ -125,6 +127,7 @@ class CardPayments:
             log.warning("bank_result_unknown", payment_id=pid, detail=str(err))
             return await ledger.payment_unknown(
                 pid, int(self._settings.resolve_delay_s * 1000), "BANK_RESULT_UNKNOWN")
+        crash_point("after_bank")
         if answer.settled:
             return await ledger.finish_payment(pid, PaymentStatus.SUCCEEDED)
         return await ledger.finish_payment(pid, PaymentStatus.FAILED, answer.decline_reason)
