@@ -41,3 +41,35 @@ def test_key_file_readable_by_others_or_missing(tmp_path):
     assert "chmod 600" in line
     assert "does not exist" in _refused("--data-dir", str(tmp_path / "d"), "--key-file",
                                         str(tmp_path / "nope.json"))
+
+
+def _ledger_with_pages(data_dir) -> None:
+    import asyncio
+
+    from gateway.domain import keys
+    from gateway.ledger import LmdbLedger
+    led = LmdbLedger(data_dir)
+
+    def fill(b) -> None:
+        for i in range(20_000):
+            b.tx.put(keys.META, b"filler-%d" % i, b"v" * 50)
+    asyncio.run(led.write(fill))
+    led.close()
+
+
+def test_a_damaged_or_truncated_ledger_is_never_served(tmp_path):
+    """Not LMDB, overwritten, or cut short: serve and reconcile refuse in one line, exit 2."""
+    _ledger_with_pages(tmp_path / "ok")
+    data = tmp_path / "ok" / "ledger" / "data.mdb"
+    for name, damage in (("garbage", lambda b: b"\xff" * 8192 + b[8192:]),
+                         ("cut", lambda b: b[: len(b) // 3]),
+                         ("empty", lambda b: b"")):
+        bad = tmp_path / name / "ledger"
+        bad.mkdir(parents=True)
+        (bad / "data.mdb").write_bytes(damage(data.read_bytes()))
+        line = _refused("--data-dir", str(tmp_path / name))
+        assert "ledger" in line and ("cannot be opened" in line or "truncated" in line), line
+        done = subprocess.run([sys.executable, "-m", "gateway.ops.cli", "reconcile",
+                               "--data-dir", str(tmp_path / name)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr

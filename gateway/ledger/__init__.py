@@ -12,8 +12,14 @@ this package imports a private name of it or touches LMDB.
 
 from gateway.domain.audit import Report
 from gateway.ledger._contract import BooksLedger, Ledger
-from gateway.ledger._lmdb import LmdbLedger, LmdbSnapshot, offline_write
+from gateway.ledger._lmdb import (
+    LedgerCorrupt,
+    LmdbLedger,
+    LmdbSnapshot,
+    check_ledger,
+    offline_write,
+)
 from gateway.ledger._memory import MemoryLedger
 
-__all__ = ["BooksLedger", "Ledger", "LmdbLedger", "LmdbSnapshot", "MemoryLedger", "Report",
-           "offline_write"]
+__all__ = ["BooksLedger", "Ledger", "LedgerCorrupt", "LmdbLedger", "LmdbSnapshot",
+           "MemoryLedger", "Report", "check_ledger", "offline_write"]

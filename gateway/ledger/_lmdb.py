@@ -74,6 +74,10 @@ class LmdbTx:
         return self._txn.stat(self._dbs[table])["entries"]
 
 
+class LedgerCorrupt(Exception):
+    """The ledger's files cannot be served: not LMDB, damaged, or shorter than their pages."""
+
+
 def _open(path: Path, *, readonly: bool, durable: bool = True, map_size_bytes: int = 0,
           max_readers: int = 1024) -> tuple[lmdb.Environment, dict[str, Any]]:
     # Options passed explicitly, not by default: sync/metasync make each
@@ -81,15 +85,51 @@ def _open(path: Path, *, readonly: bool, durable: bool = True, map_size_bytes: i
     # the file; readahead off suits a random-access working set.
     opts: dict[str, Any] = {"max_dbs": _MAX_DBS, "max_readers": max_readers, "lock": True,
                             "subdir": True, "readahead": False}
-    if readonly:
-        env = lmdb.open(str(path), readonly=True, **opts)
-    else:
-        env = lmdb.open(str(path), map_size=map_size_bytes, sync=durable, metasync=durable,
-                        writemap=False, **opts)
+    try:
+        if readonly:
+            env = lmdb.open(str(path), readonly=True, **opts)
+        else:
+            env = lmdb.open(str(path), map_size=map_size_bytes, sync=durable,
+                            metasync=durable, writemap=False, **opts)
+    except lmdb.Error as exc:  # not LMDB, damaged, another version, unreadable
+        raise LedgerCorrupt(f"the ledger in {path} cannot be opened: {exc}") from None
+    _check_size(env, path)
     # Opened outside any transaction of ours: py-lmdb then commits the
     # handle's own read transaction, which keeps the handles valid afterwards.
-    dbs = {name: env.open_db(name.encode(), create=not readonly) for name in keys.TABLES}
+    try:
+        dbs = {name: env.open_db(name.encode(), create=not readonly) for name in keys.TABLES}
+    except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError) as exc:
+        env.close()
+        raise LedgerCorrupt(f"the ledger in {path} is damaged: {exc}") from None
     return env, dbs
+
+
+def _check_size(env: lmdb.Environment, path: Path) -> None:
+    """A data file shorter than the pages its meta page says are in use was truncated
+    (a copy cut short, a full disk during a restore): serving it would read past its end."""
+    data = path / "data.mdb"
+    if not data.exists():
+        return
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = data.stat().st_size
+    if size < need:
+        env.close()
+        raise LedgerCorrupt(f"the ledger in {path} is truncated: data.mdb holds {size} bytes, "
+                            f"its pages need {need}")
+
+
+def check_ledger(data_dir: str | os.PathLike) -> None:
+    """Raises LedgerCorrupt if ``data_dir`` holds a ledger that cannot be served (a fresh
+    directory passes): what ``hongbao serve`` runs before it starts a worker."""
+    path = Path(data_dir) / "ledger"
+    data = path / "data.mdb"
+    if data.exists():
+        # Zero bytes is a ledger cut to nothing, not a fresh one (a fresh one has no file):
+        # LMDB would quietly start it over, empty.
+        if data.stat().st_size == 0:
+            raise LedgerCorrupt(f"the ledger in {path} is truncated: data.mdb is empty")
+        env, _dbs = _open(path, readonly=True)
+        env.close()
 
 
 class _LmdbReads:

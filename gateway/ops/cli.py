@@ -51,6 +51,7 @@ def _fail(command: str, message: object) -> int:
 
 def _cmd_serve(args) -> int:
     from gateway.config import Settings
+    from gateway.ledger import LedgerCorrupt, check_ledger
     from gateway.security import tickets
     from gateway.security.tls import TlsConfigError
     from gateway.transport.interceptors.logging import configure_logging
@@ -76,7 +77,8 @@ def _cmd_serve(args) -> int:
         opts.check()
         if args.key_file is not None:
             tickets.KeyRing.from_file(args.key_file)  # readable, private, well formed
-    except (TlsConfigError, tickets.KeyFileError) as err:
+        check_ledger(args.data_dir)  # never serve a damaged or truncated ledger
+    except (TlsConfigError, tickets.KeyFileError, LedgerCorrupt) as err:
         return _fail("serve", err)
     if args.workers > 1:
         argv = sys.argv[1:]
@@ -145,13 +147,14 @@ def _reconcile_parser(sub) -> None:
 
 
 def _cmd_reconcile(args) -> int:
+    from gateway.ledger import LedgerCorrupt
     from gateway.ops.reconcile import reconcile_dir
     from gateway.security.tls import TlsConfigError, channel_credentials
 
     try:
         creds = channel_credentials(args.bank_tls_ca, args.bank_tls_cert, args.bank_tls_key)
         report = reconcile_dir(args.data_dir, args.bank, creds)
-    except (FileNotFoundError, TlsConfigError) as err:
+    except (FileNotFoundError, TlsConfigError, LedgerCorrupt) as err:
         return _fail("reconcile", err)
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.balanced else 1
