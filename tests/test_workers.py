@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import time
 import urllib.request
@@ -79,3 +81,47 @@ def test_killing_a_supervisor_takes_its_workers_with_it(stack):
         time.sleep(0.05)
     assert not any(_alive(w) for w in workers)
     stack.start_gateway("--workers", "1")   # the books, checked by the fixture, still balance
+
+
+def _role_holder(stack) -> int:
+    text = (stack.data_dir / "run" / "background.lock").read_text().strip()
+    return int(text) if text else 0
+
+
+def _until(predicate, timeout_s: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_dead_worker_is_restarted_and_the_background_role_moves(stack):
+    """kill -9 the worker holding the background role: another worker takes the role (credits
+    keep landing), and the supervisor starts the dead one again."""
+    stack.start_gateway("--workers", "2")
+    sup = stack.gateway.pid
+    _until(lambda: len(_workers_of(sup)) == 2 and _role_holder(stack) in _workers_of(sup),
+           what="two workers, one holding the role")
+    holder = _role_holder(stack)
+    os.kill(holder, signal.SIGKILL)
+    _until(lambda: _role_holder(stack) not in (0, holder) and _alive(_role_holder(stack)),
+           what="the role to move")
+    _until(lambda: len([w for w in _workers_of(sup) if _alive(w)]) == 2, what="the restart")
+    assert holder not in _workers_of(sup)
+
+    async def grab_and_wait_credit():
+        async with Client(stack.target) as c:
+            owner = stack.meta("role-owner")
+            await top_up(c, owner, 10_000)
+            sent = await send(c, owner, 1_000, 10)
+            for i in range(10):
+                r = await c.envelopes.GrabEnvelope(envelope_pb2.GrabEnvelopeRequest(
+                    envelope_id=sent.envelope_id, request_id="g"),
+                    metadata=stack.meta(f"role-u{i}"), timeout=10)
+                assert r.outcome == GRABBED
+            for i in range(10):
+                await wait_credited(c, stack.meta(f"role-u{i}"))
+    run(grab_and_wait_credit())
+    log = (stack.root / "gateway.log").read_text()
+    assert '"worker_died"' in log and '"worker_restarted"' in log
+    assert log.count('"background_role_acquired"') >= 2

@@ -32,6 +32,7 @@ from gateway.transport.interceptors.admission import AdmissionInterceptor
 from gateway.transport.interceptors.auth import AuthInterceptor
 from gateway.transport.interceptors.logging import LoggingInterceptor
 from gateway.transport.metrics import Metrics
+from gateway.transport.role import BackgroundRole
 from gateway.usecases import (
     CardPayments,
     Gateway,
@@ -61,19 +62,42 @@ class App:
     governor: Governor
     metrics: Metrics
     health: Any  # grpc_health.v1.health.aio.HealthServicer (absent from grpc-stubs)
+    # Who runs the background loops among the workers of one data directory; None: this
+    # process runs them unconditionally (tests, a single embedded worker).
+    role: BackgroundRole | None = None
     _tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
+    _role_task: asyncio.Task | None = None
 
     def start_background(self) -> None:
-        """Starts the governor (every worker) and the background workers (worker 0)."""
+        """Starts the governor (every worker) and the background loops: at once without a
+        role, else once this worker holds it (when the holder dies, another takes over)."""
         self._tasks = [asyncio.create_task(self.governor.run())]
+        if self.role is None:
+            self._start_loops()
+        else:
+            self._role_task = asyncio.create_task(self._take_role(self.role))
+
+    def _start_loops(self) -> None:
         self._tasks += [asyncio.create_task(w.run()) for w in self.background]
+
+    async def _take_role(self, role: BackgroundRole) -> None:
+        await role.acquire()
+        self._start_loops()
+
+    def runs_background(self) -> bool:
+        return self.role is None or self.role.held
 
     async def close(self) -> None:
         """Stops the background workers, then the bank link, then the ledger (in that order)."""
         self.governor.stop()
         for w in self.background:
             w.stop()
+        if self._role_task is not None:
+            self._role_task.cancel()   # a worker still waiting for the role stops waiting
+            await asyncio.gather(self._role_task, return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.role is not None:
+            self.role.release()
         if self.butler is not None:
             await self.butler.close()
         if self.bank is not None:
@@ -116,8 +140,10 @@ def build_governor(settings: Settings, ledger: Ledger, butler: PaymentButler | N
 
 def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
               bank_target: str | None = None, run_background: bool = True,
-              bank_credentials: grpc.ChannelCredentials | None = None) -> App:
-    """Wires one worker; ``run_background`` is true on worker 0 only."""
+              bank_credentials: grpc.ChannelCredentials | None = None,
+              role: BackgroundRole | None = None) -> App:
+    """Wires one worker; ``run_background`` builds the background loops (they start when
+    the worker holds the background role, see ``role.py``)."""
     pressure = Pressure(free_step=settings.unlock_free_step,
                         noncore_floor_share=settings.noncore_floor_share,
                         pushback_ms=settings.qos_retry_pushback_ms)
@@ -159,6 +185,9 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
                     AuthInterceptor(keyring)]
     if credit is not None:
         gateway.grabbing.on_credit = credit.wake
-    return App(settings, keyring, ledger, gateway, bank, butler, credit, background,
-               interceptors, pressure, governor, metrics,
-               health.aio.HealthServicer())  # type: ignore[attr-defined]
+    app = App(settings, keyring, ledger, gateway, bank, butler, credit, background,
+              interceptors, pressure, governor, metrics,
+              health.aio.HealthServicer(),  # type: ignore[attr-defined]
+              role)
+    gateway.operations.runs_consumers = app.runs_background
+    return app

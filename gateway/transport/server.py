@@ -30,6 +30,7 @@ from gateway.transport.app import App, build_app, open_ledger
 from gateway.transport.interceptors.logging import flush_access_log
 from gateway.transport.metrics import serve_metrics
 from gateway.transport.portfile import write_port_file
+from gateway.transport.role import BackgroundRole
 from gateway.transport.servicers._boundary import register
 from gateway.transport.servicers.admin import AdminServicer
 from gateway.transport.servicers.auth import AuthServicer
@@ -131,8 +132,8 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     keyring = (tickets.KeyRing.from_file(opts.key_file) if opts.key_file
                else tickets.KeyRing.load_or_create(opts.data_dir))
     app = build_app(settings, keyring, open_ledger(settings, opts.data_dir),
-                    bank_target=opts.bank, run_background=opts.worker_index == 0,
-                    bank_credentials=opts.bank_credentials())
+                    bank_target=opts.bank, bank_credentials=opts.bank_credentials(),
+                    role=BackgroundRole(opts.data_dir / "run" / "background.lock"))
     server, port, secure = _grpc_server(app, opts)
     await server.start()
     for name in ("", *SERVICE_NAMES):

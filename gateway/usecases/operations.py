@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from gateway import errors
@@ -78,7 +79,8 @@ def _rate_of(consumer: RateControlled | None) -> float:
 
 
 class Operations:
-    """``consumers`` maps a topic to the worker draining it (None on workers other than 0)."""
+    """``consumers`` maps a topic to the loop draining it (None when this worker has none);
+    ``runs_consumers`` says whether this worker runs them now (it holds the background role)."""
 
     def __init__(self, ledger: Ledger, butler: PaymentButler | None, bank: BankClient | None,
                  consumers: dict[str, RateControlled | None],
@@ -88,6 +90,7 @@ class Operations:
         self._butler = butler
         self._bank = bank
         self._consumers = consumers
+        self.runs_consumers: Callable[[], bool] = lambda: True
 
     async def ledger_stats(self) -> LedgerStats:
         return await self._ledger.stats()
@@ -96,7 +99,9 @@ class Operations:
         stats = await self._ledger.stats()
         lags = {"credit": stats.credit_backlog,
                 "payment-unknown": len(await self._ledger.due_payments(_DUE_SCAN_LIMIT))}
-        topics = [TopicLag(topic, lags[topic], _rate_of(c)) for topic, c in self._consumers.items()]
+        here = self.runs_consumers()
+        topics = [TopicLag(topic, lags[topic], _rate_of(c if here else None))
+                  for topic, c in self._consumers.items()]
         banks = self._butler.health() if self._butler is not None else []
         return QosStatus(topics, banks, stats.queue_depth, self.admission_state())
 
@@ -121,9 +126,10 @@ class Operations:
             raise errors.InvalidArgument("BAD_RATE",
                                          f"rate_per_second must be in 0..{MAX_RATE_PER_S}")
         consumer = self._consumers[topic]
-        if consumer is None:
+        if consumer is None or not self.runs_consumers():
             raise errors.FailedPrecondition(
-                "NO_CONSUMER_HERE", "this worker runs no consumer of that topic; ask worker 0")
+                "NO_CONSUMER_HERE", "this worker runs no consumer of that topic; ask the worker "
+                "holding the background role (its log says background_role_acquired)")
         consumer.rate_per_s = rate_per_s
         return rate_per_s
 
