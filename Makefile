@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py protos_build.py $(wildcard protos/*/v1/*.proto) $(wildcard hotpath/*.pyx hotpath/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-overload soak protos clean install debug-test h2load redis
+.PHONY: demo test lint bench bench-overload soak chaos protos clean install debug-test h2load redis
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ debug-test: $(STAMP)
 
 soak: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The long fault campaign (about 5 minutes; SEED=N replays one) with its table appended to
+# docs/RELIABILITY.md, then the fuzz tests at 20,000 examples each.
+CHAOS_CYCLES ?= 60
+chaos: $(STAMP)
+	$(PY) -m gateway.ops.cli chaos --cycles $(CHAOS_CYCLES) $(if $(SEED),--seed $(SEED)) \
+		--report docs/RELIABILITY.md
+	HONGBAO_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_fuzz.py
 
 # mypy reads its settings from pyproject.toml ([tool.mypy]); stubtest checks the .pyi stubs
 # of the Cython modules against the build, so the stubs cannot drift from the .pyx.

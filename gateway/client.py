@@ -23,6 +23,7 @@ Only unary calls are throttled adaptively; streams are checked against the level
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import math
 import random
@@ -219,3 +220,22 @@ class Client:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+async def call_patiently(call: Any, attempts: int = 100) -> Any:
+    """``await call()``, again after the server's pushback while admission sheds it (or the
+    writer's queue is full): for reads a tool wants answered exactly, on a busy machine. A
+    RESOURCE_EXHAUSTED answer changed nothing, so asking again is always safe."""
+    for _ in range(attempts - 1):
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            pushback = "100"
+            trailers: Any = err.trailing_metadata() or ()  # the stubs type it loosely
+            for key, value in trailers:
+                if key == "grpc-retry-pushback-ms":
+                    pushback = str(value)
+            await asyncio.sleep(min(int(pushback), 2_000) / 1000)
+    return await call()

@@ -201,9 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="the Spring-Festival-eve scenario, end to end")
     _reconcile_parser(sub)
     _qos_parser(sub)
+    sub.add_parser("chaos", help="a seeded fault campaign (see gateway/ops/chaos.py)",
+                   add_help=False)
     bench = sub.add_parser("bench", help="run the benchmarks in bench/")
     bench.add_argument("names", nargs="*",
                        help="hotpath, tickets, ledger, butler, balance_first (default: all)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chaos"]:   # its own flags, parsed by gateway.ops.chaos
+        from gateway.ops.chaos import main as chaos_main
+
+        return chaos_main(argv[1:])
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return _cmd_serve(args)

@@ -20,11 +20,10 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import grpc
 
-from gateway.client import Client
+from gateway.client import Client, call_patiently
 from gateway.errors import reason_of
 from gateway.ops.procs import banksim_proc, gateway_proc
 from gateway.payments.bank import BankClient
@@ -269,29 +268,11 @@ async def _credit_backlog(c: Client, admin: Metadata, timeout_s: float = 60.0) -
     return sum(t.lag for t in qos.topics if t.topic == "credit")
 
 
-async def _patiently(call, attempts: int = 100):
-    """``call()``, again after the server's pushback while admission sheds it: the summary's
-    reads are worth waiting for on a busy machine, and a shed call changed nothing."""
-    for _ in range(attempts - 1):
-        try:
-            return await call()
-        except grpc.aio.AioRpcError as err:
-            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise
-            pushback = "100"
-            trailers: Any = err.trailing_metadata() or ()  # the stubs type it loosely
-            for key, value in trailers:
-                if key == "grpc-retry-pushback-ms":
-                    pushback = str(value)
-            await asyncio.sleep(min(int(pushback), 2_000) / 1000)
-    return await call()
-
-
 async def _envelope_views(c: Client, envelope_ids: list[str], meta: Metadata) -> list:
     """The envelopes as GetEnvelope shows them, one call after another."""
     views = []
     for env_id in envelope_ids:
-        v = await _patiently(lambda e=env_id: c.envelopes.GetEnvelope(
+        v = await call_patiently(lambda e=env_id: c.envelopes.GetEnvelope(
             envelope_pb2.GetEnvelopeRequest(envelope_id=e), metadata=meta))
         views.append(v.envelope)
     return views
@@ -302,7 +283,7 @@ async def _wallet_totals(c: Client, users: list[str], meta: dict[str, Metadata])
     balances = []
     for u in users:
         for _ in range(100):   # a stale answer (the degraded read under load) is not the total
-            b = await _patiently(lambda u=u: c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(),
+            b = await call_patiently(lambda u=u: c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(),
                                                                  metadata=meta[u]))
             if not b.stale:
                 break
