@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -616,6 +617,37 @@ def test_expiry_races_the_deadline_and_refunds_exactly_once(backend, tmp_path):
             grabbed = sum(r.amount_fen for r in early)
             assert (await led.balance("snd"))[0] == 10_000 - grabbed  # the rest came back once
         run(scenario())
+        assert_balanced(led)
+    finally:
+        led.close()
+
+
+def test_a_map_grown_by_another_process_is_adopted_not_a_write_failure(tmp_path):
+    """Two workers share one LMDB: when one grows the map, the other's next write and read
+    adopt the new size (MDB_MAP_RESIZED) instead of failing WRITE_FAILED from then on."""
+    import subprocess
+    import sys
+    led = LmdbLedger(tmp_path, map_size_bytes=1 << 20)
+    try:
+        run(_fund(led, "before", 100))
+        grow = (
+            "import asyncio, sys\n"
+            "from gateway.ledger import LmdbLedger\n"
+            "from tests.test_ledger import _fund\n"
+            f"led = LmdbLedger({str(tmp_path)!r}, map_size_bytes=1 << 20)\n"
+            "async def fill():\n"
+            "    for i in range(40):\n"
+            "        await asyncio.gather(*(_fund(led, f'g{i}-{j}', 10, rid='x' * 60)\n"
+            "                               for j in range(100)))\n"
+            "asyncio.run(fill())\n"
+            "assert led.map_size_bytes > 1 << 20, led.map_size_bytes\n"
+            "led.close()\n")
+        done = subprocess.run([sys.executable, "-c", grow], capture_output=True, text=True,
+                              timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+        assert done.returncode == 0, done.stderr[-2000:]
+        run(_fund(led, "after", 100))            # a write: adopts the grown map
+        assert run(led.balance("g39-99")) == (10, 0)   # a read of the other's data
+        assert led.map_size_bytes > 1 << 20
         assert_balanced(led)
     finally:
         led.close()

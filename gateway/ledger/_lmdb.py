@@ -139,8 +139,16 @@ class _LmdbReads:
     dbs: dict[str, Any]
 
     def read(self, query: Callable[..., T], *args: Any) -> T:
-        with self.env.begin() as txn:
-            return query(LmdbTx(txn, self.dbs), *args)
+        try:
+            with self.env.begin() as txn:
+                return query(LmdbTx(txn, self.dbs), *args)
+        except lmdb.MapResizedError:
+            # Another process grew the map past this one's: adopt the new size (LMDB's
+            # set_mapsize(0)) and read again. Like the writer's own growth, this relies on
+            # this process's transactions being short.
+            self.env.set_mapsize(0)
+            with self.env.begin() as txn:
+                return query(LmdbTx(txn, self.dbs), *args)
 
 
 class LmdbLedger(_LmdbReads, BooksLedger):

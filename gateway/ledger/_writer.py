@@ -211,6 +211,11 @@ class GroupCommitWriter:
             except lmdb.MapFullError:
                 if not self._grow():
                     break
+            except lmdb.MapResizedError:
+                # Another process (a sibling worker) grew the map: adopt its size and retry.
+                # Before this, every later batch of this worker failed WRITE_FAILED.
+                self._env.set_mapsize(0)
+                log.info("lmdb_map_adopted", map_size=self._env.info()["map_size"])
             except Exception as exc:  # a bug: fail the batch loudly, write nothing
                 return batch_failed(exc, len(batch))
         full = errors.ResourceExhausted("LEDGER_FULL", "the ledger map cannot grow further")
