@@ -1,0 +1,133 @@
+"""A hypothesis state machine: the ledger against a plain model of wallets and envelopes.
+
+Rules fund wallets, send envelopes from them, grab (new and retried), apply credits, advance
+an injected clock and sweep expired envelopes, with the memory backend (fast, so many steps)
+and the LMDB one (real files). After every step the ledger's balances must equal the
+model's, to the fen, and the audit must balance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import tempfile
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import hotpath
+from gateway import errors
+from gateway.domain.audit import audit
+from gateway.domain.model import EnvelopeKind, GrabOutcome, PaymentStatus
+from gateway.ledger import LmdbLedger, MemoryLedger
+from tests.test_ledger import _top_up
+
+USERS = [f"m{i}" for i in range(5)]
+_ids = itertools.count()
+
+
+class LedgerModel(RuleBasedStateMachine):
+    backend = "memory"
+
+    @initialize()
+    def start(self) -> None:
+        self.now = [1_900_000_000_000]
+        clock = lambda: self.now[0]  # noqa: E731
+        if self.backend == "lmdb":
+            self.tmp = tempfile.TemporaryDirectory()
+            self.led = LmdbLedger(self.tmp.name, clock_ms=clock, durable=False)
+        else:
+            self.led = MemoryLedger(clock_ms=clock)
+        self.loop = asyncio.new_event_loop()
+        self.wallet = dict.fromkeys(USERS, 0)     # the model: balance
+        self.pending = dict.fromkeys(USERS, 0)    # ... and credit on its way
+        self.envelopes: dict[str, dict] = {}      # id -> sender, shares left, expiry, grabbed
+
+    def teardown(self) -> None:
+        self.led.close()
+        self.loop.close()
+        if self.backend == "lmdb":
+            self.tmp.cleanup()
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    @rule(user=st.sampled_from(USERS), amount=st.integers(1, 50_000))
+    def fund(self, user, amount):
+        p, _ = self.run(self.led.begin_payment(_top_up(user, f"t{next(_ids)}", amount),
+                                               b"f" * 16, 60_000))
+        self.run(self.led.finish_payment(p.payment_id, PaymentStatus.SUCCEEDED))
+        self.wallet[user] += amount
+
+    @rule(user=st.sampled_from(USERS), count=st.integers(1, 8), total=st.integers(8, 5_000),
+          expires_s=st.integers(1, 30))
+    def send(self, user, count, total, expires_s):
+        shares = hotpath.split_lucky(total, count)
+        try:
+            r = self.run(self.led.send_from_balance(
+                user, f"s{next(_ids)}", b"x" * 16, total_fen=total, count=count,
+                kind=EnvelopeKind.LUCKY, greeting="", expires_in_s=expires_s, shares=shares))
+        except errors.FailedPrecondition as err:
+            assert err.reason == "INSUFFICIENT_BALANCE" and self.wallet[user] < total
+            return
+        self.wallet[user] -= total
+        self.envelopes[r.envelope_id] = {"sender": user, "left": list(shares),
+                                         "expires": self.now[0] + expires_s * 1000,
+                                         "grabbed": {}, "expired": False}
+
+    @precondition(lambda self: self.envelopes)
+    @rule(data=st.data(), user=st.sampled_from(USERS))
+    def grab(self, data, user):
+        env_id = data.draw(st.sampled_from(sorted(self.envelopes)))
+        e = self.envelopes[env_id]
+        r = self.run(self.led.grab(user, env_id, "g"))
+        if user in e["grabbed"]:
+            assert (r.outcome, r.amount_fen) == (GrabOutcome.GRABBED, e["grabbed"][user])
+        elif e["expired"] or self.now[0] >= e["expires"]:
+            assert r.outcome == GrabOutcome.EXPIRED
+        elif not e["left"]:
+            assert r.outcome == GrabOutcome.SOLD_OUT
+        else:
+            assert r.outcome == GrabOutcome.GRABBED and r.amount_fen == e["left"].pop(0)
+            e["grabbed"][user] = r.amount_fen
+            self.pending[user] += r.amount_fen
+
+    @rule()
+    def credit(self):
+        while self.run(self.led.apply_credits(1_000)):
+            pass
+        for u in USERS:
+            self.wallet[u] += self.pending[u]
+            self.pending[u] = 0
+
+    @rule(ms=st.integers(1, 20_000))
+    def tick_and_sweep(self, ms):
+        self.now[0] += ms
+        self.run(self.led.expire_due(1_000))
+        for e in self.envelopes.values():
+            if not e["expired"] and self.now[0] >= e["expires"]:
+                e["expired"] = True
+                self.wallet[e["sender"]] += sum(e["left"])
+                e["left"] = []
+
+    @invariant()
+    def balances_match_the_model(self):
+        if not hasattr(self, "led"):
+            return
+        for u in USERS:
+            b = self.run(self.led.balance(u))
+            assert (b.balance_fen, b.pending_credit_fen) == (self.wallet[u], self.pending[u]), u
+        report = self.led.read(audit)
+        assert report.balanced, report.discrepancies
+
+
+class LmdbLedgerModel(LedgerModel):
+    backend = "lmdb"
+
+
+TestMemoryLedgerModel = LedgerModel.TestCase
+TestMemoryLedgerModel.settings = settings(max_examples=40, stateful_step_count=40,
+                                          deadline=None)
+TestLmdbLedgerModel = LmdbLedgerModel.TestCase
+TestLmdbLedgerModel.settings = settings(max_examples=12, stateful_step_count=30, deadline=None)
