@@ -140,7 +140,7 @@ class AdmissionController:
 
     def user_priority(self, user_id: str) -> int:
         """0 (served longest) .. USER_LEVELS-1, stable for a salt period."""
-        epoch = int(self._wall_clock() // self.options.salt_period_s)
+        epoch = self.salt_epoch()
         if epoch != self._salt_epoch:
             self._salt_epoch = epoch
             self._salt = salt_of(epoch, self._secret)

@@ -103,6 +103,14 @@ def maps_errors(method):
     return unary
 
 
+def limited_subject(limits: Any) -> str:
+    """:func:`subject`, after taking one of that user's tokens from ``limits`` (a
+    ``UserRateLimiter``): the calls that move money or grab start with this."""
+    user = claims().subject
+    limits.check(user)
+    return user
+
+
 def subject() -> str:
     """The caller: always the verified ticket's subject, never a request field."""
     return claims().subject

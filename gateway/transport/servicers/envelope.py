@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway import errors
 from gateway.domain.model import GrabOutcome, GrabResult
-from gateway.transport.servicers._boundary import maps_errors, subject
+from gateway.transport.servicers._boundary import limited_subject, maps_errors
 from gateway.transport.servicers._convert import timestamp_ms
 from gateway.usecases import Gateway, SendCommand
 from hongbao.v1 import envelope_pb2 as pb
@@ -23,19 +23,19 @@ class EnvelopeServicer(envelope_pb2_grpc.EnvelopeServiceServicer):
 
     @maps_errors
     async def SendEnvelope(self, request, context):
-        self._gw.limits.check(subject())
+        user = limited_subject(self._gw.limits)
         cmd = SendCommand(
             request_id=request.request_id, total_fen=request.total_fen, count=request.count,
             kind=request.kind, greeting=request.greeting, pay_method=request.pay_method,
             card_id=request.card_id, expires_in_s=request.expires_in_seconds)
-        r = await self._gw.sending.send(subject(), cmd)
+        r = await self._gw.sending.send(user, cmd)
         return pb.SendEnvelopeResponse(envelope_id=r.envelope_id, status=r.status,
                                        paid_via=r.paid_via, payment_id=r.payment_id)
 
     @maps_errors
     async def GrabEnvelope(self, request, context):
-        self._gw.limits.check(subject())
-        r = await self._gw.grabbing.grab(subject(), request.envelope_id, request.request_id)
+        user = limited_subject(self._gw.limits)
+        r = await self._gw.grabbing.grab(user, request.envelope_id, request.request_id)
         return pb.GrabEnvelopeResponse(outcome=int(r.outcome), amount_fen=r.amount_fen,
                                        remaining_count=r.remaining_count,
                                        credit_status=_credit_status(r))

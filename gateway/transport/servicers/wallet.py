@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.transport.servicers._boundary import maps_errors, subject
+from gateway.transport.servicers._boundary import limited_subject, maps_errors, subject
 from gateway.transport.servicers._convert import timestamp_ms
 from gateway.usecases import Gateway
 from hongbao.v1 import wallet_pb2 as pb
@@ -33,14 +33,14 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
 
     @maps_errors
     async def TopUp(self, request, context):
-        self._gw.limits.check(subject())
-        p = await self._gw.cards.top_up(subject(), request.request_id, request.card_id,
+        user = limited_subject(self._gw.limits)
+        p = await self._gw.cards.top_up(user, request.request_id, request.card_id,
                                   request.amount_fen)
         return pb.TopUpResponse(payment_id=p.payment_id, status=int(p.status))
 
     @maps_errors
     async def Withdraw(self, request, context):
-        self._gw.limits.check(subject())
-        p = await self._gw.cards.withdraw(subject(), request.request_id, request.card_id,
+        user = limited_subject(self._gw.limits)
+        p = await self._gw.cards.withdraw(user, request.request_id, request.card_id,
                                     request.amount_fen)
         return pb.WithdrawResponse(payment_id=p.payment_id, status=int(p.status))
