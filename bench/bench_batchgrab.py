@@ -40,7 +40,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,7 @@ import grpc
 
 import hotpath
 from gateway.client import Client
-from gateway.ops.procs import Proc, banksim_proc, gateway_proc
+from gateway.ops.procs import Proc, banksim_proc, free_port, gateway_proc
 from gateway.qos.controller import MAX_LEVEL
 from gateway.security import tickets
 from hongbao.v1 import admin_pb2, envelope_pb2, wallet_pb2
@@ -113,13 +112,6 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
-    """A loopback port free a moment ago (redis-server cannot bind port 0 and say which)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop_pid(popen: subprocess.Popen, timeout_s: float = 15.0) -> None:
     """SIGTERM to this pid, a bounded wait, then SIGKILL."""
     if popen.poll() is not None:
@@ -140,7 +132,7 @@ class _RedisServer:
         if exe is None:
             raise SystemExit("redis-server not found: apt-get install -y redis-server")
         root.mkdir(parents=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.cmd = _pinned([exe, "--bind", "127.0.0.1", "--port", str(self.port),
                             "--dir", str(root), "--appendonly", "yes",
                             "--appendfsync", "always", "--save", "", "--daemonize", "no",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.client import Client
 from gateway.config import Settings
 from gateway.domain.model import LedgerStats
+from gateway.ops.procs import free_port
 from gateway.qos.pressure import DEGRADATIONS
 from gateway.security import tickets
 from gateway.transport.app import build_app, open_ledger
@@ -47,13 +47,6 @@ def scrape(port: int) -> dict:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return samples(r.read().decode())
-
-
-def free_port() -> int:
-    """A loopback port free a moment ago (the gateway does not report its metrics port)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # -- per-call series, on a Metrics object's own registry -----------------------------------

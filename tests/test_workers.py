@@ -57,11 +57,6 @@ def test_two_workers_give_each_share_once(stack):
     assert owner_balance.balance_fen == 94_000
 
 
-def _workers_of(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(x) for x in children.read_text().split()] if children.exists() else []
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -73,7 +68,7 @@ def _alive(pid: int) -> bool:
 def test_killing_a_supervisor_takes_its_workers_with_it(stack):
     """Proc.kill (and a stop that outlasts its wait) SIGKILLs the process group: no orphans."""
     stack.start_gateway("--workers", "2")
-    workers = _workers_of(stack.gateway.pid)
+    workers = stack.gateway.children()
     assert len(workers) == 2 and all(_alive(w) for w in workers)
     stack.gateway.kill()
     deadline = time.monotonic() + 10
@@ -99,15 +94,15 @@ def test_a_dead_worker_is_restarted_and_the_background_role_moves(stack):
     """kill -9 the worker holding the background role: another worker takes the role (credits
     keep landing), and the supervisor starts the dead one again."""
     stack.start_gateway("--workers", "2")
-    sup = stack.gateway.pid
-    _until(lambda: len(_workers_of(sup)) == 2 and _role_holder(stack) in _workers_of(sup),
+    sup = stack.gateway
+    _until(lambda: len(sup.children()) == 2 and _role_holder(stack) in sup.children(),
            what="two workers, one holding the role")
     holder = _role_holder(stack)
     os.kill(holder, signal.SIGKILL)
     _until(lambda: _role_holder(stack) not in (0, holder) and _alive(_role_holder(stack)),
            what="the role to move")
-    _until(lambda: len([w for w in _workers_of(sup) if _alive(w)]) == 2, what="the restart")
-    assert holder not in _workers_of(sup)
+    _until(lambda: len([w for w in sup.children() if _alive(w)]) == 2, what="the restart")
+    assert holder not in sup.children()
 
     async def grab_and_wait_credit():
         async with Client(stack.target) as c:

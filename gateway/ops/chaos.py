@@ -32,7 +32,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ import grpc
 
 from gateway.client import Client, call_patiently
 from gateway.errors import reason_of
-from gateway.ops.procs import Proc, banksim_proc, gateway_proc
+from gateway.ops.procs import Proc, banksim_proc, free_port, gateway_proc
 from gateway.payments.bank import BankClient
 from gateway.security import tickets
 from hongbao.v1 import envelope_pb2, wallet_pb2
@@ -211,19 +210,13 @@ async def _client_main(cid: int, target_file: Path, keys: Path, history_path: Pa
 # -- the campaign ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Cluster:
     """The bank (on a fixed port, so it can come back where the gateway expects it) and the
     gateway with its workers; the current target in ``target_file`` for the clients."""
 
     def __init__(self, root: Path, workers: int = 2) -> None:
         self.root, self.workers = root, workers
-        self.bank_port = _free_port()
+        self.bank_port = free_port()
         self.target_file = root / "target"
         (root / "chaos.toml").write_text(SETTINGS)
         self.bank = banksim_proc(root / "bank", "--port", str(self.bank_port),
@@ -253,11 +246,6 @@ class Cluster:
             return
         raise RuntimeError("the gateway did not start three times in a row")
 
-    def workers_of_gateway(self) -> list[int]:
-        assert self.gateway is not None
-        path = Path(f"/proc/{self.gateway.pid}/task/{self.gateway.pid}/children")
-        return [int(x) for x in path.read_text().split()] if path.exists() else []
-
     def stop(self) -> None:
         if self.gateway is not None:
             self.gateway.stop()
@@ -272,7 +260,7 @@ def _inject(cluster: Cluster, fault: str, rng: random.Random) -> str:
         cluster.start_gateway()
         return "SIGKILL gateway (all workers), restart"
     if fault == "kill_worker":
-        workers = cluster.workers_of_gateway()
+        workers = cluster.gateway.children() if cluster.gateway else []
         if workers:
             os.kill(rng.choice(workers), signal.SIGKILL)
         return "SIGKILL one worker (the supervisor restarts it)"

@@ -12,10 +12,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def free_port() -> int:
+    """A loopback port free a moment ago, for a process that cannot bind port 0 and say
+    which (redis-server, a metrics page) or must come back on the same one (a bank)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
 
 # Longer than a supervisor's drain of its workers, shorter than a test's time limit.
 STOP_TIMEOUT_S = 40.0
@@ -66,6 +76,11 @@ class Proc:
                 self.kill()
                 raise TimeoutError(f"{self.cmd[:4]} did not start in {timeout_s} s")
             time.sleep(0.02)
+
+    def children(self) -> list[int]:
+        """The pids of its child processes (a supervisor's workers), from /proc."""
+        path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        return [int(x) for x in path.read_text().split()] if path.exists() else []
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, then SIGKILL to its group if it has not gone after ``timeout_s``."""
