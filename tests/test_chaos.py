@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 
-from gateway.ops.chaos import FAULTS, render, run_campaign
+from gateway.ops.chaos import render, run_campaign
 
 TICKET = re.compile(r"v1\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{20,}")
 
@@ -30,4 +30,5 @@ def test_a_short_campaign_keeps_every_invariant_and_logs_no_secret(tmp_path):
         text = log.read_text(errors="replace")
         assert not TICKET.search(text), log.name
         assert not any(s in text for s in secrets), log.name
-    assert set(FAULTS) >= {"kill_gateway", "kill_worker", "term_gateway", "kill_bank"}
+    # The run really was hit: at least one process was SIGKILLed and came back.
+    assert any(k.startswith("SIGKILL") for k in report["faults"]), report["faults"]

@@ -14,6 +14,7 @@ import os
 import struct
 
 import pytest
+from google.protobuf import message_factory
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -76,14 +77,12 @@ def test_the_ticket_parser_only_ever_says_unauthenticated(ring):
     check()
 
 
-REQUEST_TYPES = [
-    envelope_pb2.SendEnvelopeRequest, envelope_pb2.GrabEnvelopeRequest,
-    envelope_pb2.BatchGrabRequest, envelope_pb2.GetEnvelopeRequest,
-    wallet_pb2.GetBalanceRequest, wallet_pb2.ListTransactionsRequest, wallet_pb2.TopUpRequest,
-    wallet_pb2.WithdrawRequest, notification_pb2.WatchNotificationsRequest,
-    moments_pb2.UnlockPhotoRequest, auth_pb2.IssueTicketRequest,
-    admin_pb2.SetConsumerRateRequest,
-]
+# Every request type of every service the gateway registers, from the descriptors.
+REQUEST_TYPES = sorted({message_factory.GetMessageClass(m.input_type)
+                        for pb2 in (admin_pb2, auth_pb2, envelope_pb2, moments_pb2,
+                                    notification_pb2, wallet_pb2)
+                        for service in pb2.DESCRIPTOR.services_by_name.values()
+                        for m in service.methods}, key=lambda c: c.DESCRIPTOR.full_name)
 
 
 @pytest.mark.parametrize("message", REQUEST_TYPES, ids=lambda m: m.DESCRIPTOR.name)
