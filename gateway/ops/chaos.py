@@ -327,7 +327,8 @@ def run_campaign(root: Path, *, seed: int, cycles: int, gap_s: tuple[float, floa
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait(10)
                     crashed.append(f"client {i} did not stop")
-        cluster.gateway.stop() if cluster.gateway else None
+        if cluster.gateway is not None:
+            cluster.gateway.stop()
         cluster.start_gateway()   # clean: no faults, the resolver finishes what is open
         checks = asyncio.run(_verify(cluster, root))
         checks["violations"] = crashed + cluster.start_failures + checks["violations"]
