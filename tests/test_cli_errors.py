@@ -73,3 +73,21 @@ def test_a_damaged_or_truncated_ledger_is_never_served(tmp_path):
                                "--data-dir", str(tmp_path / name)], capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_ledger_still_being_created_is_not_taken_for_a_damaged_one(tmp_path):
+    """A data.mdb another process has created but not yet given its tables (the first start
+    of --workers 2 used to die on it): the check passes and the gateway starts."""
+    ledger = tmp_path / "fresh" / "ledger"
+    ledger.mkdir(parents=True)
+    # An LMDB environment with no tables yet, made by another process as a worker would.
+    subprocess.run([sys.executable, "-c", f"import lmdb; lmdb.open({str(ledger)!r}).close()"],
+                   check=True, timeout=60)
+    from gateway.ledger import check_ledger
+    check_ledger(tmp_path / "fresh")
+    from gateway.ops.procs import gateway_proc
+    gw = gateway_proc(tmp_path / "fresh", "--workers", "2", log_path=tmp_path / "gw.log")
+    try:
+        gw.start()
+    finally:
+        gw.stop()

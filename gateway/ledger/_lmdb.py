@@ -128,7 +128,10 @@ def check_ledger(data_dir: str | os.PathLike) -> None:
         # LMDB would quietly start it over, empty.
         if data.stat().st_size == 0:
             raise LedgerCorrupt(f"the ledger in {path} is truncated: data.mdb is empty")
-        env, _dbs = _open(path, readonly=True)
+        try:
+            env, _dbs = _open(path, readonly=True)
+        except lmdb.NotFoundError:
+            return  # a ledger another process is creating: its tables are not committed yet
         env.close()
 
 

@@ -77,7 +77,8 @@ def _cmd_serve(args) -> int:
         opts.check()
         if args.key_file is not None:
             tickets.KeyRing.from_file(args.key_file)  # readable, private, well formed
-        check_ledger(args.data_dir)  # never serve a damaged or truncated ledger
+        if not args.reuse_port:  # the supervisor checks once; its workers need not race it
+            check_ledger(args.data_dir)  # never serve a damaged or truncated ledger
     except (TlsConfigError, tickets.KeyFileError, LedgerCorrupt) as err:
         return _fail("serve", err)
     if args.workers > 1:
