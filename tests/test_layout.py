@@ -13,7 +13,8 @@ from hongbao.v1 import envelope_pb2, notification_pb2, wallet_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = ROOT / "gateway"
-SUBPACKAGES = ("domain", "ledger", "payments", "qos", "usecases", "transport", "security", "ops")
+SUBPACKAGES = ("domain", "ledger", "payments", "qos", "usecases", "transport", "security", "ops",
+               "sim")
 
 
 def _imports(path: Path) -> set[str]:

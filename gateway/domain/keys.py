@@ -7,9 +7,11 @@ fixed width so that byte order is numeric order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import struct
+from collections.abc import Callable, Iterator
 
 # -- tables ---------------------------------------------------------------------------
 ACCOUNTS = "accounts"  # account name -> int64 balance
@@ -174,9 +176,31 @@ def due_key(due_ms: int, ident: bytes) -> bytes:
 
 # -- ids ------------------------------------------------------------------------------------
 
+# Where ids and split seeds come from: the kernel, except inside a seeded simulation
+# (``gateway.sim``), which replaces it for the length of a run to make the run replayable.
+_entropy: Callable[[int], bytes] = secrets.token_bytes
+
+
 def new_envelope_id() -> str:
     """80 random bits: unguessable, so nobody can grab an envelope not shared with them."""
-    return "env_" + secrets.token_hex(10)
+    return "env_" + _entropy(10).hex()
+
+
+def split_seed() -> bytes | None:
+    """The seed of an envelope's share split: None (hotpath draws 32 kernel bytes), or the
+    simulation's seeded bytes."""
+    return None if _entropy is secrets.token_bytes else _entropy(32)
+
+
+@contextlib.contextmanager
+def seeded_entropy(source: Callable[[int], bytes]) -> Iterator[None]:
+    """Draws ids and split seeds from ``source`` inside the block (simulations only)."""
+    global _entropy
+    saved, _entropy = _entropy, source
+    try:
+        yield
+    finally:
+        _entropy = saved
 
 
 def payment_id_for(user_id: str, kind: str, request_id: str) -> str:

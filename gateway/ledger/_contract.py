@@ -299,7 +299,7 @@ class BooksLedger(Ledger):
         return self.read(reads.get_payment, payment_id)
 
     async def due_payments(self, limit, now_ms=None):
-        when = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        when = self._now_ms() if now_ms is None else now_ms
         return self.read(reads.due_payments, when, limit)
 
     async def audit(self) -> Report:

@@ -194,6 +194,13 @@ class MemoryLedger(BooksLedger):
         return (len(self._queue), self.batches, self.requests, self.batch_size_max,
                 self.apply_s_total, 0.0, 0.0, 0.0)
 
+    def discard_queued(self) -> int:
+        """Drops the writes not yet committed, as a crash of the writing process would;
+        their callers never get an answer. Returns how many were dropped (simulations)."""
+        dropped = len(self._queue)
+        self._queue.clear()
+        return dropped
+
     def close(self) -> None:
         self._closed = True
         if self._queue:

@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     _qos_parser(sub)
     sub.add_parser("chaos", help="a seeded fault campaign (see gateway/ops/chaos.py)",
                    add_help=False)
+    sub.add_parser("sim", help="seeded simulations of the money flows (see gateway/ops/sim.py)",
+                   add_help=False)
     bench = sub.add_parser("bench", help="run the benchmarks in bench/")
     bench.add_argument("names", nargs="*",
                        help="hotpath, tickets, ledger, butler, balance_first (default: all)")
@@ -212,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.ops.chaos import main as chaos_main
 
         return chaos_main(argv[1:])
+    if argv[:1] == ["sim"]:   # its own flags, parsed by gateway.ops.sim
+        from gateway.ops.sim import main as sim_main
+
+        return sim_main(argv[1:])
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return _cmd_serve(args)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from gateway.domain.audit import Report
 from gateway.domain.model import PaymentKind
-from gateway.payments.bank import BankClient, OrderStatus
+from gateway.payments.bank import BankTotals, OrderStatus
 
 
-async def cross_check_bank(report: Report, bank: BankClient) -> None:
+class BankView(Protocol):
+    """What the cross-check asks a bank: the bank link, or the simulation's bank."""
+
+    async def totals(self) -> BankTotals: ...
+
+    async def query(self, order_id: str) -> OrderStatus: ...
+
+
+async def cross_check_bank(report: Report, bank: BankView) -> None:
     """Adds the bank's view to ``report``: what it holds for the gateway must equal what the
     gateway's clearing accounts say came in, plus in-flight payments the bank has settled
     (withdrawals count negative)."""

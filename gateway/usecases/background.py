@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -31,7 +32,8 @@ class CreditConsumer(BackgroundLoop):
 
     def __init__(self, ledger: Ledger, *, batch: int = 1024, rate_per_s: float = 100_000.0,
                  idle_sleep_s: float = 0.01, pressure: Pressure | None = None,
-                 floor_rate_per_s: float = 1_000.0) -> None:
+                 floor_rate_per_s: float = 1_000.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """``pressure.writer_trouble`` (the writer is the bottleneck) slows crediting to
         ``floor_rate_per_s``, leaving the writer to the money path; otherwise the rate
         holds whatever the level (credits are core work: money users are waiting for)."""
@@ -45,6 +47,7 @@ class CreditConsumer(BackgroundLoop):
         self.rate_per_s = rate_per_s  # credits per second; 0 pauses the topic
         self._idle_sleep_s = idle_sleep_s
         self.applied = 0
+        self._clock = clock
 
     def wake(self) -> None:
         """New credits may be waiting: end an idle pause now (cheap when already awake)."""
@@ -55,9 +58,11 @@ class CreditConsumer(BackgroundLoop):
         if not self._work.is_set():
             waiters = [asyncio.ensure_future(self._work.wait()),
                        asyncio.ensure_future(self.pause(seconds))]
-            _done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for w in pending:
-                w.cancel()
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # cancelled too: a waiter left behind would wait forever
+                for w in waiters:
+                    w.cancel()
         self._work.clear()
 
     @property
@@ -77,7 +82,7 @@ class CreditConsumer(BackgroundLoop):
                 continue
             # A slice of at most 100 ms of the rate, so a new rate bites quickly.
             limit = max(1, min(self._batch, int(rate * 0.1)))
-            started = time.monotonic()
+            started = self._clock()
             try:
                 n = await self._ledger.apply_credits(limit)
             except errors.GatewayError as err:  # queue full or shutting down: back off
@@ -91,7 +96,7 @@ class CreditConsumer(BackgroundLoop):
                 await self._idle(idle)
                 continue
             idle = 0.0
-            await self.pause(n / rate - (time.monotonic() - started))
+            await self.pause(n / rate - (self._clock() - started))
 
 
 class ExpirySweeper(BackgroundLoop):

@@ -8,7 +8,7 @@ import re
 import hotpath
 from gateway import errors
 from gateway.config import Settings
-from gateway.domain.keys import fingerprint, new_envelope_id
+from gateway.domain.keys import fingerprint, new_envelope_id, split_seed
 from gateway.domain.model import (
     CardEnvelope,
     EnvelopeKind,
@@ -83,8 +83,11 @@ class Sending:
 
     def _split(self, cmd: SendCommand) -> list[int]:
         s = self._settings
-        split = hotpath.split_lucky if cmd.kind == EnvelopeKind.LUCKY else hotpath.split_normal
-        return split(cmd.total_fen, cmd.count, s.max_share_fen, max_count=s.max_count)
+        if cmd.kind == EnvelopeKind.LUCKY:
+            return hotpath.split_lucky(cmd.total_fen, cmd.count, s.max_share_fen, split_seed(),
+                                       max_count=s.max_count)
+        return hotpath.split_normal(cmd.total_fen, cmd.count, s.max_share_fen,
+                                    max_count=s.max_count)
 
     async def send(self, user_id: str, cmd: SendCommand) -> SendResult:
         """Pays for an envelope: from the wallet whenever it covers the amount."""
