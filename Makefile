@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py protos_build.py $(wildcard protos/*/v1/*.proto) $(wildcard hotpath/*.pyx hotpath/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-overload soak chaos protos clean install debug-test h2load redis
+.PHONY: demo test lint bench bench-overload soak chaos sim protos clean install debug-test h2load redis
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,12 +46,19 @@ soak: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 # The long fault campaign (about 5 minutes; SEED=N replays one) with its table appended to
-# docs/RELIABILITY.md, then the fuzz tests at 20,000 examples each.
+# docs/RELIABILITY.md, then 20,000 seeded simulations (about 7 minutes on two cores), then
+# the fuzz tests at 20,000 examples each.
 CHAOS_CYCLES ?= 60
+SIM_SEEDS ?= 20000
 chaos: $(STAMP)
 	$(PY) -m gateway.ops.cli chaos --cycles $(CHAOS_CYCLES) $(if $(SEED),--seed $(SEED)) \
 		--report docs/RELIABILITY.md
+	$(PY) -m gateway.ops.cli sim --seeds $(SIM_SEEDS)
 	HONGBAO_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_fuzz.py
+
+# Seeded simulations alone: `make sim` (SIM_SEEDS, default 20,000), `make sim SEED=N` replays one.
+sim: $(STAMP)
+	$(PY) -m gateway.ops.cli sim $(if $(SEED),--seed $(SEED),--seeds $(SIM_SEEDS))
 
 # mypy reads its settings from pyproject.toml ([tool.mypy]); stubtest checks the .pyi stubs
 # of the Cython modules against the build, so the stubs cannot drift from the .pyx.

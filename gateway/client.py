@@ -19,6 +19,14 @@ callers, in two ways (both local: a call refused here never reaches the wire):
 A local refusal is a ``grpc.aio.AioRpcError`` with RESOURCE_EXHAUSTED and an
 ``ErrorInfo`` reason: ``SHED_LOCALLY`` (the level) or ``THROTTLED_LOCALLY``.
 Only unary calls are throttled adaptively; streams are checked against the level.
+
+One thing every caller of a grpc.aio stream must handle: when the connection dies under
+a stream (the gateway killed or restarted, the network gone), reading the stream or
+awaiting its ``code()`` can raise ``asyncio.CancelledError`` rather than an
+``AioRpcError``. Treat it like UNAVAILABLE: the call's outcome is unknown, and a money
+call is retried with the same request id (the fault campaign's clients do exactly
+that, ``gateway/ops/chaos.py``). Catching it is safe only around the grpc call itself,
+not around code whose own task may be cancelled.
 """
 
 from __future__ import annotations

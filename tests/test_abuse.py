@@ -205,3 +205,117 @@ def test_five_hundred_idle_streams_from_one_client(stack):
             assert set(codes) <= {"CANCELLED"}
         await _still_serving(stack)
     asyncio.run(scenario())
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
+    """An HPACK integer (RFC 7541 5.1) with an ``prefix_bits`` prefix."""
+    top = (1 << prefix_bits) - 1
+    if value < top:
+        return bytes([first | value])
+    out, value = bytearray([first | top]), value - top
+    while value >= 128:
+        out.append(value % 128 + 128)
+        value //= 128
+    out.append(value)
+    return bytes(out)
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") \
+        + payload
+
+
+def _watch_without_reading(addr: tuple[str, int], ticket: str) -> socket.socket:
+    """A raw HTTP/2 client: one WatchNotifications stream, a tiny receive buffer, and no
+    WINDOW_UPDATE ever, so the server may send at most the initial 65,535-byte window."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(addr)
+    headers = b"".join(
+        b"\x00" + _hpack_int(len(k), 7) + k + _hpack_int(len(v), 7) + v
+        for k, v in ((b":method", b"POST"), (b":scheme", b"http"),
+                     (b":path", b"/hongbao.v1.NotificationService/WatchNotifications"),
+                     (b":authority", f"{addr[0]}:{addr[1]}".encode()),
+                     (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+                     (b"authorization", f"Bearer {ticket}".encode())))
+    body = notification_pb2.WatchNotificationsRequest(after_event_id=0).SerializeToString()
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b"")
+                 + _frame(4, 1, 0, b"")   # SETTINGS, and the ACK of the server's
+                 + _frame(1, 4, 1, headers)
+                 + _frame(0, 1, 1, b"\x00" + len(body).to_bytes(4, "big") + body))
+    return sock
+
+
+def _data_bytes(sock: socket.socket, quiet_s: float = 3.0) -> int:
+    """Reads everything the server sent until it is quiet; the DATA payload of stream 1."""
+    sock.settimeout(quiet_s)
+    buf = b""
+    try:
+        while chunk := sock.recv(1 << 16):
+            buf += chunk
+    except TimeoutError:
+        pass
+    total, i = 0, 0
+    while i + 9 <= len(buf):
+        length, kind = int.from_bytes(buf[i:i + 3], "big"), buf[i + 3]
+        stream = int.from_bytes(buf[i + 5:i + 9], "big") & 0x7FFFFFFF
+        if kind == 0 and stream == 1:
+            total += length
+        i += 9 + length
+    return total
+
+
+def _rss_anon_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no RssAnon for {pid}")
+
+
+UNREAD_EVENTS = 3000
+
+
+def test_a_stream_that_never_reads_costs_the_server_one_window(tmp_path):
+    """A watcher that never reads while 3,000 events (~330 KiB of messages) pile up for it:
+    the server sends no more than the stream's 65,535-byte window, holds the rest in the
+    ledger rather than in memory, and keeps serving everyone else."""
+    from tests.conftest import Stack
+
+    config = tmp_path / "gateway.toml"
+    config.write_text("user_rate_per_s = 0\n")
+    s = Stack(tmp_path)
+    try:
+        s.bank.start()
+        s.start_gateway("--config", str(config))
+        sock = _watch_without_reading(_host_port(s.target), s.ticket("owner"))
+        pid = s.gateway.pid
+        before = _rss_anon_kib(pid)
+        asyncio.run(_unlock_many(s, UNREAD_EVENTS))
+        asyncio.run(_still_serving(s))
+        after = _rss_anon_kib(pid)
+        sent = _data_bytes(sock)
+        sock.close()
+        print(f"unread stream: {sent} DATA bytes sent of ~{UNREAD_EVENTS * 110} queued; "
+              f"RssAnon {before} -> {after} KiB")
+        assert 0 < sent <= 65_535
+        assert after - before < 16 << 10, (before, after)
+        asyncio.run(_still_serving(s))
+        s.assert_balanced()
+    finally:
+        s.stop()
+
+
+async def _unlock_many(s, n: int) -> None:
+    from hongbao.v1 import moments_pb2
+
+    async with Client(s.target) as c:
+        viewer = s.meta("viewer")
+        await top_up(c, viewer, n * 100, rid="unread-fund")
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await c.moments.UnlockPhoto(moments_pb2.UnlockPhotoRequest(
+                    request_id=f"u{i}", photo_id=f"p{i}", owner_id="owner"),
+                    metadata=viewer, timeout=30)
+        await asyncio.gather(*(one(i) for i in range(n)))
