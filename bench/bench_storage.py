@@ -174,7 +174,7 @@ async def _fund(led: LmdbLedger, envelopes: int) -> None:
 async def _send(led: LmdbLedger, envelopes: int, tally: _Tally) -> list[str]:
     ids = []
     for i in range(envelopes):
-        env = keys.new_envelope_id()
+        env = keys.new_envelope_id("sender")
         r = await led.write(tally.rule(rules.send_from_balance), b"sender", f"e{i}".encode(),
                             b"x" * 16, env.encode(), SHARES * SHARE_FEN, SHARES,
                             EnvelopeKind.LUCKY, "", 3600,

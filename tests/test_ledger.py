@@ -310,7 +310,7 @@ def test_withdrawal_holds_then_returns_the_money(ledger):
 def test_card_paid_envelope_is_not_grabbable_until_paid(ledger):
     """A card-paid envelope is PAYING (grabs refused) until the bank settles, then ACTIVE."""
     async def scenario():
-        env_id = keys.new_envelope_id()
+        env_id = keys.new_envelope_id("lee")
         pid = payment_id_for("lee", PaymentKind.ENVELOPE, "s")
         intent = Payment(pid, "lee", PaymentKind.ENVELOPE, "ccb-9", "ccb", 500,
                          PaymentStatus.PENDING, envelope_id=env_id)
@@ -651,3 +651,23 @@ def test_a_map_grown_by_another_process_is_adopted_not_a_write_failure(tmp_path)
         assert_balanced(led)
     finally:
         led.close()
+
+
+def test_envelope_ids_carry_the_senders_slot_and_old_ids_stay_valid():
+    """The slot is a stable hash of the user id (the same in every process and run), an
+    envelope id carries its sender's, and ids made before ids carried a slot still pass."""
+    from gateway.usecases.checks import check_envelope_id
+
+    assert keys.slot_of("alice") == keys.slot_of("alice")
+    assert {keys.slot_of(f"user{i}") for i in range(20_000)} == set(range(keys.SLOTS))
+    # A fixed value: a change of the hash would move every user of a running cluster.
+    assert keys.slot_of("alice") == int.from_bytes(
+        __import__("hashlib").blake2b(b"alice", digest_size=8).digest(), "big") % 1024
+    env = keys.new_envelope_id("alice")
+    assert len(env) == 27 and keys.envelope_slot(env) == keys.slot_of("alice")
+    assert check_envelope_id(env) == env
+    old = "env_0123456789abcdef0123"
+    assert check_envelope_id(old) == old and keys.envelope_slot(old) is None
+    for bad in ("env_4ff0123456789abcdef0123", "env_0123", "env_" + "g" * 20):
+        with pytest.raises(errors.InvalidArgument):
+            check_envelope_id(bad)

@@ -181,9 +181,35 @@ def due_key(due_ms: int, ident: bytes) -> bytes:
 _entropy: Callable[[int], bytes] = secrets.token_bytes
 
 
-def new_envelope_id() -> str:
-    """80 random bits: unguessable, so nobody can grab an envelope not shared with them."""
-    return "env_" + _entropy(10).hex()
+# -- placement -------------------------------------------------------------------------
+# A cluster spreads users over SLOTS slots (gateway.cluster maps slots to SETs); the
+# embedded mode computes the same slots and ignores them.
+SLOTS = 1024
+
+
+def slot_of(user_id: str) -> int:
+    """The user's slot: a stable hash (blake2b; Python's own hash is salted per process)."""
+    digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % SLOTS
+
+
+def new_envelope_id(sender_id: str) -> str:
+    """``env_`` + the sender's slot (3 hex digits) + 80 random bits (20 hex digits).
+
+    The slot says which SET holds the envelope, so any node routes a grab without a
+    lookup; the random part keeps it unguessable, so nobody can grab an envelope not
+    shared with them.
+    """
+    return f"env_{slot_of(sender_id):03x}{_entropy(10).hex()}"
+
+
+def envelope_slot(envelope_id: str) -> int | None:
+    """The slot an envelope id carries; None for ids made before ids carried one
+    (``env_`` + 20 hex digits), which stay on the SET that made them."""
+    if len(envelope_id) != 27:
+        return None
+    slot = int(envelope_id[4:7], 16)
+    return slot if slot < SLOTS else None
 
 
 def split_seed() -> bytes | None:

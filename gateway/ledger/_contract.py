@@ -222,7 +222,8 @@ class BooksLedger(Ledger):
                                 kind, greeting, expires_in_s, shares) -> SendResult:
         return await self.write(
             rules.send_from_balance, user_id.encode(), request_id.encode(), fingerprint,
-            new_envelope_id().encode(), total_fen, count, kind, greeting, expires_in_s, shares)
+            new_envelope_id(user_id).encode(), total_fen, count, kind, greeting, expires_in_s,
+            shares)
 
     async def grab(self, user_id, envelope_id, request_id) -> GrabResult:
         return await self.write(rules.grab, envelope_id.encode(), user_id.encode(),

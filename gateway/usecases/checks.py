@@ -8,7 +8,8 @@ from gateway import errors
 from gateway.payments.bank import bank_of_card
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-_ENVELOPE_ID = re.compile(r"env_[0-9a-f]{20}")
+# env_ + the slot (3 hex) + 20 hex; ids made before they carried a slot have no slot part.
+_ENVELOPE_ID = re.compile(r"env_(?:[0-3][0-9a-f]{2})?[0-9a-f]{20}")
 INT64_MAX = 2**63 - 1
 
 

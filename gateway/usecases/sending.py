@@ -120,7 +120,7 @@ class Sending:
         if existing is not None:
             await self._cards.refuse_if_refused(existing.payment_id)
             return existing
-        envelope = CardEnvelope(new_envelope_id(), cmd.count, cmd.kind, cmd.greeting,
+        envelope = CardEnvelope(new_envelope_id(user_id), cmd.count, cmd.kind, cmd.greeting,
                                 expires_in_s, shares, cmd.request_id, fp)
         payment = await self._cards.pay(user_id, PaymentKind.ENVELOPE, cmd.request_id,
                                         cmd.card_id, cmd.total_fen, envelope)
