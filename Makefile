@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py protos_build.py $(wildcard protos/*/v1/*.proto) $(wildcard hotpath/*.pyx hotpath/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-overload soak chaos sim protos clean install debug-test h2load redis
+.PHONY: demo test lint bench bench-overload soak chaos sim protos clean install debug-test h2load redis \
+	nats-server
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +28,14 @@ ifeq ($(H2LOAD),)
 	apt-get update -qq && apt-get install -y -qq nghttp2-client
 endif
 
-test: $(STAMP) h2load
+# nats-server 2.9 (Debian) runs the cluster's JetStream in the cluster tests.
+NATS_SERVER := $(shell command -v nats-server)
+nats-server:
+ifeq ($(NATS_SERVER),)
+	apt-get update -qq && apt-get install -y -qq nats-server
+endif
+
+test: $(STAMP) h2load nats-server
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	HONGBAO_HOTPATH=pure $(PY) -m pytest -q tests/test_ledger.py
 

@@ -14,7 +14,7 @@ from hongbao.v1 import envelope_pb2, notification_pb2, wallet_pb2
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = ROOT / "gateway"
 SUBPACKAGES = ("domain", "ledger", "payments", "qos", "usecases", "transport", "security", "ops",
-               "sim")
+               "sim", "cluster")
 
 
 def _imports(path: Path) -> set[str]:
@@ -92,3 +92,10 @@ def test_domain_enums_share_the_api_numbers(ours, theirs):
         if member is model.TxKind.GRAB:
             continue  # an internal transfer kind, never a wallet entry
         assert names.get(member.name) == member.value, (ours.__name__, member.name, names)
+
+
+def test_only_the_cluster_and_ops_packages_speak_nats():
+    """The embedded mode never needs NATS: only gateway/cluster and the commands import it."""
+    files = [p for p in _files(GATEWAY)
+             if p.relative_to(GATEWAY).parts[0] not in ("cluster", "ops")]
+    assert _offenders(files, lambda n: n == "nats" or n.startswith("nats.")) == []

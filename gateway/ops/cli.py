@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                    add_help=False)
     sub.add_parser("sim", help="seeded simulations of the money flows (see gateway/ops/sim.py)",
                    add_help=False)
+    sub.add_parser("cluster", help="the slot map of a SET cluster: init, show, move",
+                   add_help=False)
     bench = sub.add_parser("bench", help="run the benchmarks in bench/")
     bench.add_argument("names", nargs="*",
                        help="hotpath, tickets, ledger, butler, balance_first (default: all)")
@@ -214,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.ops.chaos import main as chaos_main
 
         return chaos_main(argv[1:])
+    if argv[:1] == ["cluster"]:   # its own subcommands, parsed by gateway.ops.cluster_cli
+        from gateway.ops.cluster_cli import main as cluster_main
+
+        return cluster_main(argv[1:])
     if argv[:1] == ["sim"]:   # its own flags, parsed by gateway.ops.sim
         from gateway.ops.sim import main as sim_main
 

@@ -1,0 +1,48 @@
+"""The cluster file a SET is started with (``hongbao serve --cluster FILE``) and that the
+``hongbao cluster`` and ``hongbao reconcile --cluster`` commands read:
+
+    set = "s1"                          # this SET's name, as in the slot map
+    address = "127.0.0.1:7101"          # where other SETs and clients reach this SET
+    nats = ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223", "nats://127.0.0.1:4224"]
+
+Any mistake is one line naming the key (``ClusterFileError``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from gateway.cluster.slotmap import ADDRESS, SET_NAME
+
+
+class ClusterFileError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    set_name: str
+    address: str
+    nats: tuple[str, ...]
+
+    @classmethod
+    def load(cls, path: str | Path) -> ClusterConfig:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ClusterFileError(f"{path}: {exc}") from None
+        unknown = set(values) - {"set", "address", "nats"}
+        if unknown:
+            raise ClusterFileError(f"{path}: unknown keys {sorted(unknown)} "
+                                   "(want set, address, nats)")
+        name, address, nats = values.get("set"), values.get("address"), values.get("nats")
+        if not isinstance(name, str) or not SET_NAME.fullmatch(name):
+            raise ClusterFileError(f"{path}: set must be a name like \"s1\"")
+        if not isinstance(address, str) or not ADDRESS.fullmatch(address):
+            raise ClusterFileError(f"{path}: address must be host:port")
+        if (not isinstance(nats, list) or not nats
+                or not all(isinstance(u, str) and u.startswith("nats://") for u in nats)):
+            raise ClusterFileError(f"{path}: nats must be a list of nats://host:port URLs")
+        return cls(name, address, tuple(nats))
