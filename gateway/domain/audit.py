@@ -145,8 +145,23 @@ def audit(tx: Tx) -> Report:
         "clearing_in_fen": sum(clearing_in.values()), "payments": len(s.payments),
         "payments_by_status": _by_status(s.payments),
         "unlocks": len(s.unlocks), "unlock_fen": unlock_fen,
+        "interset_fen": {k[len(keys.INTERSET):].decode(): v for k, v in accounts.items()
+                         if k.startswith(keys.INTERSET)},
+        "remote_credits_waiting": _check_remote_outbox(r, tx, s),
     }
     return r
+
+
+def _check_remote_outbox(r: Report, tx: Tx, s: _Snapshot) -> int:
+    """Each credit waiting for the relay was booked, with its amount, when it was queued."""
+    waiting = 0
+    for key, raw in tx.scan(keys.XCREDIT_OUTBOX):
+        c = records.unpack_xcredit(keys.unbe64(key), raw)
+        if s.transfers.get(c.transfer_id.encode()) != c.amount_fen:
+            r.bad(f"credit {c.transfer_id} for {c.user_id} on SET {c.home} waits for the relay "
+                  f"but was not booked for {c.amount_fen} fen")
+        waiting += 1
+    return waiting
 
 
 def _by_status(payments: list[Payment]) -> dict[str, int]:

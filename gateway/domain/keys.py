@@ -27,9 +27,10 @@ EXPIRY = "expiry"  # expiry ms + envelope id -> empty (the sweeper's queue)
 META = "meta"  # counter name -> value
 NOTIFICATIONS = "notifications"  # user \0 seq -> kind, amount, time, ids, message
 RESOLVE = "resolve"  # due ms + payment id -> empty (the resolver's queue)
+XCREDIT_OUTBOX = "bus:xcredit"  # seq -> a credit for a user of another SET (the relay's queue)
 
 TABLES = (ACCOUNTS, TRANSFERS, ENVELOPES, ENV_META, GRABS, IDEM, PAYMENTS, WALLET_TX,
-          CREDIT_OUTBOX, EXPIRY, META, NOTIFICATIONS, RESOLVE)
+          CREDIT_OUTBOX, EXPIRY, META, NOTIFICATIONS, RESOLVE, XCREDIT_OUTBOX)
 
 SEQ = b"seq"  # META: the last sequence number handed out (wallet entries, notices, outbox)
 
@@ -48,6 +49,10 @@ def unbe64(raw: bytes) -> int:
 # -- accounts -------------------------------------------------------------------------
 # The one-letter prefixes are part of the stored format; the audit reads them back.
 WALLET, PENDING, ESCROW, CLEARING, HOLD = b"w:", b"p:", b"e:", b"c:", b"h:"
+# Inter-SET clearing (cluster mode): on the SET holding an envelope, x:<set> is what its
+# grabs owe the users of <set> (credits sent); on <set>, x:<that SET> goes negative by
+# what it received. The two sum to zero once every credit in flight has landed.
+INTERSET = b"x:"
 
 
 def wallet_account(user: bytes) -> bytes:
@@ -73,8 +78,12 @@ def hold_account(payment: bytes) -> bytes:
     return HOLD + payment
 
 
+def interset_account(set_name: bytes) -> bytes:
+    return INTERSET + set_name
+
+
 def may_go_negative(account: bytes) -> bool:
-    return account.startswith(CLEARING)
+    return account.startswith(CLEARING) or account.startswith(INTERSET)
 
 
 # -- transfer ids -----------------------------------------------------------------------

@@ -131,6 +131,22 @@ class GrabView:
     credited: bool
 
 
+class RemoteCredit(NamedTuple):
+    """A grab's credit for a user whose wallet lives on another SET (cluster mode).
+
+    ``transfer_id`` is the grab's credit transfer id: the envelope's SET booked it as
+    pending -> x:<home>, the home SET books the same id as x:<from> -> wallet, so a
+    credit delivered twice is applied once and reconcile can pair the two halves.
+    """
+
+    home: str             # the SET the user's wallet lives on
+    transfer_id: str
+    user_id: str
+    amount_fen: int
+    envelope_id: str
+    seq: int = 0          # its place on the sending SET's outbox (0 once received)
+
+
 class GrabFound(NamedTuple):
     """A user's grab of an envelope, read in one go with what a replay needs."""
 

@@ -15,6 +15,7 @@ from gateway.domain.model import (
     GrabView,
     Notice,
     Payment,
+    RemoteCredit,
     SendResult,
     UnlockResult,
     WalletEntry,
@@ -162,3 +163,13 @@ def expiry_due(tx: Tx, now_ms: int) -> bool:
     for key, _empty in tx.scan(keys.EXPIRY):
         return keys.unbe64(key) <= now_ms
     return False
+
+
+def remote_credits_due(tx: Tx, limit: int) -> list[RemoteCredit]:
+    """The relay's next credits for other SETs, oldest first."""
+    out: list[RemoteCredit] = []
+    for key, raw in tx.scan(keys.XCREDIT_OUTBOX):
+        out.append(records.unpack_xcredit(keys.unbe64(key), raw))
+        if len(out) >= limit:
+            break
+    return out

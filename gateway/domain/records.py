@@ -15,6 +15,7 @@ from gateway.domain.model import (
     Payment,
     PaymentKind,
     PaymentStatus,
+    RemoteCredit,
     SendResult,
     TxKind,
     UnlockResult,
@@ -22,6 +23,8 @@ from gateway.domain.model import (
 )
 
 GRAB_CREDITED = 1  # grab record flag: its credit reached the wallet
+
+_XCREDIT = struct.Struct("<q")  # amount; then home, transfer id, user, envelope, \0-separated
 
 _WTX = struct.Struct("<Bqq")  # kind, signed amount, created_at_ms
 _NOTE = struct.Struct("<Bqq")  # kind, amount_fen, created_at_ms
@@ -109,3 +112,14 @@ def unpack_payment(raw: bytes) -> tuple[Payment, bytes, int]:
     p = Payment(d["id"], d["u"], PaymentKind(d["k"]), d["c"], d["bk"], d["a"],
                 PaymentStatus(d["s"]), d["r"], d["t0"], d["t1"], d.get("e", ""), d.get("n", 0))
     return p, bytes.fromhex(d["fp"]), d.get("due", 0)
+
+
+def pack_xcredit(c: RemoteCredit) -> bytes:
+    return _XCREDIT.pack(c.amount_fen) + "\0".join(
+        (c.home, c.transfer_id, c.user_id, c.envelope_id)).encode()
+
+
+def unpack_xcredit(seq: int, raw: bytes) -> RemoteCredit:
+    (amount,) = _XCREDIT.unpack_from(raw)
+    home, tid, user, env = raw[_XCREDIT.size:].decode().split("\0")
+    return RemoteCredit(home, tid, user, amount, env, seq)

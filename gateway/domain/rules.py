@@ -37,6 +37,7 @@ from gateway.domain.model import (
     PaymentKind,
     PaymentStatus,
     PayMethod,
+    RemoteCredit,
     SendResult,
     TxKind,
     UnlockResult,
@@ -177,13 +178,45 @@ def credit_grab(b: Books, gkey: bytes) -> bool:
         return False  # delivered twice: already applied
     env, user = keys.split_grab_key(gkey)
     tid = keys.credit_tid(env, index)
-    b.move(tid, pending_account(user), wallet_account(user), amount, TxKind.ENVELOPE_CREDIT,
-           gkey)
-    b.wallet_entry(user, TxKind.ENVELOPE_CREDIT, amount, tid, env)
-    b.notify(user, NoticeKind.CREDITED, amount, envelope_id=env.decode())
+    home = b.away(user) if b.away is not None else None
+    if home is not None:
+        # The wallet lives on another SET: the credit leaves through inter-SET clearing
+        # and the relay's outbox, written in this same transaction.
+        b.move(tid, pending_account(user), keys.interset_account(home), amount,
+               TxKind.ENVELOPE_CREDIT, gkey)
+        b.publish_remote_credit(RemoteCredit(home.decode(), tid.decode(), user.decode(),
+                                             amount, env.decode()))
+    else:
+        b.move(tid, pending_account(user), wallet_account(user), amount,
+               TxKind.ENVELOPE_CREDIT, gkey)
+        b.wallet_entry(user, TxKind.ENVELOPE_CREDIT, amount, tid, env)
+        b.notify(user, NoticeKind.CREDITED, amount, envelope_id=env.decode())
     b.tx.put(keys.GRABS, gkey, hotpath.pack_grab(
         amount, at_ms, index, flags | records.GRAB_CREDITED, digest))
     return True
+
+
+def apply_remote_credits(b: Books, from_set: bytes, credits: list[RemoteCredit]) -> int:
+    """Credits that another SET's grabs owe users of this one: x:<from_set> -> wallet,
+    under the sender's transfer id, so a redelivered credit is applied once. Returns how
+    many were new."""
+    applied = 0
+    for c in credits:
+        tid = c.transfer_id.encode()
+        if b.tx.get(keys.TRANSFERS, tid) is not None:
+            continue   # delivered before
+        user, env = c.user_id.encode(), c.envelope_id.encode()
+        b.move(tid, keys.interset_account(from_set), wallet_account(user), c.amount_fen,
+               TxKind.ENVELOPE_CREDIT, env)
+        b.wallet_entry(user, TxKind.ENVELOPE_CREDIT, c.amount_fen, tid, env)
+        b.notify(user, NoticeKind.CREDITED, c.amount_fen, envelope_id=c.envelope_id)
+        applied += 1
+    return applied
+
+
+def remote_credits_sent(b: Books, seqs: list[int]) -> int:
+    """The relay has the stream's acknowledgement for these: off the outbox."""
+    return sum(b.tx.delete(keys.XCREDIT_OUTBOX, keys.be64(seq)) for seq in seqs)
 
 
 def apply_credits(b: Books, limit: int) -> int:

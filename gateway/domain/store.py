@@ -13,12 +13,12 @@ outbox) share one growing sequence.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import hotpath
 from gateway.domain import keys, records
-from gateway.domain.model import NOTICE_TEXT, NoticeKind
+from gateway.domain.model import NOTICE_TEXT, NoticeKind, RemoteCredit
 
 _be64 = keys.be64
 
@@ -72,11 +72,14 @@ def scan_prefix(tx: Tx, table: str, prefix: bytes, start: bytes | None = None
 class Books:
     """The state of one write transaction, as the money rules use it."""
 
-    __slots__ = ("accounts", "best_luck", "envelopes", "now_ms", "seq", "seq0", "tx")
+    __slots__ = ("accounts", "away", "best_luck", "envelopes", "now_ms", "seq", "seq0", "tx")
 
-    def __init__(self, tx: Tx, now_ms: int) -> None:
+    def __init__(self, tx: Tx, now_ms: int,
+                 away: Callable[[bytes], bytes | None] | None = None) -> None:
         self.tx = tx
         self.now_ms = now_ms
+        # Cluster mode: the SET a user's wallet lives on when it is not this one, else None.
+        self.away = away
         self.accounts: dict[bytes, int] = {}  # write-back cache
         self.envelopes: dict[bytes, bytes] = {}  # write-back cache
         self.best_luck: list[bytes] = []  # envelopes sold out in this transaction
@@ -132,6 +135,11 @@ class Books:
     def publish_credit(self, gkey: bytes) -> None:
         """Queues a grab for crediting; sequence numbers only grow, so it goes at the end."""
         self.tx.put(keys.CREDIT_OUTBOX, _be64(self.next_seq()), gkey, append=True)
+
+    def publish_remote_credit(self, credit: RemoteCredit) -> None:
+        """Queues a credit for the relay to another SET (cluster mode)."""
+        self.tx.put(keys.XCREDIT_OUTBOX, _be64(self.next_seq()), records.pack_xcredit(credit),
+                    append=True)
 
     def flush(self) -> None:
         """Writes the cached accounts and envelopes back; names best luck of sold-out ones."""

@@ -36,6 +36,7 @@ from gateway.domain.model import (
     Payment,
     PaymentBegun,
     PaymentStatus,
+    RemoteCredit,
     SendResult,
     UnlockResult,
     WalletPage,
@@ -185,6 +186,27 @@ class Ledger(abc.ABC):
     async def apply_credits(self, limit: int) -> int:
         """Applies up to ``limit`` pending grab credits to wallets, each exactly once."""
 
+    # -- cluster mode: credits between SETs ------------------------------------------
+
+    @abc.abstractmethod
+    def set_placement(self, away: Callable[[bytes], bytes | None] | None) -> None:
+        """Cluster mode: ``away(user)`` names the SET a user's wallet lives on when it is not
+        this one (None: here). A grab's credit for such a user goes to x:<set> and the relay's
+        outbox instead of the wallet. Called from the writer, so it must be fast and pure."""
+
+    @abc.abstractmethod
+    async def remote_credits_due(self, limit: int) -> list[RemoteCredit]:
+        """The relay's next credits for other SETs, oldest first."""
+
+    @abc.abstractmethod
+    async def remote_credits_sent(self, seqs: list[int]) -> int:
+        """Takes credits the stream acknowledged off the outbox."""
+
+    @abc.abstractmethod
+    async def apply_remote_credits(self, from_set: str, credits: list[RemoteCredit]) -> int:
+        """Credits another SET's grabs owe users of this one, each exactly once by its
+        transfer id; returns how many were new."""
+
     # -- operations ----------------------------------------------------------------
 
     @abc.abstractmethod
@@ -253,6 +275,22 @@ class BooksLedger(Ledger):
     def _now_ms(self) -> int:
         """The rules' notion of now (the memory backend's may be injected)."""
         return time.time_ns() // 1_000_000
+
+    _away: Callable[[bytes], bytes | None] | None = None
+
+    def set_placement(self, away):
+        self._away = away
+
+    async def remote_credits_due(self, limit):
+        return self.read(reads.remote_credits_due, limit)
+
+    async def remote_credits_sent(self, seqs):
+        return await self.write(rules.remote_credits_sent, seqs) if seqs else 0
+
+    async def apply_remote_credits(self, from_set, credits):
+        if not credits:
+            return 0
+        return await self.write(rules.apply_remote_credits, from_set.encode(), credits)
 
     # The two sweeps look before they write: an idle gateway commits nothing (in strict
     # durability every write transaction is an fsync). The write checks again.

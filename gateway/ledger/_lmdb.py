@@ -177,7 +177,7 @@ class LmdbLedger(_LmdbReads, BooksLedger):
         self.durable = durable
         dbs = self.dbs
         self._writer = GroupCommitWriter(
-            self.env, lambda txn, now_ms: Books(LmdbTx(txn, dbs), now_ms),
+            self.env, lambda txn, now_ms: Books(LmdbTx(txn, dbs), now_ms, self._away),
             max_batch=max_batch, max_wait_s=max_wait_s, queue_limit=queue_limit,
             clock_ms=clock_ms)
         self._clock_ms = self._writer._clock_ms

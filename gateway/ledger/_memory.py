@@ -168,7 +168,7 @@ class MemoryLedger(BooksLedger):
     def _commit(self, batch: list[_Request]) -> None:
         t0 = time.perf_counter()
         tx = MemoryTx(self._tables, writable=True)
-        books = Books(tx, self._clock_ms())
+        books = Books(tx, self._clock_ms(), self._away)
         try:
             results = run_batch(books, batch)
         except Exception as exc:  # a bug: undo the whole batch, fail it loudly
