@@ -1,0 +1,139 @@
+"""The accounting queue between SETs: stream ``HONGBAO_CREDITS``, its relay and consumer.
+
+- The stream: subjects ``credit.<set>``, file storage, 3 replicas on a 3-node cluster,
+  a 2-minute duplicate window.
+- :class:`CreditRelay` (on the SET holding envelopes): takes the ledger's outbox of
+  credits for users of other SETs, publishes each to ``credit.<home>`` with
+  ``Nats-Msg-Id`` = the credit's transfer id, and takes it off the outbox only after the
+  stream's PubAck. A relay killed between the two publishes again on restart; the
+  stream's duplicate window drops the copy, and if it did not, the consumer would.
+- :class:`CreditConsumer` (on every SET): a durable pull consumer ``credits-<set>`` on
+  ``credit.<set>``; applies a fetched batch in one ledger write (each credit once by its
+  transfer id, :meth:`Ledger.apply_remote_credits`) and acks only after that write is
+  durable. A consumer killed between the two gets the batch again and applies nothing
+  twice: the dedup window is a saving, the transfer id is the guarantee.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from typing import Any
+
+import structlog
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api
+from nats.js import errors as js_errors
+
+from gateway.domain.model import RemoteCredit
+from gateway.ledger import Ledger
+from gateway.loops import BackgroundLoop
+
+log = structlog.get_logger(__name__)
+
+STREAM = "HONGBAO_CREDITS"
+DUPLICATE_WINDOW_S = 120.0
+
+
+async def ensure_stream(js: Any, replicas: int) -> None:
+    """Creates the credit stream when it does not exist (the same settings every time)."""
+    config = api.StreamConfig(name=STREAM, subjects=["credit.>"],
+                              storage=api.StorageType.FILE, num_replicas=replicas,
+                              duplicate_window=DUPLICATE_WINDOW_S)
+    try:
+        await js.stream_info(STREAM)
+    except js_errors.NotFoundError:
+        await js.add_stream(config)
+
+
+def encode(from_set: str, c: RemoteCredit) -> bytes:
+    return json.dumps({"from": from_set, "tid": c.transfer_id, "user": c.user_id,
+                       "amount_fen": c.amount_fen, "envelope_id": c.envelope_id},
+                      separators=(",", ":")).encode()
+
+
+def decode(raw: bytes, home: str) -> tuple[str, RemoteCredit]:
+    d = json.loads(raw)
+    return d["from"], RemoteCredit(home, d["tid"], d["user"], int(d["amount_fen"]),
+                                   d["envelope_id"])
+
+
+class CreditRelay(BackgroundLoop):
+    """Outbox -> stream, acknowledged before it leaves the outbox."""
+
+    def __init__(self, ledger: Ledger, js: Any, set_name: str, *, batch: int = 256,
+                 idle_s: float = 0.05) -> None:
+        super().__init__()
+        self._ledger = ledger
+        self._js = js
+        self._set = set_name
+        self._batch = batch
+        self._idle_s = idle_s
+        self.published = 0
+
+    async def run(self) -> None:
+        while not self.stopping:
+            due = await self._ledger.remote_credits_due(self._batch)
+            if not due:
+                await self.pause(self._idle_s)
+                continue
+            try:
+                acks = await asyncio.gather(*(self._publish(c) for c in due))
+            except (TimeoutError, NatsTimeout, js_errors.Error) as err:
+                # Nothing leaves the outbox unacknowledged: the next pass publishes again
+                # under the same ids, and the stream keeps one copy.
+                log.warning("credit_relay_retry", error=repr(err), waiting=len(due))
+                await self.pause(0.5)
+                continue
+            await self._ledger.remote_credits_sent([c.seq for c in due])
+            self.published += sum(1 for ack in acks if not ack.duplicate)
+
+    async def _publish(self, c: RemoteCredit) -> Any:
+        return await self._js.publish(f"credit.{c.home}", encode(self._set, c), timeout=5.0,
+                                      stream=STREAM, headers={"Nats-Msg-Id": c.transfer_id})
+
+
+class CreditConsumer(BackgroundLoop):
+    """Stream -> this SET's wallets, acknowledged after the ledger's write."""
+
+    def __init__(self, ledger: Ledger, js: Any, set_name: str, *, batch: int = 256) -> None:
+        super().__init__()
+        self._ledger = ledger
+        self._js = js
+        self._set = set_name
+        self._batch = batch
+        self.applied = 0
+
+    async def run(self) -> None:
+        sub = await self._js.pull_subscribe(
+            f"credit.{self._set}", durable=f"credits-{self._set}", stream=STREAM,
+            config=api.ConsumerConfig(ack_wait=30.0, max_ack_pending=20_000))
+        while not self.stopping:
+            try:
+                msgs = await sub.fetch(self._batch, timeout=0.5)
+            except NatsTimeout:
+                continue
+            except js_errors.Error as err:
+                log.warning("credit_consumer_retry", error=repr(err))
+                await self.pause(0.5)
+                continue
+            by_sender: dict[str, list[RemoteCredit]] = defaultdict(list)
+            good = []
+            for m in msgs:
+                try:
+                    sender, credit = decode(m.data, self._set)
+                except (ValueError, KeyError, TypeError) as exc:
+                    # Not a credit: no SET wrote it. Kept in the stream for a look, never
+                    # redelivered, and loud.
+                    log.error("credit_message_refused", seq=m.metadata.sequence.stream,
+                              error=repr(exc))
+                    await m.term()
+                    continue
+                by_sender[sender].append(credit)
+                good.append(m)
+            msgs = good
+            for sender, credits in by_sender.items():
+                self.applied += await self._ledger.apply_remote_credits(sender, credits)
+            for m in msgs:
+                await m.ack()
