@@ -121,10 +121,16 @@ def test_concurrent_moves_both_land_by_compare_and_set(nats_cluster):
         try:
             js = [c.jetstream() for c in conns]
             before, _ = await mapstore.load(js[0])
-            await asyncio.gather(mapstore.move(js[0], list(range(100, 110)), "s2"),
-                                 mapstore.move(js[1], list(range(900, 910)), "s1"))
-            after, _ = await mapstore.load(js[0])
-            assert after.version == before.version + 2
+            # Twenty rounds: nats-server 2.9 can accept both of two racing compare-and-sets
+            # (nats-io/nats-server#4320); mapstore.move finds that and writes the merge.
+            for i in range(20):
+                a, b = ("s2", "s1") if i % 2 else ("s3", "s2")
+                await asyncio.gather(mapstore.move(js[0], list(range(100, 110)), a),
+                                     mapstore.move(js[1], list(range(900, 910)), b))
+                after, _ = await mapstore.load(js[0])
+                assert {after.owner(s) for s in range(100, 110)} == {a}, i
+                assert {after.owner(s) for s in range(900, 910)} == {b}, i
+            assert after.version >= before.version + 40
             return after
         finally:
             for c in conns:
@@ -132,7 +138,6 @@ def test_concurrent_moves_both_land_by_compare_and_set(nats_cluster):
 
     after = asyncio.run(scenario())
     assert {after.owner(s) for s in range(100, 110)} == {"s2"}
-    assert {after.owner(s) for s in range(900, 910)} == {"s1"}
 
 
 def test_the_map_survives_one_node_of_three_and_its_return(nats_cluster):

@@ -8,6 +8,7 @@ cannot overwrite each other (the second one reads the first one's map and retrie
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from nats.js import errors as js_errors
@@ -31,13 +32,19 @@ async def bucket(js: Any, replicas: int | None = None) -> Any:
 
 
 async def load(js: Any) -> tuple[SlotMap, int]:
-    """The current map and its entry revision."""
-    kv = await bucket(js)
+    """The current map and its entry revision, read from the bucket's stream leader.
+
+    Not the key-value ``get``: on a bucket with direct gets (nats-server 2.9 makes them the
+    default) any replica answers, and a follower a few milliseconds behind returns the
+    previous map, so a ``show`` right after a ``move`` could print the old one (seen in
+    tests/test_cluster_map.py). The leader's answer includes every acknowledged update.
+    """
+    await bucket(js)
     try:
-        entry = await kv.get(KEY)
-    except (js_errors.KeyNotFoundError, js_errors.KeyDeletedError):
+        msg = await js.get_last_msg(f"KV_{BUCKET}", f"$KV.{BUCKET}.{KEY}", direct=False)
+    except js_errors.NotFoundError:
         raise MapError("the cluster has no slot map yet: run `hongbao cluster init`") from None
-    return SlotMap.from_json(entry.value), entry.revision
+    return SlotMap.from_json(msg.data), msg.seq
 
 
 async def init(js: Any, slotmap: SlotMap, replicas: int) -> int:
@@ -52,17 +59,49 @@ async def init(js: Any, slotmap: SlotMap, replicas: int) -> int:
 
 
 async def move(js: Any, slots: list[int], to: str) -> SlotMap:
-    """Hands ``slots`` to SET ``to``: the next version, stored by compare-and-set."""
+    """Hands ``slots`` to SET ``to``: the next version, stored by compare-and-set.
+
+    nats-server 2.9 checks the expected revision of a clustered stream before the write's
+    consensus, not in it (nats-io/nats-server#4320, fixed in 2.9.21; Debian ships 2.9.10),
+    so two updates racing on the same revision can both be accepted, and the later one
+    would silently drop the earlier one's change (tests/test_cluster_map.py caught it).
+    So after writing, the writer looks at what landed between the revision it expected and
+    its own: if another update slipped in, it writes the merge (that update's map with
+    this move applied) on top of its own, again by compare-and-set. A move is idempotent,
+    so applying it again is always safe.
+    """
     kv = await bucket(js)
     for _ in range(_CAS_ATTEMPTS):
         current, revision = await load(js)
         new = current.moved(slots, to)
         try:
-            await kv.update(KEY, new.to_json(), last=revision)
-            return new
+            mine = await kv.update(KEY, new.to_json(), last=revision)
         except js_errors.KeyWrongLastSequenceError:
             continue   # somebody else changed it meanwhile: start from theirs
+        between = await _landed_between(js, revision, mine)
+        if not between:
+            return new
+        merged = SlotMap.from_json(between[-1]).moved(slots, to)
+        merged = dataclasses.replace(merged, version=max(merged.version, new.version) + 1)
+        try:
+            await kv.update(KEY, merged.to_json(), last=mine)
+            return merged
+        except js_errors.KeyWrongLastSequenceError:
+            continue   # a later writer again: take the newest map and apply the move to it
     raise MapError(f"the slot map kept changing under {_CAS_ATTEMPTS} attempts; try again")
+
+
+async def _landed_between(js: Any, after: int, before: int) -> list[bytes]:
+    """The map versions stored strictly between two revisions, oldest first (leader reads)."""
+    out = []
+    for seq in range(after + 1, before):
+        try:
+            msg = await js.get_msg(f"KV_{BUCKET}", seq, direct=False)
+        except js_errors.NotFoundError:
+            continue
+        if msg.subject == f"$KV.{BUCKET}.{KEY}" and msg.data:
+            out.append(msg.data)
+    return out
 
 
 async def history(js: Any) -> list[SlotMap]:
