@@ -1,7 +1,10 @@
 """The accounting queue between SETs: stream ``HONGBAO_CREDITS``, its relay and consumer.
 
 - The stream: subjects ``credit.<set>``, file storage, 3 replicas on a 3-node cluster,
-  a 2-minute duplicate window.
+  a 2-minute duplicate window, work-queue retention: a message stays until the home SET's
+  consumer acks it (kept while no consumer exists: a SET not started yet loses nothing),
+  so what the stream holds is exactly the credits in flight, which the cluster reconcile
+  reads. Work-queue consumers may not overlap: one durable per ``credit.<set>``.
 - :class:`CreditRelay` (on the SET holding envelopes): takes the ledger's outbox of
   credits for users of other SETs, publishes each to ``credit.<home>`` with
   ``Nats-Msg-Id`` = the credit's transfer id, and takes it off the outbox only after the
@@ -40,6 +43,7 @@ async def ensure_stream(js: Any, replicas: int) -> None:
     """Creates the credit stream when it does not exist (the same settings every time)."""
     config = api.StreamConfig(name=STREAM, subjects=["credit.>"],
                               storage=api.StorageType.FILE, num_replicas=replicas,
+                              retention=api.RetentionPolicy.WORK_QUEUE,
                               duplicate_window=DUPLICATE_WINDOW_S)
     try:
         await js.stream_info(STREAM)
@@ -124,10 +128,10 @@ class CreditConsumer(BackgroundLoop):
                 try:
                     sender, credit = decode(m.data, self._set)
                 except (ValueError, KeyError, TypeError) as exc:
-                    # Not a credit: no SET wrote it. Kept in the stream for a look, never
-                    # redelivered, and loud.
+                    # Not a credit: no SET wrote it. Logged loudly with its start, then
+                    # terminated (never redelivered; work-queue retention drops it).
                     log.error("credit_message_refused", seq=m.metadata.sequence.stream,
-                              error=repr(exc))
+                              error=repr(exc), data=m.data[:200].decode(errors="replace"))
                     await m.term()
                     continue
                 by_sender[sender].append(credit)
