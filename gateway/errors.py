@@ -70,6 +70,11 @@ class ResourceExhausted(GatewayError):
 class Unavailable(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
 
+    def __init__(self, reason: str, message: str = "", retry_after_ms: int = 0,
+                 **metadata: str) -> None:
+        super().__init__(reason, message, **metadata)
+        self.retry_after_ms = retry_after_ms
+
 
 class DeadlineExceeded(GatewayError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -101,8 +106,9 @@ def to_status(err: GatewayError) -> grpc.Status:
 
 
 def trailing_metadata(err: GatewayError) -> tuple[tuple[str, str], ...]:
-    """Extra trailers: the standard retry pushback for shed requests."""
-    if isinstance(err, ResourceExhausted) and err.retry_after_ms > 0:
+    """Extra trailers: the standard retry pushback for shed requests and for a SET that
+    is down or a slot that moved (UNAVAILABLE ``SET_DOWN``, ``WRONG_SLOT``)."""
+    if isinstance(err, (ResourceExhausted, Unavailable)) and err.retry_after_ms > 0:
         return (("grpc-retry-pushback-ms", str(err.retry_after_ms)),)
     return ()
 

@@ -21,6 +21,10 @@ class ClusterFileError(ValueError):
     pass
 
 
+class ClusterStartError(RuntimeError):
+    """A SET cannot join its cluster (no slot map, not in it, NATS unreachable)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     set_name: str

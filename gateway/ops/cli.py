@@ -13,7 +13,8 @@ _SCOPES_HELP = "comma-separated: pay,grab,read,batch,admin"
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--port", type=int, default=None,
+                   help="0 picks a free port (default 50051, or the cluster file's address)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--bank", metavar="HOST:PORT", help="the bank simulator")
@@ -33,6 +34,8 @@ def _serve_parser(sub) -> None:
                    "(mutual TLS; needs --tls-cert and --tls-key)")
     _bank_tls_arguments(p)
     p.add_argument("--config", type=Path, help="TOML settings (see gateway/config.py)")
+    p.add_argument("--cluster", type=Path, metavar="FILE",
+                   help="run as one SET of a cluster (TOML: set, address, nats)")
     p.add_argument("--log-level", default="info")
 
 
@@ -66,13 +69,17 @@ def _cmd_serve(args) -> int:
         return _fail("serve", err)
     if args.workers < 1:
         return _fail("serve", "--workers must be >= 1")
+    try:
+        port = _serve_port(args)
+    except ValueError as err:   # a bad cluster file: one line naming the key
+        return _fail("serve", err)
     opts = ServeOptions(
-        data_dir=args.data_dir, host=args.host, port=args.port, port_file=args.port_file,
+        data_dir=args.data_dir, host=args.host, port=port, port_file=args.port_file,
         bank=args.bank, workers=args.workers, worker_index=args.worker_index,
         metrics_port=args.metrics_port, key_file=args.key_file, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_ca=args.tls_ca, bank_tls_ca=args.bank_tls_ca,
         bank_tls_cert=args.bank_tls_cert, bank_tls_key=args.bank_tls_key,
-        reuse_port=args.reuse_port)
+        reuse_port=args.reuse_port, cluster_file=args.cluster)
     try:
         opts.check()
         if args.key_file is not None:
@@ -96,8 +103,24 @@ def _cmd_serve(args) -> int:
                 continue
             keep.append(a)
         return supervise(keep, opts)
-    run_loop(serve(settings, opts), settings.event_loop)
+    from gateway.cluster.config import ClusterStartError
+
+    try:
+        run_loop(serve(settings, opts), settings.event_loop)
+    except ClusterStartError as err:   # no slot map, not in it, NATS unreachable
+        return _fail("serve", err)
     return 0
+
+
+def _serve_port(args) -> int:
+    """``--port``; else, in cluster mode, the port of this SET's address in its cluster
+    file (other SETs and clients reach it there); else 50051."""
+    if args.cluster is None:
+        return 50051 if args.port is None else args.port
+    from gateway.cluster.config import ClusterConfig
+
+    config = ClusterConfig.load(args.cluster)
+    return int(config.address.rsplit(":", 1)[1]) if args.port is None else args.port
 
 
 def run_loop(main, event_loop: str) -> None:

@@ -31,6 +31,7 @@ from gateway.security import tickets
 from gateway.transport.interceptors.admission import AdmissionInterceptor
 from gateway.transport.interceptors.auth import AuthInterceptor
 from gateway.transport.interceptors.logging import LoggingInterceptor
+from gateway.transport.interceptors.routing import Peers, RoutingInterceptor
 from gateway.transport.metrics import Metrics
 from gateway.transport.role import BackgroundRole
 from gateway.usecases import (
@@ -65,6 +66,10 @@ class App:
     # Who runs the background loops among the workers of one data directory; None: this
     # process runs them unconditionally (tests, a single embedded worker).
     role: BackgroundRole | None = None
+    # Cluster mode: this SET's view of the cluster (gateway.cluster.node.ClusterNode) and
+    # the channels its routing forwards on; None in the embedded mode.
+    cluster: Any = None
+    peers: Peers | None = None
     _tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
     _role_task: asyncio.Task | None = None
 
@@ -102,6 +107,10 @@ class App:
             await self.butler.close()
         if self.bank is not None:
             await self.bank.close()
+        if self.peers is not None:
+            await self.peers.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         self.ledger.close()
 
 
@@ -141,9 +150,12 @@ def build_governor(settings: Settings, ledger: Ledger, butler: PaymentButler | N
 def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
               bank_target: str | None = None, run_background: bool = True,
               bank_credentials: grpc.ChannelCredentials | None = None,
-              role: BackgroundRole | None = None) -> App:
+              role: BackgroundRole | None = None, cluster: Any = None) -> App:
     """Wires one worker; ``run_background`` builds the background loops (they start when
-    the worker holds the background role, see ``role.py``)."""
+    the worker holds the background role, see ``role.py``). ``cluster`` (a started
+    ``gateway.cluster.node.ClusterNode``) makes the worker one of a SET: the ledger learns
+    where wallets live, the relay and the credit consumer of the stream join the
+    background loops, and calls for other SETs' slots are routed to them."""
     pressure = Pressure(free_step=settings.unlock_free_step,
                         noncore_floor_share=settings.noncore_floor_share,
                         pushback_ms=settings.qos_retry_pushback_ms)
@@ -185,9 +197,17 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
                     AuthInterceptor(keyring)]
     if credit is not None:
         gateway.grabbing.on_credit = credit.wake
+    peers = None
+    if cluster is not None:
+        ledger.set_placement(cluster.away)
+        if run_background:
+            background += cluster.loops(ledger)
+        peers = Peers()
+        interceptors.append(RoutingInterceptor(cluster, peers,
+                                               pushback_ms=settings.qos_retry_pushback_ms))
     app = App(settings, keyring, ledger, gateway, bank, butler, credit, background,
               interceptors, pressure, governor, metrics,
               health.aio.HealthServicer(),  # type: ignore[attr-defined]
-              role)
+              role, cluster, peers)
     gateway.operations.runs_consumers = app.runs_background
     return app

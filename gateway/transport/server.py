@@ -34,6 +34,7 @@ from gateway.transport.role import BackgroundRole
 from gateway.transport.servicers._boundary import register
 from gateway.transport.servicers.admin import AdminServicer
 from gateway.transport.servicers.auth import AuthServicer
+from gateway.transport.servicers.cluster import ClusterServicer
 from gateway.transport.servicers.envelope import EnvelopeServicer
 from gateway.transport.servicers.moments import MomentsServicer
 from gateway.transport.servicers.notification import NotificationServicer
@@ -41,6 +42,7 @@ from gateway.transport.servicers.wallet import WalletServicer
 from hongbao.v1 import (
     admin_pb2,
     auth_pb2,
+    cluster_pb2,
     envelope_pb2,
     moments_pb2,
     notification_pb2,
@@ -57,6 +59,7 @@ SERVICE_NAMES = (
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
+CLUSTER_SERVICE = cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name
 
 
 @dataclasses.dataclass(slots=True)
@@ -77,6 +80,7 @@ class ServeOptions:
     bank_tls_cert: Path | None = None
     bank_tls_key: Path | None = None
     reuse_port: bool = False
+    cluster_file: Path | None = None
 
     def check(self) -> None:
         """Raises TlsConfigError (one line) for an incomplete or unreadable TLS flag set."""
@@ -105,9 +109,14 @@ def _grpc_server(app: App, opts: ServeOptions) -> tuple[grpc.aio.Server, int, bo
             (auth_pb2, "AuthService", AuthServicer(app.keyring)),
             (admin_pb2, "AdminService", AdminServicer(gw.operations))):
         register(server, pb2.DESCRIPTOR.services_by_name[name], servicer)
+    names: tuple[str, ...] = SERVICE_NAMES
+    if app.cluster is not None:
+        register(server, cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
+                 ClusterServicer(app.cluster.name, lambda: app.cluster.map))
+        names = (*SERVICE_NAMES, CLUSTER_SERVICE)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     reflection.enable_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, *reflection.SERVICE_NAMES), server)
+        (*names, health.SERVICE_NAME, *reflection.SERVICE_NAMES), server)
     address = f"{opts.host}:{opts.port}"
     creds = tls.server_credentials(opts.tls_cert, opts.tls_key, opts.tls_ca)
     port = (server.add_secure_port(address, creds) if creds
@@ -123,6 +132,16 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
+async def _join_cluster(path: Path):
+    """The started ``ClusterNode`` of this SET (NATS imported only in cluster mode)."""
+    from gateway.cluster.config import ClusterConfig
+    from gateway.cluster.node import ClusterNode
+
+    node = ClusterNode(ClusterConfig.load(path))
+    await node.start()
+    return node
+
+
 async def serve(settings: Settings, opts: ServeOptions) -> None:
     """Runs one worker until SIGTERM/SIGINT, then shuts down gracefully."""
     opts.data_dir.mkdir(parents=True, exist_ok=True)
@@ -131,12 +150,14 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
     sys.setswitchinterval(settings.switch_interval_ms / 1000)
     keyring = (tickets.KeyRing.from_file(opts.key_file) if opts.key_file
                else tickets.KeyRing.load_or_create(opts.data_dir))
+    node = await _join_cluster(opts.cluster_file) if opts.cluster_file else None
     app = build_app(settings, keyring, open_ledger(settings, opts.data_dir),
                     bank_target=opts.bank, bank_credentials=opts.bank_credentials(),
-                    role=BackgroundRole(opts.data_dir / "run" / "background.lock"))
+                    role=BackgroundRole(opts.data_dir / "run" / "background.lock"),
+                    cluster=node)
     server, port, secure = _grpc_server(app, opts)
     await server.start()
-    for name in ("", *SERVICE_NAMES):
+    for name in ("", *SERVICE_NAMES, *((CLUSTER_SERVICE,) if node else ())):
         await app.health.set(name, health_pb2.HealthCheckResponse.SERVING)
     app.start_background()
     metrics = None
@@ -151,6 +172,7 @@ async def serve(settings: Settings, opts: ServeOptions) -> None:
              hotpath=hotpath.IMPLEMENTATION, durability=settings.durability,
              bank=opts.bank or "", tls=secure, mtls=secure and opts.tls_ca is not None,
              bank_tls=opts.bank_tls_ca is not None, pid=os.getpid(),
+             set=node.name if node else "", map_version=node.version if node else 0,
              event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
     await _wait_for_signal()
 

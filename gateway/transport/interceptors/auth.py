@@ -75,6 +75,8 @@ METHOD_SCOPES: Mapping[str, str] = MappingProxyType({
 SERVICE_SCOPES: Mapping[str, str] = MappingProxyType({
     "/hongbao.v1.AdminService/": "admin",
     "/grpc.health.v1.Health/": EXEMPT,
+    # The slot map (cluster mode): the addresses a client connects to anyway.
+    "/hongbao.v1.ClusterService/": EXEMPT,
     "/grpc.reflection.v1alpha.ServerReflection/": EXEMPT,
     "/grpc.reflection.v1.ServerReflection/": EXEMPT,
 })

@@ -1,0 +1,141 @@
+"""A whole cluster of real processes on loopback: 3 ``nats-server`` nodes, a bank simulator
+and K SETs (``hongbao serve --cluster FILE``), for tests, ``make cluster``, the benchmark
+and the demo.
+
+Each SET gets a free port picked at construction and kept across restarts (its address is
+in the slot map), its own data directory and cluster file. The SETs share one ticket key
+file, as the SETs of a real cluster must: a forwarded call carries the caller's ticket and
+the owner verifies it again. Every process is stopped by its pid (``gateway.ops.procs``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway.ops.natsproc import NatsCluster
+from gateway.ops.procs import Proc, banksim_proc, free_port
+from gateway.security import tickets
+
+
+class SetProc:
+    """One SET: a ``hongbao serve --cluster`` process group on a fixed port."""
+
+    def __init__(self, root: Path, name: str, nats_urls: list[str], key_file: Path,
+                 bank: str | None, extra: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.port = free_port()
+        self.data_dir = root / name
+        self.cluster_file = root / f"{name}.toml"
+        self.log = root / f"{name}.log"
+        self.key_file = key_file
+        self.bank = bank
+        self.extra = extra
+        self.proc: Proc | None = None
+        urls = ", ".join(f'"{u}"' for u in nats_urls)
+        self.cluster_file.write_text(
+            f'set = "{name}"\naddress = "127.0.0.1:{self.port}"\nnats = [{urls}]\n')
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "gateway.ops.cli", "serve", "--cluster",
+               str(self.cluster_file), "--data-dir", str(self.data_dir), "--key-file",
+               str(self.key_file), "--port-file", str(self.data_dir / "gateway.port"),
+               *self.extra]
+        return cmd + (["--bank", self.bank] if self.bank else [])
+
+    def start(self, timeout_s: float = 60.0) -> SetProc:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = Proc(self.command(), self.data_dir / "gateway.port", self.log)
+        self.proc.start(timeout_s)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+
+    @property
+    def running(self) -> bool:
+        return (self.proc is not None and self.proc.popen is not None
+                and self.proc.popen.poll() is None)
+
+
+class LocalCluster:
+    """``sets`` SETs named s1..sK over a 3-node JetStream cluster, with a bank simulator."""
+
+    def __init__(self, root: Path, sets: int = 3, *, bank: bool = True,
+                 set_args: tuple[str, ...] = (), bank_args: tuple[str, ...] = ()) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.nats = NatsCluster(root / "nats")
+        self.bank = banksim_proc(root / "bank", *bank_args, log_path=root / "banksim.log") \
+            if bank else None
+        ring = tickets.KeyRing.load_or_create(root / "keys")
+        self.key_file = root / "keys" / "ticket_keys.json"
+        self._ring = ring
+        self._set_args = set_args
+        self.sets: dict[str, SetProc] = {}
+        self._count = sets
+
+    def start(self) -> LocalCluster:
+        try:
+            self.nats.start()
+            if self.bank is not None:
+                self.bank.start()
+            bank = self.bank.target if self.bank is not None else None
+            for i in range(self._count):
+                name = f"s{i + 1}"
+                self.sets[name] = SetProc(self.root, name, self.nats.urls, self.key_file,
+                                          bank, self._set_args)
+            self.init_map()
+            for s in self.sets.values():
+                s.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def init_map(self) -> None:
+        """``hongbao cluster init`` over the SETs, through the real command."""
+        cmd = [sys.executable, "-m", "gateway.ops.cli", "cluster", "init", "--nats",
+               ",".join(self.nats.urls)]
+        for s in self.sets.values():
+            cmd += ["--set", f"{s.name}={s.address}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"cluster init failed: {done.stderr.strip()}")
+
+    def ticket(self, user: str, scopes: tuple[str, ...] = ("pay", "grab", "read"),
+               ttl_s: int = 3600) -> str:
+        return tickets.mint(self._ring, user, list(scopes), ttl_s)[0]
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {name: s.address for name, s in self.sets.items()}
+
+    def reconcile_set(self, name: str) -> subprocess.CompletedProcess:
+        """One SET's own books (``hongbao reconcile --data-dir``)."""
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.ops.cli", "reconcile", "--data-dir",
+             str(self.sets[name].data_dir)], capture_output=True, text=True, timeout=120)
+
+    def stop(self) -> None:
+        for s in self.sets.values():
+            s.stop()
+        if self.bank is not None:
+            self.bank.stop()
+        self.nats.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
