@@ -29,7 +29,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js import errors as js_errors
 
-from gateway.domain.model import RemoteCredit
+from gateway.domain.model import CreditKind, RemoteCredit
 from gateway.ledger import Ledger
 from gateway.loops import BackgroundLoop
 
@@ -52,15 +52,40 @@ async def ensure_stream(js: Any, replicas: int) -> None:
 
 
 def encode(from_set: str, c: RemoteCredit) -> bytes:
-    return json.dumps({"from": from_set, "tid": c.transfer_id, "user": c.user_id,
-                       "amount_fen": c.amount_fen, "envelope_id": c.envelope_id},
-                      separators=(",", ":")).encode()
+    """One credit as the stream carries it (JSON).
+
+    The reference id travels under its first name, ``envelope_id``, whatever the kind:
+    a consumer from before photo credits then books a photo income as an envelope credit
+    (the right wallet and amount, once by its transfer id) instead of refusing it, which
+    would strand the money on x: accounts. ``kind`` and, for a photo income,
+    ``photo_id`` came later.
+    """
+    d = {"from": from_set, "tid": c.transfer_id, "user": c.user_id,
+         "amount_fen": c.amount_fen, "envelope_id": c.reference_id, "kind": str(c.kind)}
+    if c.kind == CreditKind.PHOTO_INCOME:
+        d["photo_id"] = c.photo_id
+    return json.dumps(d, separators=(",", ":")).encode()
 
 
 def decode(raw: bytes, home: str) -> tuple[str, RemoteCredit]:
+    """The sending SET and the credit; a message without ``kind`` (written before photo
+    credits) is a grab's. Anything that is not a credit raises ValueError, KeyError or
+    TypeError, before it could reach the books."""
     d = json.loads(raw)
-    return d["from"], RemoteCredit(home, d["tid"], d["user"], int(d["amount_fen"]),
-                                   d["envelope_id"])
+    kind = CreditKind(d.get("kind", CreditKind.GRAB))
+    amount = d["amount_fen"]
+    if type(amount) is not int or amount <= 0:  # no float, bool or text touches money
+        raise ValueError(f"amount_fen {amount!r} is not a positive integer")
+    photo = _text(d, "photo_id") if kind == CreditKind.PHOTO_INCOME else ""
+    return _text(d, "from"), RemoteCredit(home, _text(d, "tid"), _text(d, "user"), amount,
+                                          _text(d, "envelope_id"), kind, photo)
+
+
+def _text(d: dict, key: str) -> str:
+    value = d[key]
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} {value!r} is not a non-empty string")
+    return value
 
 
 class CreditRelay(BackgroundLoop):

@@ -15,7 +15,14 @@ beside a live gateway. Checks:
    transfer, every withdrawal holds, pays out or returns exactly its amount,
    and each bank's clearing account equals what its settled payments say;
    every paid photo unlock has exactly one transfer, of its amount, from the
-   viewer's wallet to the owner's, and every unlock transfer has its unlock.
+   viewer's wallet to the owner's (or, when the owner's wallet lives on another
+   SET, to ``x:<that SET>``), and every unlock transfer has its unlock, but for
+   the photo incomes another SET's unlocks sent here (``x:<from>`` -> a wallet).
+
+In cluster mode each SET balances on its own: the ``x:<set>`` accounts carry
+what crossed to or from each other SET (grab shares and photo incomes alike),
+reported as ``totals["interset_fen"]``; summed over the SETs' reports they are
+the credits still in flight, zero once all have landed.
 
 The bank cross-check (check 6) needs the bank and lives with the bank link's
 users (``gateway.ops.reconcile``).
@@ -87,10 +94,12 @@ class _Snapshot:
     outbox: set[bytes]  # grab keys waiting on the credit outbox
     envelopes: list[tuple[bytes, bytes]]
     payments: list[Payment]
-    # Paid photo unlocks (unlock tid -> amount, viewer's wallet, owner's wallet) as the
-    # unlock records say, and the unlock transfers as the journal says (same shape).
+    # Paid photo unlocks (unlock tid -> amount, viewer's wallet, owner's wallet or x:<home>)
+    # as the unlock records say, and the unlock transfers as the journal says (same shape).
     unlocks: dict[bytes, tuple[int, bytes, bytes]]
     unlock_moves: dict[bytes, tuple[int, bytes, bytes]]
+    # Photo incomes other SETs' unlocks sent here: unlock tid -> (amount, x:<from>, wallet).
+    photo_credits_in: dict[bytes, tuple[int, bytes, bytes]]
 
 
 def _read(tx: Tx) -> _Snapshot:
@@ -98,13 +107,17 @@ def _read(tx: Tx) -> _Snapshot:
     replay: dict[bytes, int] = defaultdict(int)
     transfers: dict[bytes, int] = {}
     unlock_moves: dict[bytes, tuple[int, bytes, bytes]] = {}
+    photo_credits_in: dict[bytes, tuple[int, bytes, bytes]] = {}
     for tid, raw in tx.scan(keys.TRANSFERS):
         amount, _at, _kind, debit, credit, _ref = hotpath.unpack_transfer(raw)
         replay[debit] -= amount
         replay[credit] += amount
         transfers[tid] = amount
         if tid.startswith(keys.UNLOCK_TID):
-            unlock_moves[tid] = (amount, debit, credit)
+            # The receiving half of another SET's unlock starts from inter-SET clearing;
+            # an unlock of this SET starts from the viewer's wallet.
+            into = photo_credits_in if debit.startswith(keys.INTERSET) else unlock_moves
+            into[tid] = (amount, debit, credit)
     grabs_by_env: dict[bytes, list[tuple[bytes, tuple]]] = defaultdict(list)
     for key, raw in tx.scan(keys.GRABS):
         env, user = keys.split_grab_key(key)
@@ -114,7 +127,7 @@ def _read(tx: Tx) -> _Snapshot:
         {gkey for _seq, gkey in tx.scan(keys.CREDIT_OUTBOX)},
         list(tx.scan(keys.ENVELOPES)),
         [records.unpack_payment(raw)[0] for _k, raw in tx.scan(keys.PAYMENTS)],
-        _read_unlocks(tx), unlock_moves)
+        _read_unlocks(tx), unlock_moves, photo_credits_in)
 
 
 def _read_unlocks(tx: Tx) -> dict[bytes, tuple[int, bytes, bytes]]:
@@ -122,9 +135,11 @@ def _read_unlocks(tx: Tx) -> dict[bytes, tuple[int, bytes, bytes]]:
     for key, raw in scan_prefix(tx, keys.IDEM, keys.UNLOCK_IDEM):
         viewer, _rid = keys.split_unlock_idem_key(key)
         _fp, result, owner_id, _photo = records.unpack_unlock(raw)
+        home = records.unlock_home(raw)
+        to = (keys.wallet_account(owner_id.encode()) if home is None
+              else keys.interset_account(home.encode()))
         out[keys.unlock_tid(result.payment_id.encode())] = (
-            result.amount_fen, keys.wallet_account(viewer),
-            keys.wallet_account(owner_id.encode()))
+            result.amount_fen, keys.wallet_account(viewer), to)
     return out
 
 
@@ -145,6 +160,8 @@ def audit(tx: Tx) -> Report:
         "clearing_in_fen": sum(clearing_in.values()), "payments": len(s.payments),
         "payments_by_status": _by_status(s.payments),
         "unlocks": len(s.unlocks), "unlock_fen": unlock_fen,
+        "photo_credits_in": len(s.photo_credits_in),
+        "photo_credits_in_fen": sum(m[0] for m in s.photo_credits_in.values()),
         "interset_fen": {k[len(keys.INTERSET):].decode(): v for k, v in accounts.items()
                          if k.startswith(keys.INTERSET)},
         "remote_credits_waiting": _check_remote_outbox(r, tx, s),
@@ -331,4 +348,8 @@ def _check_unlocks(r: Report, s: _Snapshot) -> int:
                   f"{'is missing' if moved is None else 'moves ' + text(moved)}")
     for tid in s.unlock_moves.keys() - s.unlocks.keys():
         r.bad(f"transfer {tid.decode()} belongs to no photo unlock")
+    for tid, move in s.photo_credits_in.items():
+        if not move[2].startswith(keys.WALLET):
+            r.bad(f"photo income {tid.decode()} from another SET should reach a wallet; "
+                  f"it moves {text(move)}")
     return sum(amount for amount, _debit, _credit in s.unlocks.values())

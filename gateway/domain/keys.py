@@ -49,9 +49,9 @@ def unbe64(raw: bytes) -> int:
 # -- accounts -------------------------------------------------------------------------
 # The one-letter prefixes are part of the stored format; the audit reads them back.
 WALLET, PENDING, ESCROW, CLEARING, HOLD = b"w:", b"p:", b"e:", b"c:", b"h:"
-# Inter-SET clearing (cluster mode): on the SET holding an envelope, x:<set> is what its
-# grabs owe the users of <set> (credits sent); on <set>, x:<that SET> goes negative by
-# what it received. The two sum to zero once every credit in flight has landed.
+# Inter-SET clearing (cluster mode): on a SET, x:<set> is what its grabs and photo unlocks
+# owe the users of <set> (credits sent); on <set>, x:<that SET> goes negative by what it
+# received. The two sum to zero once every credit in flight has landed.
 INTERSET = b"x:"
 
 
@@ -132,7 +132,8 @@ UNLOCK_TID = b"u:"
 
 
 def unlock_tid(unlock: bytes) -> bytes:
-    """Viewer's wallet -> owner's wallet, for a paid Moments photo unlock."""
+    """Viewer's wallet -> owner's wallet, for a paid Moments photo unlock (cluster mode, an
+    owner of another SET: viewer's wallet -> x:<home> here, x:<from> -> owner's wallet there)."""
     return UNLOCK_TID + unlock
 
 

@@ -131,19 +131,33 @@ class GrabView:
     credited: bool
 
 
-class RemoteCredit(NamedTuple):
-    """A grab's credit for a user whose wallet lives on another SET (cluster mode).
+class CreditKind(enum.StrEnum):
+    """What a credit between SETs pays for; the value is what its records and messages carry."""
 
-    ``transfer_id`` is the grab's credit transfer id: the envelope's SET booked it as
-    pending -> x:<home>, the home SET books the same id as x:<from> -> wallet, so a
-    credit delivered twice is applied once and reconcile can pair the two halves.
+    GRAB = "grab"  # a grab's share for a user of another SET
+    PHOTO_INCOME = "photo_income"  # a paid photo unlock for an owner of another SET
+
+
+class RemoteCredit(NamedTuple):
+    """A credit for a user whose wallet lives on another SET (cluster mode).
+
+    ``transfer_id`` is the transfer the sending SET booked as <source> -> x:<home>: a
+    grab's credit (pending -> x:<home>) or a photo unlock (viewer's wallet -> x:<home>).
+    The home SET books the same id as x:<from> -> wallet, so a credit delivered twice is
+    applied once and reconcile can pair the two halves.
+
+    ``reference_id`` is what the wallet entry refers to, as it would on one SET: the
+    envelope of a grab, the unlock's payment id of a photo income (whose ``photo_id``
+    the owner's notification names).
     """
 
     home: str             # the SET the user's wallet lives on
     transfer_id: str
     user_id: str
     amount_fen: int
-    envelope_id: str
+    reference_id: str
+    kind: CreditKind = CreditKind.GRAB
+    photo_id: str = ""    # PHOTO_INCOME only
     seq: int = 0          # its place on the sending SET's outbox (0 once received)
 
 

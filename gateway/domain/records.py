@@ -11,6 +11,7 @@ import json
 import struct
 
 from gateway.domain.model import (
+    CreditKind,
     Notice,
     Payment,
     PaymentKind,
@@ -24,7 +25,10 @@ from gateway.domain.model import (
 
 GRAB_CREDITED = 1  # grab record flag: its credit reached the wallet
 
-_XCREDIT = struct.Struct("<q")  # amount; then home, transfer id, user, envelope, \0-separated
+# A remote credit: the amount, then home, transfer id, user and reference id, \0-separated;
+# a photo income adds its kind and photo id (a grab's record is as it was before photo
+# credits, so records already queued read back as grabs).
+_XCREDIT = struct.Struct("<q")
 
 _WTX = struct.Struct("<Bqq")  # kind, signed amount, created_at_ms
 _NOTE = struct.Struct("<Bqq")  # kind, amount_fen, created_at_ms
@@ -84,17 +88,27 @@ def unpack_send_result(raw: bytes) -> tuple[bytes, SendResult]:
     return raw[:16], SendResult(env_id, status, paid_via, payment_id)
 
 
-def pack_unlock(fp: bytes, r: UnlockResult, owner_id: str, photo_id: str) -> bytes:
-    """A paid unlock's idempotency record: the fingerprint, then result, owner and photo."""
+def pack_unlock(fp: bytes, r: UnlockResult, owner_id: str, photo_id: str,
+                home: str | None = None) -> bytes:
+    """A paid unlock's idempotency record: the fingerprint, then result, owner and photo,
+    and the owner's SET when their wallet lived on another one (cluster mode)."""
     assert len(fp) == 16 and not r.free, (fp, r)
-    return fp + json.dumps([r.payment_id, r.amount_fen, owner_id, photo_id],
-                           separators=_COMPACT).encode()
+    fields: list[object] = [r.payment_id, r.amount_fen, owner_id, photo_id]
+    if home is not None:
+        fields.append(home)
+    return fp + json.dumps(fields, separators=_COMPACT).encode()
 
 
 def unpack_unlock(raw: bytes) -> tuple[bytes, UnlockResult, str, str]:
     """The fingerprint, the result, the owner and the photo of an unlock record."""
-    payment_id, amount_fen, owner_id, photo_id = json.loads(raw[16:])
+    payment_id, amount_fen, owner_id, photo_id = json.loads(raw[16:])[:4]
     return raw[:16], UnlockResult(payment_id, amount_fen, False), owner_id, photo_id
+
+
+def unlock_home(raw: bytes) -> str | None:
+    """The SET an unlock record paid the owner on, or None: their wallet was on this one."""
+    fields = json.loads(raw[16:])
+    return fields[4] if len(fields) > 4 else None
 
 
 def pack_payment(p: Payment, fingerprint: bytes, due_ms: int = 0) -> bytes:
@@ -115,11 +129,16 @@ def unpack_payment(raw: bytes) -> tuple[Payment, bytes, int]:
 
 
 def pack_xcredit(c: RemoteCredit) -> bytes:
-    return _XCREDIT.pack(c.amount_fen) + "\0".join(
-        (c.home, c.transfer_id, c.user_id, c.envelope_id)).encode()
+    parts = [c.home, c.transfer_id, c.user_id, c.reference_id]
+    if c.kind != CreditKind.GRAB:
+        parts += [str(c.kind), c.photo_id]
+    return _XCREDIT.pack(c.amount_fen) + "\0".join(parts).encode()
 
 
 def unpack_xcredit(seq: int, raw: bytes) -> RemoteCredit:
     (amount,) = _XCREDIT.unpack_from(raw)
-    home, tid, user, env = raw[_XCREDIT.size:].decode().split("\0")
-    return RemoteCredit(home, tid, user, amount, env, seq)
+    home, tid, user, ref, *rest = raw[_XCREDIT.size:].decode().split("\0")
+    if not rest:
+        return RemoteCredit(home, tid, user, amount, ref, seq=seq)
+    kind, photo = rest
+    return RemoteCredit(home, tid, user, amount, ref, CreditKind(kind), photo, seq)

@@ -28,6 +28,7 @@ from gateway.domain.keys import (
 )
 from gateway.domain.model import (
     CardEnvelope,
+    CreditKind,
     EnvelopeStatus,
     GrabOutcome,
     GrabResult,
@@ -189,27 +190,39 @@ def credit_grab(b: Books, gkey: bytes) -> bool:
     else:
         b.move(tid, pending_account(user), wallet_account(user), amount,
                TxKind.ENVELOPE_CREDIT, gkey)
-        b.wallet_entry(user, TxKind.ENVELOPE_CREDIT, amount, tid, env)
-        b.notify(user, NoticeKind.CREDITED, amount, envelope_id=env.decode())
+        _share_landed(b, user, tid, env, amount)
     b.tx.put(keys.GRABS, gkey, hotpath.pack_grab(
         amount, at_ms, index, flags | records.GRAB_CREDITED, digest))
     return True
 
 
+def _share_landed(b: Books, user: bytes, tid: bytes, env: bytes, amount_fen: int) -> None:
+    """A grab's share reached the wallet: its entry and the CREDITED event."""
+    b.wallet_entry(user, TxKind.ENVELOPE_CREDIT, amount_fen, tid, env)
+    b.notify(user, NoticeKind.CREDITED, amount_fen, envelope_id=env.decode())
+
+
 def apply_remote_credits(b: Books, from_set: bytes, credits: list[RemoteCredit]) -> int:
-    """Credits that another SET's grabs owe users of this one: x:<from_set> -> wallet,
-    under the sender's transfer id, so a redelivered credit is applied once. Returns how
-    many were new."""
+    """Credits that another SET owes users of this one (grab shares, photo incomes):
+    x:<from_set> -> wallet, under the sender's transfer id, so a redelivered credit is
+    applied once. The wallet entry and the event are those the credit would have had on
+    one SET. Returns how many were new."""
     applied = 0
     for c in credits:
         tid = c.transfer_id.encode()
         if b.tx.get(keys.TRANSFERS, tid) is not None:
             continue   # delivered before
-        user, env = c.user_id.encode(), c.envelope_id.encode()
-        b.move(tid, keys.interset_account(from_set), wallet_account(user), c.amount_fen,
-               TxKind.ENVELOPE_CREDIT, env)
-        b.wallet_entry(user, TxKind.ENVELOPE_CREDIT, c.amount_fen, tid, env)
-        b.notify(user, NoticeKind.CREDITED, c.amount_fen, envelope_id=c.envelope_id)
+        user, ref = c.user_id.encode(), c.reference_id.encode()
+        if c.kind == CreditKind.PHOTO_INCOME:
+            assert c.photo_id, c
+            b.move(tid, keys.interset_account(from_set), wallet_account(user), c.amount_fen,
+                   TxKind.PHOTO_UNLOCK, ref)
+            _photo_income(b, user, tid, ref, c.amount_fen, c.photo_id)
+        else:
+            assert c.kind == CreditKind.GRAB, c
+            b.move(tid, keys.interset_account(from_set), wallet_account(user), c.amount_fen,
+                   TxKind.ENVELOPE_CREDIT, ref)
+            _share_landed(b, user, tid, ref, c.amount_fen)
         applied += 1
     return applied
 
@@ -435,6 +448,10 @@ def unlock_photo(b: Books, viewer: bytes, rid: bytes, fingerprint: bytes, owner:
     confirmation, as with a balance-paid send. The owner's wallet opens on
     its first credit. A retry returns the saved result; the same request id
     with another photo or owner is refused.
+
+    In cluster mode, when the owner's wallet lives on another SET, the transfer
+    goes to ``x:<home>`` instead and the owner's half (entry and event) is
+    booked there, once, from the remote credit written here.
     """
     idem_key = keys.unlock_idem_key(viewer, rid)
     raw = b.tx.get(keys.IDEM, idem_key)
@@ -452,12 +469,30 @@ def unlock_photo(b: Books, viewer: bytes, rid: bytes, fingerprint: bytes, owner:
     unlock_id = keys.unlock_id(viewer.decode(), rid.decode(), free=False)
     ref = unlock_id.encode()
     tid = keys.unlock_tid(ref)
-    b.move(tid, wallet, wallet_account(owner), amount_fen, TxKind.PHOTO_UNLOCK, ref)
+    home = b.away(owner) if b.away is not None else None
+    # An owner whose wallet lives on another SET is paid through inter-SET clearing and
+    # the relay's outbox, in this same transaction; their SET books the owner's entry and
+    # event when it applies the credit (apply_remote_credits), under this transfer id.
+    to = wallet_account(owner) if home is None else keys.interset_account(home)
+    b.move(tid, wallet, to, amount_fen, TxKind.PHOTO_UNLOCK, ref)
     b.wallet_entry(viewer, TxKind.PHOTO_UNLOCK, -amount_fen, tid, ref)
-    b.wallet_entry(owner, TxKind.PHOTO_INCOME, amount_fen, tid, ref)
-    b.notify(owner, NoticeKind.CREDITED, amount_fen, payment_id=unlock_id,
-             message=photo_income_text(photo_id))
+    if home is None:
+        _photo_income(b, owner, tid, ref, amount_fen, photo_id)
+    else:
+        b.publish_remote_credit(RemoteCredit(home.decode(), tid.decode(), owner.decode(),
+                                             amount_fen, unlock_id, CreditKind.PHOTO_INCOME,
+                                             photo_id))
     result = UnlockResult(unlock_id, amount_fen, False)
-    b.tx.put(keys.IDEM, idem_key,
-             records.pack_unlock(fingerprint, result, owner.decode(), photo_id))
+    b.tx.put(keys.IDEM, idem_key, records.pack_unlock(
+        fingerprint, result, owner.decode(), photo_id,
+        None if home is None else home.decode()))
     return result
+
+
+def _photo_income(b: Books, owner: bytes, tid: bytes, ref: bytes, amount_fen: int,
+                  photo_id: str) -> None:
+    """A paid unlock reached the owner's wallet: their PHOTO_INCOME entry and a CREDITED
+    event that names the photo, not the viewer."""
+    b.wallet_entry(owner, TxKind.PHOTO_INCOME, amount_fen, tid, ref)
+    b.notify(owner, NoticeKind.CREDITED, amount_fen, payment_id=ref.decode(),
+             message=photo_income_text(photo_id))
