@@ -26,7 +26,6 @@ from gateway.domain.keys import SLOTS, slot_of
 from gateway.errors import reason_of
 from gateway.ops.clusterproc import LocalCluster
 from hongbao.v1 import (
-    cluster_pb2,
     envelope_pb2,
     notification_pb2,
     wallet_pb2,
@@ -148,7 +147,7 @@ def test_a_routing_client_goes_straight_to_the_owner_and_is_told_wrong_slot(clus
                     request_id="t", card_id=CARD, amount_fen=100), metadata=meta)
             err = info.value
             assert err.code() == grpc.StatusCode.UNAVAILABLE and reason_of(err) == "WRONG_SLOT"
-            assert f"belongs to SET s2" in err.details()
+            assert "belongs to SET s2" in err.details()
             trailers = dict(err.trailing_metadata())
             assert trailers["grpc-retry-pushback-ms"] == "100"
             b = await cc.call(lambda c: c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(),
