@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import hotpath
 from gateway import errors
@@ -173,3 +174,66 @@ def remote_credits_due(tx: Tx, limit: int) -> list[RemoteCredit]:
         if len(out) >= limit:
             break
     return out
+
+
+# -- cluster mode: the credits a SET exchanged with the others ---------------------------
+# (The two types below sit with their query rather than in ``model``: only the cluster
+# reconcile and the admin call that carries them use them.)
+
+class Direction(enum.IntEnum):
+    """Which half of an inter-SET credit a SET's journal holds (the API's numbers)."""
+
+    SENT = 1     # <source> -> x:<peer>: this SET owes a user of <peer>
+    APPLIED = 2  # x:<peer> -> <wallet>: <peer> owed a user of this SET, booked here
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InterSetCredit:
+    peer: str
+    direction: Direction
+    transfer_id: str
+    amount_fen: int
+    in_outbox: bool = False  # SENT only: still waiting for the relay (no PubAck yet)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InterSetCredits:
+    """Every inter-SET credit of one snapshot, and each x:<peer> balance in that snapshot."""
+
+    credits: list[InterSetCredit]
+    balances: dict[str, int]
+
+
+def interset_credits(tx: Tx) -> InterSetCredits:
+    """The credits this SET sent to or applied from other SETs, as its journal shows them.
+
+    Read from the transfer journal, which is enough without an index: a credit's two
+    halves are transfers under the same id, the sender's into ``x:<home>`` (a grab's
+    share from the pending account, a photo unlock from the viewer's wallet) and the
+    home SET's out of ``x:<from>`` into a wallet, and no other transfer touches an
+    ``x:`` account. Every transfer is looked at, not only the ``c:`` credit ids: an
+    applied credit carries whatever id its sender gave it, and a listing that skipped
+    one would leave the reconcile a sum it cannot explain instead of a credit it can
+    name. The cost is one pass over the journal, which the audit makes anyway.
+
+    ``in_outbox`` is true for a sent credit whose relay record (same id, home, amount)
+    is still in ``bus:xcredit``, i.e. not yet acknowledged by the stream.
+    """
+    outbox: dict[str, tuple[str, int]] = {}
+    for key, raw in tx.scan(keys.XCREDIT_OUTBOX):
+        c = records.unpack_xcredit(keys.unbe64(key), raw)
+        outbox[c.transfer_id] = (c.home, c.amount_fen)
+    out: list[InterSetCredit] = []
+    cut = len(keys.INTERSET)
+    for tid, raw in tx.scan(keys.TRANSFERS):
+        amount, _at, _kind, debit, credit, _ref = hotpath.unpack_transfer(raw)
+        if credit.startswith(keys.INTERSET):
+            peer, name = credit[cut:].decode(), tid.decode()
+            out.append(InterSetCredit(peer, Direction.SENT, name, amount,
+                                      outbox.get(name) == (peer, amount)))
+        elif debit.startswith(keys.INTERSET):
+            out.append(InterSetCredit(debit[cut:].decode(), Direction.APPLIED, tid.decode(),
+                                      amount))
+    balances = {acct[cut:].decode(): hotpath.unpack_i64(raw)
+                for acct, raw in scan_prefix(tx, keys.ACCOUNTS, keys.INTERSET)}
+    return InterSetCredits(out, balances)

@@ -41,6 +41,7 @@ from gateway.domain.model import (
     UnlockResult,
     WalletPage,
 )
+from gateway.domain.reads import InterSetCredits
 from gateway.domain.store import Books, Tx
 
 T = TypeVar("T")
@@ -207,6 +208,14 @@ class Ledger(abc.ABC):
         """Credits another SET's grabs owe users of this one, each exactly once by its
         transfer id; returns how many were new."""
 
+    @abc.abstractmethod
+    async def interset_credits(self) -> InterSetCredits:
+        """Every credit this SET sent to or applied from another SET (transfer id, peer,
+        amount, whether a sent one still waits in the relay's outbox) and the balance of
+        each ``x:<peer>`` account, all from one consistent snapshot, so the balances are
+        exactly what the listed credits add up to. For ``hongbao reconcile --cluster``;
+        empty on a gateway that never had placement set."""
+
     # -- operations ----------------------------------------------------------------
 
     @abc.abstractmethod
@@ -291,6 +300,9 @@ class BooksLedger(Ledger):
         if not credits:
             return 0
         return await self.write(rules.apply_remote_credits, from_set.encode(), credits)
+
+    async def interset_credits(self):
+        return self.read(reads.interset_credits)
 
     # The two sweeps look before they write: an idle gateway commits nothing (in strict
     # durability every write transaction is an fsync). The write checks again.

@@ -1,15 +1,17 @@
-"""What an operator asks of a running gateway: live QoS state, consumer rates, reconcile."""
+"""What an operator asks of a running gateway: live QoS state, consumer rates, reconcile,
+and (cluster mode) the credits this SET exchanged with the others."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from gateway import errors
 from gateway.domain.audit import Report
 from gateway.domain.model import LedgerStats
+from gateway.domain.reads import InterSetCredits
 from gateway.ledger import Ledger
 from gateway.payments.bank import BankClient
 from gateway.payments.butler import PaymentButler
@@ -20,6 +22,7 @@ from gateway.qos.tiers import Tier
 
 MAX_RATE_PER_S = 10_000_000
 _DUE_SCAN_LIMIT = 10_000  # the payment-unknown lag is counted up to this many
+INTERSET_CHUNK = 1_000  # inter-SET credits per ListInterSetCredits response (~40 KB)
 
 
 class RateControlled(Protocol):
@@ -133,8 +136,27 @@ class Operations:
         consumer.rate_per_s = rate_per_s
         return rate_per_s
 
-    async def reconcile(self) -> Report:
+    async def reconcile(self, *, bank_cross_check: bool = True) -> Report:
+        """The audit of this SET's books, and the bank cross-check when this gateway has a
+        bank and ``bank_cross_check`` (the cluster reconcile turns it off and checks the
+        bank once over every SET: one bank holds the money of all of them)."""
         report = await self._ledger.audit()
-        if self._bank is not None:
+        if self._bank is not None and bank_cross_check:
             await cross_check_bank(report, self._bank)
         return report
+
+    async def interset_credits(self, chunk: int = INTERSET_CHUNK
+                               ) -> AsyncIterator[InterSetCredits]:
+        """The ledger's inter-SET credits (one snapshot) in chunks of at most ``chunk``.
+
+        Always at least one chunk, and only the first carries the ``x:`` balances, so a
+        caller that joins the chunks gets them once. The snapshot is read whole before the
+        first chunk leaves: a slow caller then holds no LMDB read transaction open (which
+        would keep the writer from reusing pages) for as long as it takes to read.
+        """
+        assert chunk > 0, chunk
+        listing = await self._ledger.interset_credits()
+        credits = listing.credits
+        for start in range(0, max(len(credits), 1), chunk):
+            yield InterSetCredits(credits[start:start + chunk],
+                                  listing.balances if start == 0 else {})

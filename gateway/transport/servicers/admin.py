@@ -1,4 +1,5 @@
-"""AdminService: live state, consumer rates and reconciliation (scope `admin`)."""
+"""AdminService: live state, consumer rates, reconciliation and (cluster mode) the SET's
+inter-SET credits (scope `admin`)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @maps_errors
     async def Reconcile(self, request, context):
-        report = await self._ops.reconcile()
+        report = await self._ops.reconcile(bank_cross_check=not request.skip_bank_cross_check)
         return pb.ReconcileResponse(balanced=report.balanced,
                                     discrepancies=report.discrepancies,
                                     report_json=report.to_json())
+
+    @maps_errors
+    async def ListInterSetCredits(self, request, context):
+        async for chunk in self._ops.interset_credits():
+            yield pb.ListInterSetCreditsResponse(
+                credits=[pb.InterSetCredit(peer_set=c.peer, direction=int(c.direction),
+                                           transfer_id=c.transfer_id, amount_fen=c.amount_fen,
+                                           in_outbox=c.in_outbox)
+                         for c in chunk.credits],
+                interset_fen=chunk.balances)
