@@ -164,7 +164,14 @@ def _cmd_ticket(args) -> int:
 
 def _reconcile_parser(sub) -> None:
     p = sub.add_parser("reconcile", help="prove the books balance")
-    p.add_argument("--data-dir", type=Path, required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", type=Path, help="one gateway's ledger (read-only)")
+    where.add_argument("--cluster", type=Path, metavar="FILE",
+                       help="every SET of the cluster in a SET's cluster file, and the "
+                       "credit stream (the SETs are asked over gRPC)")
+    p.add_argument("--key-file", type=Path,
+                   help="with --cluster: mint the admin ticket from the SETs' ticket keys")
+    p.add_argument("--ticket", help="with --cluster: an admin ticket")
     p.add_argument("--bank", metavar="HOST:PORT", help="cross-check with the bank simulator")
     _bank_tls_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable report")
@@ -172,13 +179,23 @@ def _reconcile_parser(sub) -> None:
 
 def _cmd_reconcile(args) -> int:
     from gateway.ledger import LedgerCorrupt
-    from gateway.ops.reconcile import reconcile_dir
+    from gateway.ops.reconcile import ClusterReconcileError, reconcile_cluster, reconcile_dir
+    from gateway.security import tickets
     from gateway.security.tls import TlsConfigError, channel_credentials
 
+    if args.cluster is None and (args.key_file or args.ticket):
+        return _fail("reconcile", "--key-file and --ticket go with --cluster")
+    if args.cluster is not None and bool(args.key_file) == bool(args.ticket):
+        return _fail("reconcile", "--cluster needs an admin ticket: --key-file FILE (the "
+                     "SETs' ticket keys) or --ticket TICKET, one of them")
     try:
         creds = channel_credentials(args.bank_tls_ca, args.bank_tls_cert, args.bank_tls_key)
-        report = reconcile_dir(args.data_dir, args.bank, creds)
-    except (FileNotFoundError, TlsConfigError, LedgerCorrupt) as err:
+        ticket = args.ticket or (args.key_file and tickets.mint(
+            tickets.KeyRing.from_file(args.key_file), "hongbao-reconcile", ["admin"], 3600)[0])
+        report = (reconcile_dir(args.data_dir, args.bank, creds) if args.cluster is None
+                  else reconcile_cluster(args.cluster, ticket, args.bank, creds))
+    except (FileNotFoundError, TlsConfigError, LedgerCorrupt, tickets.KeyFileError,
+            ClusterReconcileError) as err:
         return _fail("reconcile", err)
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.balanced else 1
