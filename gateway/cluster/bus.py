@@ -37,6 +37,11 @@ log = structlog.get_logger(__name__)
 
 STREAM = "HONGBAO_CREDITS"
 DUPLICATE_WINDOW_S = 120.0
+# How long a fetched credit waits for its ack before JetStream hands it out again. It is
+# the credit lag after a consumer dies holding a batch (measured: 30 s made a killed
+# consumer's batch land half a minute late), and a batch is one ledger write of a few
+# milliseconds, so 5 s is ample; a slower write is redelivered and applied as a no-op.
+ACK_WAIT_S = 5.0
 
 
 async def ensure_stream(js: Any, replicas: int) -> None:
@@ -137,11 +142,14 @@ class CreditConsumer(BackgroundLoop):
     async def run(self) -> None:
         sub = await self._js.pull_subscribe(
             f"credit.{self._set}", durable=f"credits-{self._set}", stream=STREAM,
-            config=api.ConsumerConfig(ack_wait=30.0, max_ack_pending=20_000))
+            config=api.ConsumerConfig(ack_wait=ACK_WAIT_S, max_ack_pending=20_000))
         while not self.stopping:
             try:
                 msgs = await sub.fetch(self._batch, timeout=0.5)
-            except NatsTimeout:
+            except (NatsTimeout, TimeoutError):
+                # Nothing to fetch. nats-py raises its own TimeoutError on one path and
+                # asyncio's on another (a pull that expired while a batch was being
+                # gathered); an uncaught one stopped this loop for good once.
                 continue
             except js_errors.Error as err:
                 log.warning("credit_consumer_retry", error=repr(err))

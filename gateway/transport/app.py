@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import structlog
 from grpc_health.v1 import health
 
 import hotpath
@@ -44,6 +45,8 @@ from gateway.usecases import (
     WalletReads,
 )
 from gateway.usecases.background import CreditConsumer, ExpirySweeper
+
+log = structlog.get_logger(__name__)
 
 
 @dataclasses.dataclass
@@ -83,7 +86,7 @@ class App:
             self._role_task = asyncio.create_task(self._take_role(self.role))
 
     def _start_loops(self) -> None:
-        self._tasks += [asyncio.create_task(w.run()) for w in self.background]
+        self._tasks += [asyncio.create_task(_kept_running(w)) for w in self.background]
 
     async def _take_role(self, role: BackgroundRole) -> None:
         await role.acquire()
@@ -112,6 +115,21 @@ class App:
         if self.cluster is not None:
             await self.cluster.close()
         self.ledger.close()
+
+
+async def _kept_running(loop: BackgroundLoop, restart_s: float = 1.0) -> None:
+    """Runs a background loop until it is stopped. A loop that raises is a bug, but the
+    work it does (crediting, expiry, payment resolution, the relay between SETs) must not
+    stop silently with it: the error is logged with its traceback, and the loop starts
+    again after ``restart_s``. Each loop's work is idempotent, so a restart redoes nothing."""
+    while not loop.stopping:
+        try:
+            await loop.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background_loop_failed", loop=type(loop).__name__)
+            await loop.pause(restart_s)
 
 
 def open_ledger(settings: Settings, data_dir: Path) -> LmdbLedger:
