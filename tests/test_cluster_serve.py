@@ -47,9 +47,18 @@ def user_on(cluster: LocalCluster, set_name: str, prefix: str) -> str:
 
 
 def assert_sets_balanced(cluster: LocalCluster) -> None:
+    """Each SET's own books, then the cluster reconcile over every SET, the stream and the
+    bank (``hongbao reconcile --cluster``, the real command)."""
     for name in cluster.sets:
         rec = cluster.reconcile_set(name)
         assert rec.returncode == 0 and "BALANCED" in rec.stdout, (name, rec.stdout, rec.stderr)
+    any_set = next(iter(cluster.sets.values()))
+    cmd = [sys.executable, "-m", "gateway.ops.cli", "reconcile", "--cluster",
+           str(any_set.cluster_file), "--key-file", str(cluster.key_file)]
+    if cluster.bank is not None:
+        cmd += ["--bank", cluster.bank.target]
+    rec = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert rec.returncode == 0 and "BALANCED" in rec.stdout, (rec.stdout, rec.stderr)
 
 
 @pytest.fixture(scope="module")
