@@ -8,7 +8,7 @@ SOURCES := pyproject.toml setup.py protos_build.py $(wildcard protos/*/v1/*.prot
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint bench bench-overload soak chaos sim protos clean install debug-test h2load redis \
-	nats-server
+	nats-server cluster cluster-test
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ endif
 test: $(STAMP) h2load nats-server
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	HONGBAO_HOTPATH=pure $(PY) -m pytest -q tests/test_ledger.py
+
+# A local cluster on loopback in the foreground (3 NATS nodes, the bank simulator, SETS SETs;
+# Ctrl-C stops it), and the cluster suite alone (it is part of `make test` too).
+SETS ?= 3
+CLUSTER_DIR ?= build/cluster
+cluster: $(STAMP) nats-server
+	$(PY) -m gateway.ops.cluster_up --dir $(CLUSTER_DIR) --sets $(SETS)
+
+cluster-test: $(STAMP) nats-server
+	$(PY) -m pytest -q tests/test_cluster_*.py tests/test_cross_set_credit.py $(PYTEST_ARGS)
 
 # The hot path with its internal checks compiled in (asyncpg's debug build), tested, then
 # the release build put back whatever the tests said. The generated .c files go first both
