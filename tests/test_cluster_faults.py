@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import zlib
 
 import grpc
 import pytest
@@ -27,10 +28,12 @@ from tests.test_cluster_serve import CARD, _until, assert_sets_balanced, user_on
 class Workload:
     """Cross-SET grabs with a history: what was acknowledged, what is unknown."""
 
-    def __init__(self, cluster: LocalCluster, senders: int = 2, grabbers: int = 8) -> None:
+    def __init__(self, cluster: LocalCluster, tag: str, senders: int = 2,
+                 grabbers: int = 8) -> None:
         self.cluster = cluster
-        self.senders = [user_on(cluster, "s1", f"snd{i}-") for i in range(senders)]
-        self.grabbers = [user_on(cluster, "s2", f"grb{i}-") for i in range(grabbers)]
+        self.tag = tag   # the tests share one cluster: each its own users and cards
+        self.senders = [user_on(cluster, "s1", f"{tag}-snd{i}-") for i in range(senders)]
+        self.grabbers = [user_on(cluster, "s2", f"{tag}-grb{i}-") for i in range(grabbers)]
         self.envelopes: list[str] = []
         self.grabbed: dict[tuple[str, str], int] = {}     # (user, envelope) -> amount
         self.unknown: set[tuple[str, str]] = set()
@@ -41,9 +44,10 @@ class Workload:
 
     async def fund(self, amount_fen: int = 500_000) -> None:
         await self.cc.start()
+        cards = zlib.crc32(self.tag.encode()) % 10**6   # a card of its own per sender
         for i, s in enumerate(self.senders):
             await self.cc.call(lambda c, s=s, i=i: c.wallet.TopUp(wallet_pb2.TopUpRequest(
-                request_id="fund", card_id=f"icbc-7{i:09d}", amount_fen=amount_fen),
+                request_id="fund", card_id=f"icbc-7{cards:06d}{i:03d}", amount_fen=amount_fen),
                 metadata=self.meta(s), timeout=10), user=s)
 
     async def send_one(self, i: int) -> None:
@@ -106,9 +110,11 @@ class Workload:
         return True
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    c = LocalCluster(tmp_path, sets=2)
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One cluster for the module: each test restarts what it killed and uses its own
+    users, and the cluster reconcile runs after each."""
+    c = LocalCluster(tmp_path_factory.mktemp("faults"), sets=2)
     with c:
         yield c
 
@@ -117,7 +123,7 @@ def test_a_dead_set_answers_set_down_elsewhere_and_its_credits_wait_in_the_strea
     """s1 killed: calls for its users and grabs on its envelopes answer UNAVAILABLE
     SET_DOWN with pushback through s2, which keeps serving its own users; credits s2 owes
     s1's users wait in JetStream and land exactly once when s1 is back."""
-    w = Workload(cluster)
+    w = Workload(cluster, "down")
     s1_user = w.senders[0]
     s2_sender = user_on(cluster, "s2", "s2sender")
 
@@ -166,7 +172,7 @@ def test_a_dead_set_answers_set_down_elsewhere_and_its_credits_wait_in_the_strea
 def test_one_nats_node_of_three_dies_and_returns_and_no_credit_is_lost(cluster):
     """A JetStream node killed mid-traffic and started again: publishes go on under the
     same message ids, the consumer resumes, every credit lands exactly once."""
-    w = Workload(cluster)
+    w = Workload(cluster, "nats")
 
     async def scenario():
         await w.fund()
@@ -184,27 +190,33 @@ def test_one_nats_node_of_three_dies_and_returns_and_no_credit_is_lost(cluster):
     assert_sets_balanced(cluster)
 
 
-@pytest.mark.parametrize("victim", ["s1", "s2"])
+# The suite's short version: two kills of each side. `make soak` runs ten of each.
+KILL_RUNS = [("s1", 2, 4.0), ("s2", 2, 4.0),
+             pytest.param("s1", 10, 20.0, marks=pytest.mark.slow, id="s1-long"),
+             pytest.param("s2", 10, 20.0, marks=pytest.mark.slow, id="s2-long")]
+
+
+@pytest.mark.parametrize("victim, kills, seconds", KILL_RUNS)
 def test_the_relay_or_the_consumer_killed_at_random_points_loses_and_doubles_nothing(
-        cluster, victim):
+        cluster, victim, kills, seconds):
     """SIGKILL of the SET running the relay (s1, the envelopes' SET) or the consumer (s2,
-    the grabbers' SET) three times at random moments under traffic: after restarts every
+    the grabbers' SET) at random moments under traffic: after the restarts every
     acknowledged grab is credited once, none twice."""
-    w = Workload(cluster)
-    rng = random.Random(20261203)
+    w = Workload(cluster, f"kill-{victim}-{kills}")
+    rng = random.Random(20261203 + kills)
 
     async def scenario():
         await w.fund()
-        traffic = asyncio.create_task(w.run(7.0, pause_s=0.0))
-        for _ in range(3):
-            await asyncio.sleep(rng.uniform(0.5, 1.5))
+        traffic = asyncio.create_task(w.run(seconds, pause_s=0.0))
+        for _ in range(kills):
+            await asyncio.sleep(rng.uniform(0.3, seconds / kills - 0.6))
             cluster.sets[victim].kill()
             await asyncio.sleep(rng.uniform(0.1, 0.5))
             cluster.sets[victim].start()
         await traffic
         await w.settle()
         await _until(w.credited, timeout_s=60)
-        assert len(w.grabbed) > 50
+        assert len(w.grabbed) > 8 * kills
 
     asyncio.run(scenario())
     assert_sets_balanced(cluster)
