@@ -44,6 +44,8 @@ class ClusterNode:
         self.map: SlotMap | None = None
         self._refreshing: asyncio.Lock | None = None
         self._poller: asyncio.Task | None = None
+        self.relay: Any = None      # built by loops(), for the metrics
+        self.consumer: Any = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -61,7 +63,7 @@ class ClusterNode:
             self.nc = await nats.connect(
                 servers=list(self.config.nats), connect_timeout=CONNECT_TIMEOUT_S,
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=quiet,
-                name=f"hongbao-{self.name}")
+                name=f"hongbao-{self.config.group}".replace("/", "-"))
         except (TimeoutError, NatsError, OSError) as exc:
             raise ClusterStartError(
                 f"cannot reach NATS at {','.join(self.config.nats)}: {exc!r}") from None
@@ -88,16 +90,22 @@ class ClusterNode:
                 await asyncio.sleep(0.5)
 
     def _check_membership(self) -> None:
+        """This group's address must be one of its SET's in the map: a SET run as two
+        gateway groups (IDCs A and B over the same data) lists both, and either may start."""
         assert self.map is not None
-        listed = self.map.addresses.get(self.name)
-        if listed is None:
+        if self.name not in self.map.addresses:
             raise ClusterStartError(
                 f"SET {self.name!r} is not in the slot map (SETs: "
                 f"{', '.join(self.map.addresses)})")
-        if listed != self.config.address:
+        listed = self.map.groups[self.name]
+        if self.config.address not in listed:
             raise ClusterStartError(
-                f"the slot map says SET {self.name} is at {listed}, the cluster file says "
-                f"{self.config.address}")
+                f"the slot map says SET {self.name} is at {', '.join(listed)}, the cluster "
+                f"file says {self.config.address}")
+        if len(listed) > 1:
+            log.info("gateway_group", set=self.name, idc=self.config.idc or "",
+                     address=self.config.address, group=listed.index(self.config.address),
+                     groups=list(listed))
 
     async def close(self) -> None:
         if self._poller is not None:
@@ -140,8 +148,9 @@ class ClusterNode:
     def loops(self, ledger: Any) -> list[Any]:
         """The SET's part of the accounting queue, run by the background role's worker:
         the relay (outbox -> stream) and the consumer (stream -> wallets)."""
-        return [bus.CreditRelay(ledger, self.js, self.name),
-                bus.CreditConsumer(ledger, self.js, self.name)]
+        self.relay = bus.CreditRelay(ledger, self.js, self.name)
+        self.consumer = bus.CreditConsumer(ledger, self.js, self.name)
+        return [self.relay, self.consumer]
 
     # -- placement ---------------------------------------------------------------------
 
@@ -167,8 +176,14 @@ class ClusterNode:
         return self.name if slot is None else self.owner_of_slot(slot)
 
     def address_of(self, set_name: str) -> str:
+        """The address of the SET's first gateway group."""
         assert self.map is not None
         return self.map.addresses[set_name]
+
+    def addresses_of(self, set_name: str) -> tuple[str, ...]:
+        """The addresses of each of the SET's gateway groups, in order of preference."""
+        assert self.map is not None
+        return self.map.groups[set_name]
 
     def away(self, user: bytes) -> bytes | None:
         """The ledger's placement (``Ledger.set_placement``): the SET a user's wallet lives

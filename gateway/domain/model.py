@@ -289,3 +289,4 @@ class LedgerStats:
     credit_backlog: int  # grabs whose credit has not reached a wallet yet
     queue_wait_s_total: float = 0.0  # writes waiting for their group commit, summed
     cpu_s_total: float = 0.0  # the writer thread's CPU time
+    xcredit_outbox: int = 0  # credits for other SETs waiting for the relay (cluster mode)

@@ -159,6 +159,11 @@ def credit_backlog(tx: Tx) -> int:
     return tx.count(keys.CREDIT_OUTBOX)
 
 
+def xcredit_outbox(tx: Tx) -> int:
+    """Credits for other SETs waiting for the relay (cluster mode; 0 otherwise)."""
+    return tx.count(keys.XCREDIT_OUTBOX)
+
+
 def expiry_due(tx: Tx, now_ms: int) -> bool:
     """True when the first envelope in the expiry queue is due by ``now_ms``."""
     for key, _empty in tx.scan(keys.EXPIRY):

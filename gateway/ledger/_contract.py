@@ -359,7 +359,8 @@ class BooksLedger(Ledger):
     async def stats(self) -> LedgerStats:
         depth, batches, requests, biggest, apply_s, commit_s, wait_s, cpu_s = self._writer_stats()
         return LedgerStats(depth, batches, requests, biggest, apply_s, commit_s,
-                           self.read(reads.credit_backlog), wait_s, cpu_s)
+                           self.read(reads.credit_backlog), wait_s, cpu_s,
+                           self.read(reads.xcredit_outbox))
 
 
 __all__ = ["Books", "BooksLedger", "Ledger", "Tx"]

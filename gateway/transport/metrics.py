@@ -85,6 +85,17 @@ class Snapshot:
     degraded: dict[str, int]  # degradation name -> answers served degraded since start
     gate_envelopes: int
     credit_applied: int | None  # None where no credit consumer runs (workers other than 0)
+    cluster: ClusterState | None = None  # cluster mode only
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClusterState:
+    """A SET worker's part of the cluster, for the ``hongbao_cluster_*`` series."""
+
+    map_version: int
+    forwarded: int   # calls this worker forwarded to other SETs
+    relay_published: int | None   # None where the background role is elsewhere
+    remote_applied: int | None
 
 
 class Metrics:
@@ -177,6 +188,26 @@ class _StateCollector:
         if s.credit_applied is not None:
             yield CounterMetricFamily("hongbao_credit_applied", "Grab credits applied to wallets",
                                       value=s.credit_applied)
+        if s.cluster is not None:
+            yield from _cluster(s.cluster, s.ledger)
+
+
+def _cluster(c: ClusterState, stats: LedgerStats) -> Iterator[Metric]:
+    yield GaugeMetricFamily("hongbao_cluster_map_version", "Slot map version in force",
+                            value=c.map_version)
+    yield CounterMetricFamily("hongbao_cluster_forwarded",
+                              "Calls forwarded to the SET owning their slot", value=c.forwarded)
+    yield GaugeMetricFamily("hongbao_cluster_outbox",
+                            "Credits for other SETs waiting for the relay",
+                            value=stats.xcredit_outbox)
+    if c.relay_published is not None:
+        yield CounterMetricFamily("hongbao_cluster_relay_published",
+                                  "Credits the relay published to HONGBAO_CREDITS",
+                                  value=c.relay_published)
+    if c.remote_applied is not None:
+        yield CounterMetricFamily("hongbao_cluster_credits_applied",
+                                  "Credits from other SETs applied to wallets here",
+                                  value=c.remote_applied)
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
@@ -294,7 +325,18 @@ async def read_snapshot(app: App) -> Snapshot:
     stats = await ops.ledger_stats()
     credit = app.credit
     return Snapshot(qos, stats, dict(app.pressure.served), len(app.gateway.grabbing.gate),
-                    credit.applied if credit is not None else None)
+                    credit.applied if credit is not None else None, _cluster_state(app))
+
+
+def _cluster_state(app: App) -> ClusterState | None:
+    node = app.cluster
+    if node is None:
+        return None
+    forwarded = sum(getattr(i, "forwarded", 0) for i in app.interceptors)
+    mine = app.runs_background() and node.relay is not None
+    return ClusterState(node.version, forwarded,
+                        node.relay.published if mine else None,
+                        node.consumer.applied if mine else None)
 
 
 def _response(status: bytes, body: bytes, content_type: bytes = b"text/plain") -> bytes:
