@@ -2,12 +2,16 @@
 
     hongbao cluster init --nats nats://127.0.0.1:4222 --set s1=127.0.0.1:7101 \\
                          --set s2=127.0.0.1:7102 --set s3=127.0.0.1:7103
+    hongbao cluster init --nats nats://127.0.0.1:4222 \\
+                         --set s1=10.0.1.5:7101,10.0.2.5:7101 --set s2=...   # IDC A, then B
     hongbao cluster show --cluster s1.toml [--history]
     hongbao cluster move --cluster s1.toml --slots 0-99,500 --to s2
 
 The NATS servers come from ``--nats`` (comma-separated) or from a SET's cluster file
 (``--cluster FILE``). ``init`` spreads the 1,024 slots evenly over the SETs in the order
-given and refuses when a map exists; ``move`` stores the next version by compare-and-set.
+given and refuses when a map exists (a SET given several addresses runs as that many
+gateway groups over the same data, IDC A first: callers prefer it while it is up);
+``move`` stores the next version by compare-and-set.
 A mistake is one line on stderr and exit status 2.
 """
 
@@ -37,8 +41,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--nats", help="NATS server URLs, comma-separated")
         p.add_argument("--cluster", help="a SET's cluster file (for its NATS servers)")
         if name == "init":
-            p.add_argument("--set", action="append", default=[], metavar="NAME=HOST:PORT",
-                           help="a SET and its address (repeat, in slot order)")
+            p.add_argument("--set", action="append", default=[],
+                           metavar="NAME=HOST:PORT[,HOST:PORT]",
+                           help="a SET and its address, or its gateway groups' addresses "
+                                "(IDC A first); repeat, in slot order")
             p.add_argument("--replicas", type=int, default=0,
                            help="bucket replicas (default: 3, or 1 with fewer servers)")
         if name == "show":
@@ -91,11 +97,13 @@ async def _run(args: argparse.Namespace) -> str:
         await nc.close()
 
 
-def _set_arg(text: str) -> tuple[str, str]:
-    name, sep, address = text.partition("=")
-    if not sep:
-        raise MapError(f"--set {text!r}: want NAME=HOST:PORT")
-    return name, address
+def _set_arg(text: str) -> tuple[str, list[str]]:
+    """``s1=HOST:PORT`` or ``s1=HOST:PORT,HOST:PORT`` -> (name, its groups' addresses)."""
+    name, sep, addresses = text.partition("=")
+    listed = [a.strip() for a in addresses.split(",")]
+    if not sep or not all(listed):
+        raise MapError(f"--set {text!r}: want NAME=HOST:PORT[,HOST:PORT]")
+    return name, listed
 
 
 def main(argv: list[str] | None = None) -> int:

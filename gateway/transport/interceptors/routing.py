@@ -23,11 +23,25 @@ SET called by a routing client (one that sends ``x-hongbao-map-version``, as
 map, and a stale map is better corrected than hidden behind a hop.
 
 The owner's answer goes back as it came: its message bytes, or its status with its
-``ErrorInfo`` and pushback. When the owner cannot be reached at all (its process is down,
-its port closed), the answer is UNAVAILABLE ``SET_DOWN`` with ``grpc-retry-pushback-ms``,
-and the other SETs go on serving their own slots. Every routed answer carries the map
-version this SET used (trailer ``x-hongbao-map-version``), so a client holding an older
-map knows to read it again.
+``ErrorInfo`` and pushback.
+
+A SET may run as several gateway groups over the same data (two IDCs, the slot map
+lists their addresses, A first). A forward goes to the owner's first group that is up
+(``Peers.order``: groups that failed a forward in the last ``down_for_s`` are tried last)
+and on to the next one when nobody answered: UNAVAILABLE without an ``ErrorInfo`` reason,
+which is what grpc says when it cannot connect or the connection is lost, never what a
+gateway answers. Most such calls were never delivered; one that was (the group died
+mid-call) is still safe to send to the next group, because both groups serve one ledger
+and every money call carries its request id (grabs: one per user and envelope), so the
+second delivery returns the first one's result instead of doing it again. Any other
+answer, DEADLINE_EXCEEDED included (the caller's time is spent), goes back as it came.
+A server stream moves on only before its first message; a BatchGrab part is sent again
+to the next group. Only when no group of the owner answers is the call refused
+UNAVAILABLE ``SET_DOWN`` with ``grpc-retry-pushback-ms``, and the other SETs go on
+serving their own slots.
+
+Every routed answer carries the map version this SET used (trailer
+``x-hongbao-map-version``), so a client holding an older map knows to read it again.
 """
 
 from __future__ import annotations
@@ -35,7 +49,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -71,6 +86,8 @@ BATCH = _ENVELOPE + "BatchGrab"
 _HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding",
                           "grpc-encoding", "grpc-timeout", FORWARDED_BY, MAP_VERSION})
 _THEIR_TRAILERS = frozenset({MAP_VERSION, "x-hongbao-admission-level"})
+# A gateway group that failed a forward is tried after the others for this long.
+DOWN_FOR_S = 1.0
 
 
 class Placement(Protocol):
@@ -82,6 +99,7 @@ class Placement(Protocol):
     def version(self) -> int: ...
     def owner_of_slot(self, slot: int) -> str: ...
     def address_of(self, set_name: str) -> str: ...
+    def addresses_of(self, set_name: str) -> Sequence[str]: ...
     async def refresh_if_older(self, version: int) -> None: ...
 
 
@@ -98,10 +116,15 @@ def _passthrough(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
 
 
 class Peers:
-    """One channel per SET address, opened on first use, closed with the worker."""
+    """One channel per gateway-group address, opened on first use, closed with the worker,
+    and which groups failed a forward lately (to try them after the others)."""
 
-    def __init__(self) -> None:
+    def __init__(self, down_for_s: float = DOWN_FOR_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._channels: dict[str, Any] = {}
+        self._down_until: dict[str, float] = {}
+        self._down_for_s = down_for_s
+        self._clock = clock
 
     def channel(self, address: str) -> Any:   # grpc.aio.Channel (its stubs lag grpcio)
         ch = self._channels.get(address)
@@ -114,6 +137,28 @@ class Peers:
                 ("grpc.enable_retries", 0)])
             self._channels[address] = ch
         return ch
+
+    def order(self, addresses: Sequence[str]) -> list[str]:
+        """The groups to try, in turn: those up in the map's order, then those down (a
+        group marked down is still tried when every group is)."""
+        now = self._clock()
+        up = [a for a in addresses if self._down_until.get(a, 0.0) <= now
+              and not self._failing(a)]
+        return up + [a for a in addresses if a not in up]
+
+    def _failing(self, address: str) -> bool:
+        ch = self._channels.get(address)
+        return (ch is not None and
+                ch.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+
+    def mark_down(self, address: str) -> None:
+        self._down_until[address] = self._clock() + self._down_for_s
+
+    def mark_up(self, address: str) -> None:
+        self._down_until.pop(address, None)
+
+    def is_down(self, address: str) -> bool:
+        return self._down_until.get(address, 0.0) > self._clock()
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
@@ -129,6 +174,7 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
         self._timeout_s = forward_timeout_s
         self._pushback_ms = pushback_ms
         self.forwarded = 0
+        self.unanswered = 0   # forward attempts nobody answered (the next group tried)
 
     async def intercept_service(  # type: ignore[override]
         self, continuation: Callable[[grpc.HandlerCallDetails], Any],
@@ -182,9 +228,19 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
             map_version=str(self._placement.version))
 
     def _set_down(self, owner: str, err: grpc.aio.AioRpcError) -> errors.Unavailable:
+        groups = len(self._placement.addresses_of(owner))
+        which = (f"SET {owner} cannot" if groups == 1
+                 else f"none of the {groups} gateway groups of SET {owner} can")
         return errors.Unavailable(
-            "SET_DOWN", f"SET {owner} cannot be reached: {err.details()}",
+            "SET_DOWN", f"{which} be reached: {err.details()}",
             retry_after_ms=self._pushback_ms, set=owner)
+
+    def _groups(self, owner: str) -> list[str]:
+        return self._peers.order(self._placement.addresses_of(owner))
+
+    def _failed_over(self, address: str) -> None:
+        self._peers.mark_down(address)
+        self.unanswered += 1
 
     # -- unary ------------------------------------------------------------------------------
 
@@ -202,14 +258,25 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
         return routed
 
     async def _forward_unary(self, owner: str, method: str, request: Any, context: Any) -> bytes:
-        call = self._peers.channel(self._placement.address_of(owner)).unary_unary(method)
+        body = request.SerializeToString()
         self.forwarded += 1
-        try:
-            return await call(request.SerializeToString(), timeout=self._deadline(context),
-                              metadata=self._metadata(context))
-        except grpc.aio.AioRpcError as err:
-            await self._relay_error(owner, err, context)
-            raise AssertionError("unreachable") from None
+        last: grpc.aio.AioRpcError | None = None
+        for address in self._groups(owner):
+            call = self._peers.channel(address).unary_unary(method)
+            try:
+                answer = await call(body, timeout=self._deadline(context),
+                                    metadata=self._metadata(context))
+            except grpc.aio.AioRpcError as err:
+                if not nobody_answered(err):
+                    await self._relay_error(owner, err, context)   # raises: the call ends
+                self._failed_over(address)
+                last = err
+                continue
+            self._peers.mark_up(address)
+            return answer
+        assert last is not None
+        await self._relay_error(owner, last, context)
+        raise AssertionError("unreachable")
 
     # -- server streams (WatchNotifications) ----------------------------------------------
 
@@ -225,18 +292,35 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
                 async for item in fn(request, context):
                     yield item
                 return
-            call = self._peers.channel(self._placement.address_of(owner)).unary_stream(method)
-            self.forwarded += 1
-            stream = call(request.SerializeToString(), timeout=self._deadline(context),
-                          metadata=self._metadata(context))
+            async for item in self._forward_stream(owner, method, request, context):
+                yield item
+        return routed
+
+    async def _forward_stream(self, owner: str, method: str, request: Any,
+                              context: Any) -> AsyncIterator[Any]:
+        """The owner's stream, from its first group that answers; once a message has
+        come, a lost stream ends with its error (the caller resumes where it was)."""
+        body = request.SerializeToString()
+        self.forwarded += 1
+        last: grpc.aio.AioRpcError | None = None
+        for address in self._groups(owner):
+            stream = self._peers.channel(address).unary_stream(method)(
+                body, timeout=self._deadline(context), metadata=self._metadata(context))
+            started = False
             try:
                 async for item in stream:
+                    started = True
                     yield item
+                return
             except grpc.aio.AioRpcError as err:
-                await self._relay_error(owner, err, context)
+                if started or not nobody_answered(err):
+                    await self._relay_error(owner, err, context)
+                self._failed_over(address)
+                last = err
             finally:
                 stream.cancel()
-        return routed
+        assert last is not None
+        await self._relay_error(owner, last, context)
 
     # -- BatchGrab --------------------------------------------------------------------------
 
@@ -265,7 +349,7 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
 
     async def _relay_error(self, owner: str, err: grpc.aio.AioRpcError, context: Any) -> None:
         """Ends the call with the owner's own status, or SET_DOWN when nobody answered."""
-        if err.code() == grpc.StatusCode.UNAVAILABLE and reason_of(err) is None:
+        if nobody_answered(err):
             await errors.abort(context, self._set_down(owner, err))
         theirs = tuple((k, v) for k, v in _pairs(err.trailing_metadata())
                        if k not in _THEIR_TRAILERS)
@@ -286,7 +370,7 @@ class _BatchSplit:
         self._context = context
         self._local_in: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
         self._local_out: Any = None
-        self._remote: dict[str, Any] = {}
+        self._remote: dict[str, tuple[str, Any]] = {}   # owner -> (group address, stream)
 
     async def _local_requests(self) -> AsyncIterator[Any]:
         while True:
@@ -340,27 +424,53 @@ class _BatchSplit:
         if FORWARDED_BY in _headers(self._context):
             # A forwarded part must be all ours: the map moved under it. No second hop.
             return [self._wrong_slot(batch.items[i], owner) for i in indexes]
-        try:
-            call = self._remote.get(owner)
-            if call is None:
-                channel = self._r._peers.channel(self._r._placement.address_of(owner))
-                # The part's stream lives as long as the caller's: its deadline, or none.
-                call = channel.stream_stream(self._method)(
-                    timeout=self._context.time_remaining(),
-                    metadata=self._r._metadata(self._context))
-                self._remote[owner] = call
-                self._r.forwarded += 1
-            await call.write(sub.SerializeToString())
-            raw = await call.read()
-        except grpc.aio.AioRpcError as err:
+        code, reason = grpc.StatusCode.UNAVAILABLE, None
+        for address in self._order(owner):
+            try:
+                raw = await self._exchange(owner, address, sub)
+            except grpc.aio.AioRpcError as err:
+                self._remote.pop(owner, None)
+                code, reason = err.code(), reason_of(err)
+                if not nobody_answered(err):
+                    break
+                self._r._failed_over(address)
+                continue
+            if isinstance(raw, bytes):
+                return list(envelope_pb2.BatchGrabResponse.FromString(raw).results)
+            # grpc.aio.EOF: the group ended its stream (shutting down): the next one.
             self._remote.pop(owner, None)
-            return [self._failed(batch.items[i], err.code(), reason_of(err))
-                    for i in indexes]
-        if not isinstance(raw, bytes):   # grpc.aio.EOF: the owner ended its stream
-            self._remote.pop(owner, None)
-            return [self._failed(batch.items[i], grpc.StatusCode.UNAVAILABLE, None)
-                    for i in indexes]
-        return list(envelope_pb2.BatchGrabResponse.FromString(raw).results)
+            code, reason = grpc.StatusCode.UNAVAILABLE, None
+            self._r._failed_over(address)
+        return [self._failed(batch.items[i], code, reason) for i in indexes]
+
+    def _order(self, owner: str) -> list[str]:
+        """The owner's groups to try; the one this caller's stream already goes to first.
+        Sending a part again to another group is safe: each item carries its request id,
+        and a user grabs an envelope once, so a part that was delivered is only replayed."""
+        order = self._r._groups(owner)
+        held = self._remote.get(owner)
+        if held is not None and held[0] in order:
+            order.remove(held[0])
+            order.insert(0, held[0])
+        return order
+
+    async def _exchange(self, owner: str, address: str, sub: Any) -> Any:
+        """One part over the caller's stream to ``address`` (opened on first use)."""
+        held = self._remote.get(owner)
+        if held is None or held[0] != address:
+            if held is not None:
+                held[1].cancel()
+            channel = self._r._peers.channel(address)
+            # The part's stream lives as long as the caller's: its deadline, or none.
+            call = channel.stream_stream(self._method)(
+                timeout=self._context.time_remaining(),
+                metadata=self._r._metadata(self._context))
+            self._remote[owner] = (address, call)
+            self._r.forwarded += 1
+        else:
+            call = held[1]
+        await call.write(sub.SerializeToString())
+        return await call.read()
 
     def _wrong_slot(self, item: Any, owner: str) -> Any:
         err = self._r._wrong_slot(_envelope_slot(item.envelope_id) or 0, owner)
@@ -377,11 +487,17 @@ class _BatchSplit:
             code=code.value[0], reason=reason or code.name)
 
     async def close(self) -> None:
-        for call in self._remote.values():
+        for _address, call in self._remote.values():
             call.cancel()
         if self._local_out is not None:
             with contextlib.suppress(Exception):
                 await self._local_out.aclose()
+
+
+def nobody_answered(err: grpc.aio.AioRpcError) -> bool:
+    """UNAVAILABLE without an ErrorInfo reason: grpc could not connect, or lost the
+    connection; no gateway answers that (its own UNAVAILABLE answers carry a reason)."""
+    return err.code() == grpc.StatusCode.UNAVAILABLE and reason_of(err) is None
 
 
 def _envelope_slot(envelope_id: str) -> int | None:

@@ -19,7 +19,7 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     @maps_errors
     async def GetClusterMap(self, request, context):
         m = self._current()
-        sets = [pb.ClusterSet(name=name, address=address,
+        sets = [pb.ClusterSet(name=name, address=address, addresses=m.groups[name],
                               runs=[pb.SlotRun(first=a, last=b) for a, b in m.runs(name)])
                 for name, address in m.addresses.items()]
         return pb.GetClusterMapResponse(version=m.version, slots=SLOTS, sets=sets,
