@@ -19,6 +19,14 @@ beside a live gateway. Checks:
    SET, to ``x:<that SET>``), and every unlock transfer has its unlock, but for
    the photo incomes another SET's unlocks sent here (``x:<from>`` -> a wallet).
 
+A slot handoff (``rules.export_slots`` / ``rules.import_slots``) keeps these checks
+exact on both SETs: the old owner keeps its journal, the moved users' final payments and
+paid unlock records (they are what its clearing accounts and unlock transfers are tied to)
+and sends the money through ``x:<new owner>``; the new owner checks what it imported
+(envelopes and grabs flagged imported, payment and unlock records marked imported)
+against the escrow and shares it received, not against its own journal, which does not
+hold their old transfers. An imported payment must be final.
+
 In cluster mode each SET balances on its own: the ``x:<set>`` accounts carry
 what crossed to or from each other SET (grab shares and photo incomes alike),
 reported as ``totals["interset_fen"]``; summed over the SETs' reports they are
@@ -94,6 +102,7 @@ class _Snapshot:
     outbox: set[bytes]  # grab keys waiting on the credit outbox
     envelopes: list[tuple[bytes, bytes]]
     payments: list[Payment]
+    imported_payments: list[Payment]  # carried here by a slot handoff; booked elsewhere
     # Paid photo unlocks (unlock tid -> amount, viewer's wallet, owner's wallet or x:<home>)
     # as the unlock records say, and the unlock transfers as the journal says (same shape).
     unlocks: dict[bytes, tuple[int, bytes, bytes]]
@@ -122,17 +131,21 @@ def _read(tx: Tx) -> _Snapshot:
     for key, raw in tx.scan(keys.GRABS):
         env, user = keys.split_grab_key(key)
         grabs_by_env[env].append((user, hotpath.unpack_grab(raw)))
+    payments: tuple[list[Payment], list[Payment]] = ([], [])
+    for _k, raw in tx.scan(keys.PAYMENTS):
+        payments[records.payment_imported(raw)].append(records.unpack_payment(raw)[0])
     return _Snapshot(
         accounts, replay, transfers, grabs_by_env,
         {gkey for _seq, gkey in tx.scan(keys.CREDIT_OUTBOX)},
-        list(tx.scan(keys.ENVELOPES)),
-        [records.unpack_payment(raw)[0] for _k, raw in tx.scan(keys.PAYMENTS)],
+        list(tx.scan(keys.ENVELOPES)), payments[0], payments[1],
         _read_unlocks(tx), unlock_moves, photo_credits_in)
 
 
 def _read_unlocks(tx: Tx) -> dict[bytes, tuple[int, bytes, bytes]]:
     out: dict[bytes, tuple[int, bytes, bytes]] = {}
     for key, raw in scan_prefix(tx, keys.IDEM, keys.UNLOCK_IDEM):
+        if records.unlock_imported(raw):
+            continue  # its transfer is in the old owner's journal
         viewer, _rid = keys.split_unlock_idem_key(key)
         _fp, result, owner_id, _photo = records.unpack_unlock(raw)
         home = records.unlock_home(raw)
@@ -158,6 +171,7 @@ def audit(tx: Tx) -> Report:
         "envelopes": len(s.envelopes), **totals, "pending_fen": pending_fen,
         "wallet_fen": sum(v for k, v in accounts.items() if k.startswith(keys.WALLET)),
         "clearing_in_fen": sum(clearing_in.values()), "payments": len(s.payments),
+        "payments_imported": len(s.imported_payments),
         "payments_by_status": _by_status(s.payments),
         "unlocks": len(s.unlocks), "unlock_fen": unlock_fen,
         "photo_credits_in": len(s.photo_credits_in),
@@ -232,7 +246,7 @@ def _check_envelopes(r: Report, s: _Snapshot) -> tuple[dict[bytes, int], dict[st
 
 def _check_envelope(r: Report, s: _Snapshot, env: bytes, buf: bytes, totals: dict) -> None:
     name = env.decode()
-    (env_total, remaining_fen, _c, _e, count, claimed, _kind, status, _f,
+    (env_total, remaining_fen, _c, _e, count, claimed, _kind, status, flags,
      shares) = hotpath.unpack_envelope(buf)
     if sum(shares) != env_total or len(shares) != count:
         r.bad(f"envelope {name}: shares do not make up its total")
@@ -243,7 +257,9 @@ def _check_envelope(r: Report, s: _Snapshot, env: bytes, buf: bytes, totals: dic
     if escrow != unclaimed or (live and remaining_fen != unclaimed):
         r.bad(f"envelope {name}: escrow {escrow}, remaining {remaining_fen}, "
               f"unclaimed shares {unclaimed}")
-    if status == EnvelopeStatus.EXPIRED:
+    # An imported envelope that expired before its move returned its rest on the old owner.
+    expired_here = not (flags & records.ENV_IMPORTED) or keys.expiry_tid(env) in s.transfers
+    if status == EnvelopeStatus.EXPIRED and expired_here:
         returned = s.transfers.get(keys.expiry_tid(env), 0)
         if returned != sum(shares[claimed:]):
             r.bad(f"envelope {name}: expired with {sum(shares[claimed:])} unclaimed, "
@@ -257,6 +273,11 @@ def _check_grab(r: Report, s: _Snapshot, env: bytes, user: bytes, grab: tuple,
     name = env.decode()
     if index < len(shares) and shares[index] != amount:
         r.bad(f"envelope {name}: {user.decode()} holds {amount}, share is {shares[index]}")
+    if flags & records.GRAB_IMPORTED:
+        # Booked and credited on the old owner (an export credits every grab first).
+        if not flags & records.GRAB_CREDITED:
+            r.bad(f"grab {keys.grab_key(env, user).decode()} was imported uncredited")
+        return False
     if s.transfers.get(keys.grab_tid(env, index)) != amount:
         r.bad(f"envelope {name}: grab of share {index} has no matching transfer")
     credit_tid = keys.credit_tid(env, index)
@@ -288,6 +309,9 @@ def _check_payments(r: Report, s: _Snapshot) -> dict[str, int]:
     """Check 5; returns the money each bank's settled payments brought in."""
     clearing_in: dict[str, int] = defaultdict(int)
     in_flight_holds: set[bytes] = set()
+    for p in s.imported_payments:
+        if p.open:
+            r.bad(f"payment {p.payment_id} was imported {p.status.name}, not final")
     for p in s.payments:
         if p.open:
             r.in_flight.append({"payment_id": p.payment_id, "bank_id": p.bank_id,

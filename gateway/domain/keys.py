@@ -28,9 +28,18 @@ META = "meta"  # counter name -> value
 NOTIFICATIONS = "notifications"  # user \0 seq -> kind, amount, time, ids, message
 RESOLVE = "resolve"  # due ms + payment id -> empty (the resolver's queue)
 XCREDIT_OUTBOX = "bus:xcredit"  # seq -> a credit for a user of another SET (the relay's queue)
+# Slot handoff (cluster mode): the old owner's outbox of exported chunks, its record of what
+# left, and the new owner's record of the chunks it applied.
+MIGRATE_OUTBOX = "bus:migrate"  # seq -> to SET \0 a chunk of moved slots' data
+MOVED = "moved"  # old owner: m\0 move id -> export summary; e\0 envelope, u\0 user -> move id
+MIGRATED = "migrated"  # new owner: move id \0 chunk number -> chunk count
 
 TABLES = (ACCOUNTS, TRANSFERS, ENVELOPES, ENV_META, GRABS, IDEM, PAYMENTS, WALLET_TX,
-          CREDIT_OUTBOX, EXPIRY, META, NOTIFICATIONS, RESOLVE, XCREDIT_OUTBOX)
+          CREDIT_OUTBOX, EXPIRY, META, NOTIFICATIONS, RESOLVE, XCREDIT_OUTBOX, MIGRATE_OUTBOX,
+          MOVED, MIGRATED)
+# The tables whose rows a slot handoff carries to the new owner (a chunk names them by index,
+# so the order is part of the chunk format: append only).
+MIGRATABLE = (WALLET_TX, NOTIFICATIONS, IDEM, PAYMENTS, ENVELOPES, ENV_META, GRABS, EXPIRY)
 
 SEQ = b"seq"  # META: the last sequence number handed out (wallet entries, notices, outbox)
 
@@ -137,6 +146,17 @@ def unlock_tid(unlock: bytes) -> bytes:
     return UNLOCK_TID + unlock
 
 
+MOVE_TID = b"m:"
+
+
+def move_tid(move_id: bytes, what: bytes, name: bytes) -> bytes:
+    """A slot handoff's money: ``m:<move>:w:<user>`` (wallet -> x:<new owner>) or
+    ``m:<move>:e:<envelope>`` (escrow -> x:<new owner>), and the same id x:<old> -> the
+    account on the new owner."""
+    assert what in (b"w", b"e"), what
+    return MOVE_TID + move_id + b":" + what + b":" + name
+
+
 # -- record keys --------------------------------------------------------------------------
 
 def grab_key(env: bytes, user: bytes) -> bytes:
@@ -168,6 +188,34 @@ def split_unlock_idem_key(key: bytes) -> tuple[bytes, bytes]:
     """(viewer, request id) of an unlock record's key."""
     user, request_id = key[len(UNLOCK_IDEM):].split(b"\0", 1)
     return user, request_id
+
+
+def send_idem_prefix(user: bytes) -> bytes:
+    return b"send\0" + user + b"\0"
+
+
+def unlock_idem_prefix(user: bytes) -> bytes:
+    return UNLOCK_IDEM + user + b"\0"
+
+
+def move_record_key(move_id: bytes) -> bytes:
+    """MOVED: a finished export, so a second call with its id changes nothing."""
+    return b"m\0" + move_id
+
+
+def moved_key(what: bytes, name: bytes) -> bytes:
+    """MOVED: ``e`` an envelope or ``u`` a user that left this SET, -> the move id."""
+    assert what in (b"e", b"u"), what
+    return what + b"\0" + name
+
+
+def chunk_id(move_id: str, n: int) -> str:
+    return f"{move_id}:{n}"
+
+
+def applied_chunk_key(move_id: bytes, n: int) -> bytes:
+    """MIGRATED: chunk ``n`` of a move, applied here (value: the move's chunk count)."""
+    return move_id + b"\0" + be64(n)
 
 
 def user_seq_key(user: bytes, seq: int) -> bytes:

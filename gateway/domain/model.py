@@ -136,6 +136,17 @@ class CreditKind(enum.StrEnum):
 
     GRAB = "grab"  # a grab's share for a user of another SET
     PHOTO_INCOME = "photo_income"  # a paid photo unlock for an owner of another SET
+    # A slot handoff's money (Ledger.export_slots): a moved wallet's balance, user_id its
+    # owner and reference_id the move; a moved envelope's escrow, user_id its sender and
+    # reference_id the envelope. Neither is a wallet entry: the history travels as records.
+    WALLET_MOVE = "wallet_move"
+    ESCROW_MOVE = "escrow_move"
+
+
+# The transfer kind of a slot handoff's money (m:<move>:...). Like TxKind.GRAB it is never a
+# wallet entry; unlike it, it is not a TxKind member, since the API's TransactionKind has
+# no such value and the enums share their numbers with it.
+SLOT_MOVE_KIND = 21
 
 
 class RemoteCredit(NamedTuple):
@@ -159,6 +170,28 @@ class RemoteCredit(NamedTuple):
     kind: CreditKind = CreditKind.GRAB
     photo_id: str = ""    # PHOTO_INCOME only
     seq: int = 0          # its place on the sending SET's outbox (0 once received)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SlotExport:
+    """What Ledger.export_slots took off this SET for the new owner."""
+
+    move_id: str
+    chunks: int  # on the migration outbox, ids <move_id>:0 .. <move_id>:<chunks - 1>
+    wallets: int  # wallets with a balance, moved to x:<new owner>
+    wallet_fen: int
+    envelopes: int  # envelopes of the slots (with or without escrow left)
+    escrow_fen: int
+    records: int  # rows carried in the chunks
+
+
+class MigrationChunk(NamedTuple):
+    """One chunk on the migration outbox, for the shipper to carry to ``to_set``."""
+
+    seq: int  # its place on the outbox (what migration_chunks_sent takes)
+    chunk_id: str  # <move_id>:<n>
+    to_set: str
+    data: bytes  # what the new owner's Ledger.import_slots takes
 
 
 class GrabFound(NamedTuple):

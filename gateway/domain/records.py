@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import NamedTuple
 
+from gateway.domain import keys
 from gateway.domain.model import (
     CreditKind,
     Notice,
@@ -18,12 +20,19 @@ from gateway.domain.model import (
     PaymentStatus,
     RemoteCredit,
     SendResult,
+    SlotExport,
     TxKind,
     UnlockResult,
     WalletEntry,
 )
 
 GRAB_CREDITED = 1  # grab record flag: its credit reached the wallet
+# Grab record flag: imported with its envelope by a slot handoff; its g:/c: transfers are in
+# the old owner's journal, so the audit checks it against the escrow and shares only.
+GRAB_IMPORTED = 2
+# Envelope header flag: imported by a slot handoff (its send, grabs and any expiry refund
+# before the move are in the old owner's journal).
+ENV_IMPORTED = 1
 
 # A remote credit: the amount, then home, transfer id, user and reference id, \0-separated;
 # a photo income adds its kind and photo id (a grab's record is as it was before photo
@@ -142,3 +151,122 @@ def unpack_xcredit(seq: int, raw: bytes) -> RemoteCredit:
         return RemoteCredit(home, tid, user, amount, ref, seq=seq)
     kind, photo = rest
     return RemoteCredit(home, tid, user, amount, ref, CreditKind(kind), photo, seq)
+
+
+def mark_payment_imported(raw: bytes, from_set: str) -> bytes:
+    """A payment record carried by a slot handoff: its money is in ``from_set``'s books."""
+    d = json.loads(raw)
+    d["m"] = from_set
+    return json.dumps(d, separators=_COMPACT).encode()
+
+
+def payment_imported(raw: bytes) -> bool:
+    return b'"m":' in raw and "m" in json.loads(raw)
+
+
+def mark_unlock_imported(raw: bytes, from_set: str) -> bytes:
+    """An unlock record carried by a slot handoff: the owner's SET (or null) at index 4,
+    the old owner at index 5; its transfer is in ``from_set``'s journal."""
+    fields = json.loads(raw[16:])
+    if len(fields) == 4:
+        fields.append(None)
+    return raw[:16] + json.dumps([*fields[:5], from_set], separators=_COMPACT).encode()
+
+
+def unlock_imported(raw: bytes) -> bool:
+    return len(json.loads(raw[16:])) > 5
+
+
+def pack_export(fp: bytes, r: SlotExport) -> bytes:
+    assert len(fp) == 16, fp
+    return fp + json.dumps([r.move_id, r.chunks, r.wallets, r.wallet_fen, r.envelopes,
+                            r.escrow_fen, r.records], separators=_COMPACT).encode()
+
+
+def unpack_export(raw: bytes) -> tuple[bytes, SlotExport]:
+    return raw[:16], SlotExport(*json.loads(raw[16:]))
+
+
+# -- slot handoff chunks ----------------------------------------------------------------
+# magic, chunk number, chunk count, money items, rows; then the move id and the new owner,
+# each u16-length-prefixed; then each money item (transfer id, account: u16-prefixed; i64
+# amount) and each row (u8 index into keys.MIGRATABLE, u16-prefixed key, u32-prefixed value).
+_CHUNK_MAGIC = b"HBM1"
+_CHUNK_HEAD = struct.Struct("<4sIIII")
+_U8, _U16, _U32, _I64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<q"))
+CHUNK_MAX_BYTES = 256 * 1024
+
+
+class Chunk(NamedTuple):
+    move_id: bytes
+    to_set: bytes
+    n: int
+    total: int
+    money: list[tuple[bytes, bytes, int]]  # (transfer id, account, amount_fen)
+    rows: list[tuple[str, bytes, bytes]]  # (table, key, value)
+
+
+def money_size(tid: bytes, acct: bytes) -> int:
+    return 2 + len(tid) + 2 + len(acct) + 8
+
+
+def row_size(key: bytes, value: bytes) -> int:
+    return 1 + 2 + len(key) + 4 + len(value)
+
+
+def chunk_head_size(move_id: bytes, to_set: bytes) -> int:
+    return _CHUNK_HEAD.size + 2 + len(move_id) + 2 + len(to_set)
+
+
+def pack_chunk(c: Chunk) -> bytes:
+    out = [_CHUNK_HEAD.pack(_CHUNK_MAGIC, c.n, c.total, len(c.money), len(c.rows))]
+    for name in (c.move_id, c.to_set):
+        out += [_U16.pack(len(name)), name]
+    for tid, acct, amount in c.money:
+        assert amount > 0, (tid, amount)
+        out += [_U16.pack(len(tid)), tid, _U16.pack(len(acct)), acct, _I64.pack(amount)]
+    for table, key, value in c.rows:
+        out += [_U8.pack(keys.MIGRATABLE.index(table)), _U16.pack(len(key)), key,
+                _U32.pack(len(value)), value]
+    raw = b"".join(out)
+    assert len(raw) <= CHUNK_MAX_BYTES, len(raw)
+    return raw
+
+
+def unpack_chunk(raw: bytes) -> Chunk:
+    """A chunk, read back with every length checked; ValueError if it is not one."""
+    try:
+        return _unpack_chunk(raw)
+    except (struct.error, IndexError) as exc:
+        raise ValueError(f"not a migration chunk: {exc}") from exc
+
+
+def _unpack_chunk(raw: bytes) -> Chunk:
+    magic, n, total, n_money, n_rows = _CHUNK_HEAD.unpack_from(raw)
+    if magic != _CHUNK_MAGIC or not n < total:
+        raise ValueError(f"not a migration chunk (magic {magic!r}, chunk {n} of {total})")
+    at = _CHUNK_HEAD.size
+
+    def take(size: struct.Struct) -> bytes:
+        nonlocal at
+        (length,) = size.unpack_from(raw, at)
+        piece = raw[at + size.size:at + size.size + length]
+        if len(piece) != length:
+            raise ValueError("a field runs past the chunk's end")
+        at += size.size + length
+        return piece
+
+    move_id, to_set = take(_U16), take(_U16)
+    money = []
+    for _ in range(n_money):
+        tid, acct = take(_U16), take(_U16)
+        money.append((tid, acct, _I64.unpack_from(raw, at)[0]))
+        at += _I64.size
+    rows = []
+    for _ in range(n_rows):
+        table = keys.MIGRATABLE[_U8.unpack_from(raw, at)[0]]
+        at += 1
+        rows.append((table, take(_U16), take(_U32)))
+    if at != len(raw):
+        raise ValueError(f"{len(raw) - at} bytes after the chunk's last row")
+    return Chunk(move_id, to_set, n, total, money, rows)

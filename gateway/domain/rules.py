@@ -27,6 +27,7 @@ from gateway.domain.keys import (
     wallet_account,
 )
 from gateway.domain.model import (
+    SLOT_MOVE_KIND,
     CardEnvelope,
     CreditKind,
     EnvelopeStatus,
@@ -40,12 +41,13 @@ from gateway.domain.model import (
     PayMethod,
     RemoteCredit,
     SendResult,
+    SlotExport,
     TxKind,
     UnlockResult,
     expired_refund_text,
     photo_income_text,
 )
-from gateway.domain.store import Books
+from gateway.domain.store import Books, scan_prefix
 
 _REUSED = ("REQUEST_ID_REUSED", "request_id was used before with another payload")
 
@@ -72,7 +74,7 @@ def send_from_balance(b: Books, user: bytes, rid: bytes, fingerprint: bytes, env
         saved_fp, saved = records.unpack_send_result(raw)
         if saved_fp != fingerprint:
             raise errors.InvalidArgument(*_REUSED)
-        return dataclasses.replace(saved, status=_live_status(b, saved.envelope_id))
+        return dataclasses.replace(saved, status=_live_status(b, saved))
     wallet = wallet_account(user)
     if not hotpath.debit_ok(b.account(wallet), total_fen):
         raise errors.FailedPrecondition(
@@ -94,9 +96,13 @@ def send_from_balance(b: Books, user: bytes, rid: bytes, fingerprint: bytes, env
     return result
 
 
-def _live_status(b: Books, envelope_id: str) -> int:
-    buf = b.envelope(envelope_id.encode())
-    assert buf is not None, envelope_id
+def _live_status(b: Books, saved: SendResult) -> int:
+    buf = b.envelope(saved.envelope_id.encode())
+    if buf is None:
+        # The sender's slot moved to this SET, the envelope (an id from before ids carried
+        # a slot) stayed on the SET that made it: the saved status is all there is here.
+        assert keys.envelope_slot(saved.envelope_id) is None, saved
+        return saved.status
     return hotpath.envelope_header(buf)[7]
 
 
@@ -213,7 +219,12 @@ def apply_remote_credits(b: Books, from_set: bytes, credits: list[RemoteCredit])
         if b.tx.get(keys.TRANSFERS, tid) is not None:
             continue   # delivered before
         user, ref = c.user_id.encode(), c.reference_id.encode()
-        if c.kind == CreditKind.PHOTO_INCOME:
+        if c.kind in _MOVE_KINDS:
+            # A slot handoff's money; the history it belongs to travels as records.
+            to = wallet_account(user) if c.kind == CreditKind.WALLET_MOVE else escrow_account(ref)
+            b.move(tid, keys.interset_account(from_set), to, c.amount_fen, SLOT_MOVE_KIND,
+                   ref)
+        elif c.kind == CreditKind.PHOTO_INCOME:
             assert c.photo_id, c
             b.move(tid, keys.interset_account(from_set), wallet_account(user), c.amount_fen,
                    TxKind.PHOTO_UNLOCK, ref)
@@ -225,6 +236,9 @@ def apply_remote_credits(b: Books, from_set: bytes, credits: list[RemoteCredit])
             _share_landed(b, user, tid, ref, c.amount_fen)
         applied += 1
     return applied
+
+
+_MOVE_KINDS = (CreditKind.WALLET_MOVE, CreditKind.ESCROW_MOVE)
 
 
 def remote_credits_sent(b: Books, seqs: list[int]) -> int:
@@ -496,3 +510,302 @@ def _photo_income(b: Books, owner: bytes, tid: bytes, ref: bytes, amount_fen: in
     b.wallet_entry(owner, TxKind.PHOTO_INCOME, amount_fen, tid, ref)
     b.notify(owner, NoticeKind.CREDITED, amount_fen, payment_id=ref.decode(),
              message=photo_income_text(photo_id))
+
+
+# -- cluster mode: handing slots to another SET ------------------------------------------
+# A slot handoff moves the data of a set of slots from their old owner A to the new owner B
+# while both refuse the slots' calls (the control plane freezes, drains, ships the chunks
+# and switches the map; these two rules are the books' part).
+#
+# What A keeps: its journal (every transfer, the m: ones included: wallet or escrow ->
+# x:<B>, sent like any remote credit), its x:<B> account, the final payments and paid
+# unlock records of the moved users (they tie A's clearing accounts and unlock transfers
+# together, so A's audit balances unchanged; B gets copies marked imported) and a marker
+# per moved user and envelope with the move id (MOVED). Everything else of the slots
+# leaves A's live tables: wallet entries, notifications, send records, envelopes, their
+# metadata, grabs and expiry entries.
+
+_MOVE_ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_OPEN_ENVELOPE = (int(EnvelopeStatus.PAYING), int(EnvelopeStatus.PAY_UNKNOWN))
+
+
+def export_slots(b: Books, slots: frozenset[int], to_set: bytes, move_id: bytes
+                 ) -> SlotExport:
+    """Takes the slots' wallets, envelopes and records off this SET for ``to_set``: money
+    to x:<to_set> (m: transfers, queued for the relay as wallet_move/escrow_move credits),
+    records into chunks on the migration outbox. Idempotent by move id; refused with
+    SLOT_BUSY while a payment of the slots is open."""
+    if not move_id or len(move_id) > 64 or not set(move_id) <= _MOVE_ID_CHARS:
+        raise errors.InvalidArgument("BAD_MOVE_ID", "a move id is 1-64 of [A-Za-z0-9_.-]")
+    fp = keys.fingerprint("export_slots", sorted(slots), to_set.decode())
+    saved = b.tx.get(keys.MOVED, keys.move_record_key(move_id))
+    if saved is not None:
+        saved_fp, result = records.unpack_export(saved)
+        if saved_fp != fp:
+            raise errors.InvalidArgument("MOVE_ID_REUSED",
+                                         "move_id was used before for other slots or SET")
+        return result
+    envs = _envelopes_in(b, slots)
+    payments = _payments_in(b, slots)
+    _refuse_busy(b, envs, payments)
+    users = _users_in(b, slots) | set(payments)
+    _credit_before_move(b, slots, set(envs), to_set)
+    groups: list[list[tuple]] = []
+    escrow_fen = wallet_fen = wallets = 0
+    for env in envs:
+        group = _export_envelope(b, env, to_set, move_id)
+        escrow_fen += sum(item[3] for item in group if item[0] == "money")
+        groups.append(group)
+    for user in sorted(users):
+        items = _export_user(b, user, to_set, move_id, payments.get(user, []))
+        moved = [item[3] for item in items if item[0] == "money"]
+        wallets, wallet_fen = wallets + len(moved), wallet_fen + sum(moved)
+        groups.extend([item] for item in items)
+    chunks = _pack_chunks(groups, move_id, to_set)
+    for raw in chunks:
+        b.tx.put(keys.MIGRATE_OUTBOX, keys.be64(b.next_seq()), to_set + b"\0" + raw,
+                 append=True)
+    rows = sum(1 for group in groups for item in group if item[0] == "row")
+    result = SlotExport(move_id.decode(), len(chunks), wallets, wallet_fen, len(envs),
+                        escrow_fen, rows)
+    b.tx.put(keys.MOVED, keys.move_record_key(move_id), records.pack_export(fp, result))
+    return result
+
+
+def _in_slots(user: bytes, slots: frozenset[int]) -> bool:
+    return keys.slot_of(user.decode()) in slots
+
+
+def _envelopes_in(b: Books, slots: frozenset[int]) -> list[bytes]:
+    """The envelopes whose id carries one of the slots (ids from before ids carried a slot
+    stay where they are)."""
+    return [env for env, _buf in b.tx.scan(keys.ENVELOPES)
+            if keys.envelope_slot(env.decode()) in slots]
+
+
+def _payments_in(b: Books, slots: frozenset[int]) -> dict[bytes, list[tuple[bytes, bytes]]]:
+    """The payment records of the slots' users, by user."""
+    out: dict[bytes, list[tuple[bytes, bytes]]] = {}
+    for key, raw in b.tx.scan(keys.PAYMENTS):
+        user = records.unpack_payment(raw)[0].user_id.encode()
+        if _in_slots(user, slots):
+            out.setdefault(user, []).append((key, raw))
+    return out
+
+
+def _refuse_busy(b: Books, envs: list[bytes],
+                 payments: dict[bytes, list[tuple[bytes, bytes]]]) -> None:
+    for user, held in payments.items():
+        for _key, raw in held:
+            p = records.unpack_payment(raw)[0]
+            if p.open:
+                raise errors.FailedPrecondition(
+                    "SLOT_BUSY", f"payment {p.payment_id} of {user.decode()} is "
+                    f"{p.status.name}: the resolver must finish it before the move",
+                    payment_id=p.payment_id)
+    for env in envs:
+        buf = b.envelope(env)
+        assert buf is not None, env
+        if hotpath.envelope_header(buf)[7] in _OPEN_ENVELOPE:
+            raise errors.FailedPrecondition(
+                "SLOT_BUSY", f"envelope {env.decode()} waits for its card payment",
+                envelope_id=env.decode())
+
+
+def _distinct_users(b: Books, table: str, prefix: bytes = b"") -> set[bytes]:
+    """The users of a table keyed ``prefix user \\0 ...``: one seek per user, not per row."""
+    users: set[bytes] = set()
+    start = prefix
+    while True:
+        key = next((k for k, _v in b.tx.scan(table, start)), None)
+        if key is None or not key.startswith(prefix):
+            return users
+        user = key[len(prefix):].split(b"\0", 1)[0]
+        users.add(user)
+        start = prefix + user + b"\x01"
+
+
+def _users_in(b: Books, slots: frozenset[int]) -> set[bytes]:
+    """The slots' users with a wallet, history, notifications or request records here."""
+    found = {acct[len(keys.WALLET):] for acct, _raw in
+             scan_prefix(b.tx, keys.ACCOUNTS, keys.WALLET)}
+    for table in (keys.WALLET_TX, keys.NOTIFICATIONS):
+        found |= _distinct_users(b, table)
+    found |= _distinct_users(b, keys.IDEM, keys.send_idem_prefix(b"")[:-1])
+    found |= _distinct_users(b, keys.IDEM, keys.UNLOCK_IDEM)
+    return {user for user in found if _in_slots(user, slots)}
+
+
+def _credit_before_move(b: Books, slots: frozenset[int], envs: set[bytes],
+                        to_set: bytes) -> None:
+    """Credits every grab waiting on the credit outbox whose envelope or grabber moves, the
+    slots' users counting as living on ``to_set``: no pending credit refers to data that
+    leaves, and their shares reach them on ``to_set`` as any remote credit."""
+    waiting = [(key, gkey) for key, gkey in b.tx.scan(keys.CREDIT_OUTBOX)
+               if keys.split_grab_key(gkey)[0] in envs
+               or _in_slots(keys.split_grab_key(gkey)[1], slots)]
+    placement = b.away
+
+    def away(user: bytes) -> bytes | None:
+        if _in_slots(user, slots):
+            return to_set
+        return placement(user) if placement is not None else None
+
+    b.away = away
+    try:
+        for key, gkey in waiting:
+            b.tx.delete(keys.CREDIT_OUTBOX, key)
+            credit_grab(b, gkey)
+    finally:
+        b.away = placement
+
+
+def _move_out(b: Books, tid: bytes, acct: bytes, to_set: bytes, amount: int, ref: bytes,
+              credit: RemoteCredit) -> tuple:
+    b.move(tid, acct, keys.interset_account(to_set), amount, SLOT_MOVE_KIND, ref)
+    b.publish_remote_credit(credit)
+    return ("money", tid, acct, amount)
+
+
+def _export_envelope(b: Books, env: bytes, to_set: bytes, move_id: bytes) -> list[tuple]:
+    """An envelope's escrow and rows, as one group (they travel in one chunk, so the new
+    owner never holds an envelope without its escrow)."""
+    buf = b.drop_envelope(env)
+    meta = b.tx.get(keys.ENV_META, env)
+    assert buf is not None and meta is not None, env
+    rows = [("row", keys.ENVELOPES, env, buf), ("row", keys.ENV_META, env, meta)]
+    for gkey, raw in scan_prefix(b.tx, keys.GRABS, keys.grabs_prefix(env)):
+        assert hotpath.unpack_grab(raw)[3] & records.GRAB_CREDITED, gkey
+        rows.append(("row", keys.GRABS, gkey, raw))
+    due = keys.due_key(hotpath.envelope_header(buf)[3], env)
+    if b.tx.get(keys.EXPIRY, due) is not None:
+        rows.append(("row", keys.EXPIRY, due, b""))
+    for _row, table, key, _value in rows:
+        b.tx.delete(table, key)
+    escrow = escrow_account(env)
+    amount = b.account(escrow)
+    if amount > 0:
+        tid = keys.move_tid(move_id, b"e", env)
+        sender = records.unpack_env_meta(meta)["s"]
+        rows.insert(0, _move_out(b, tid, escrow, to_set, amount, env, RemoteCredit(
+            to_set.decode(), tid.decode(), sender, amount, env.decode(),
+            CreditKind.ESCROW_MOVE)))
+    b.tx.put(keys.MOVED, keys.moved_key(b"e", env), move_id)
+    return rows
+
+
+def _export_user(b: Books, user: bytes, to_set: bytes, move_id: bytes,
+                 payments: list[tuple[bytes, bytes]]) -> list[tuple]:
+    """A user's wallet balance and rows. Final payments and paid unlock records stay here
+    too (this SET's clearing accounts and unlock transfers are tied to them)."""
+    leaving = [("row", table, key, value)
+               for table, prefix in ((keys.WALLET_TX, keys.user_prefix(user)),
+                                     (keys.NOTIFICATIONS, keys.user_prefix(user)),
+                                     (keys.IDEM, keys.send_idem_prefix(user)))
+               for key, value in scan_prefix(b.tx, table, prefix)]
+    copied = [("row", keys.IDEM, key, value)
+              for key, value in scan_prefix(b.tx, keys.IDEM, keys.unlock_idem_prefix(user))]
+    copied += [("row", keys.PAYMENTS, key, raw) for key, raw in payments]
+    for _row, table, key, _value in leaving:
+        b.tx.delete(table, key)
+    assert b.account(pending_account(user)) == 0, user
+    items = leaving + copied
+    wallet = wallet_account(user)
+    amount = b.account(wallet)
+    if amount > 0:
+        tid = keys.move_tid(move_id, b"w", user)
+        items.insert(0, _move_out(b, tid, wallet, to_set, amount, move_id, RemoteCredit(
+            to_set.decode(), tid.decode(), user.decode(), amount, move_id.decode(),
+            CreditKind.WALLET_MOVE)))
+    b.tx.put(keys.MOVED, keys.moved_key(b"u", user), move_id)
+    return items
+
+
+def _item_size(item: tuple) -> int:
+    if item[0] == "money":
+        return records.money_size(item[1], item[2])
+    return records.row_size(item[2], item[3])
+
+
+def _pack_chunks(groups: list[list[tuple]], move_id: bytes, to_set: bytes) -> list[bytes]:
+    """Groups into chunks of at most CHUNK_MAX_BYTES, a group never split; every chunk
+    carries its number and the count (a move with nothing to carry still has one)."""
+    room = records.CHUNK_MAX_BYTES - records.chunk_head_size(move_id, to_set)
+    parts: list[list[tuple]] = [[]]
+    used = 0
+    for group in groups:
+        size = sum(_item_size(item) for item in group)
+        assert size <= room, ("a group larger than a chunk", size)
+        if used + size > room:
+            parts.append([])
+            used = 0
+        parts[-1].extend(group)
+        used += size
+    return [records.pack_chunk(records.Chunk(
+        move_id, to_set, n, len(parts),
+        [(i[1], i[2], i[3]) for i in part if i[0] == "money"],
+        [(i[1], i[2], i[3]) for i in part if i[0] == "row"])) for n, part in enumerate(parts)]
+
+
+def migration_chunks_sent(b: Books, seqs: list[int]) -> int:
+    """The shipper has the new owner's acknowledgement for these: off the outbox."""
+    return sum(b.tx.delete(keys.MIGRATE_OUTBOX, keys.be64(seq)) for seq in seqs)
+
+
+def import_slots(b: Books, from_set: bytes, raw: bytes) -> int:
+    """One chunk of ``from_set``'s export, applied once by its id: the money x:<from_set>
+    -> wallet or escrow under the old owner's transfer ids (skipping one a remote credit
+    applied first), and the rows written back, marked imported where the audit must not
+    look for their transfers here. Returns how many items were applied (0: seen before).
+
+    Wallet entries and notifications keep their sequence numbers when the key is free; this
+    SET's counter is taken past the largest imported one first, so later entries sort after
+    them, and an entry whose key is taken gets a fresh number. So a WatchNotifications
+    client resuming with an ``after_event_id`` it got from the old owner sees every later
+    event, and sees again only the (rare) events that had to be renumbered.
+    """
+    try:
+        chunk = records.unpack_chunk(raw)
+    except ValueError as exc:
+        raise errors.InvalidArgument("BAD_CHUNK", str(exc)) from exc
+    for _tid, acct, amount in chunk.money:
+        if amount <= 0 or not acct.startswith((keys.WALLET, keys.ESCROW)):
+            raise errors.InvalidArgument("BAD_CHUNK", f"cannot move {amount} fen into {acct!r}")
+    done = keys.applied_chunk_key(chunk.move_id, chunk.n)
+    if b.tx.get(keys.MIGRATED, done) is not None:
+        return 0
+    for tid, acct, amount in chunk.money:
+        if b.tx.get(keys.TRANSFERS, tid) is None:
+            ref = chunk.move_id if acct.startswith(keys.WALLET) else acct[len(keys.ESCROW):]
+            b.move(tid, keys.interset_account(from_set), acct, amount, SLOT_MOVE_KIND, ref)
+    seqs = [keys.unbe64(key[-8:]) for table, key, _v in chunk.rows
+            if table in (keys.WALLET_TX, keys.NOTIFICATIONS)]
+    b.seq_past(max(seqs, default=0))
+    origin = from_set.decode()
+    for table, key, value in chunk.rows:
+        _import_row(b, origin, table, key, value)
+    b.tx.put(keys.MIGRATED, done, keys.be64(chunk.total))
+    return len(chunk.money) + len(chunk.rows)
+
+
+def _import_row(b: Books, origin: str, table: str, key: bytes, value: bytes) -> None:
+    tx = b.tx
+    if table in (keys.WALLET_TX, keys.NOTIFICATIONS):
+        if not tx.put(table, key, value, overwrite=False):
+            tx.put(table, keys.user_seq_key(key[:-9], b.next_seq()), value)
+        return
+    if table == keys.IDEM and key.startswith(keys.UNLOCK_IDEM):
+        value = records.mark_unlock_imported(value, origin)
+    elif table == keys.PAYMENTS:
+        value = records.mark_payment_imported(value, origin)
+    elif table == keys.GRABS:
+        amount, at_ms, index, flags, digest = hotpath.unpack_grab(value)
+        value = hotpath.pack_grab(amount, at_ms, index, flags | records.GRAB_IMPORTED, digest)
+    elif table == keys.ENVELOPES:
+        b.envelopes.pop(key, None)
+        (total, remaining_fen, created, expires, count, claimed, kind, status, flags,
+         shares) = hotpath.unpack_envelope(value)
+        value = hotpath.pack_envelope(total, remaining_fen, created, expires, count, claimed,
+                                      kind, status, flags | records.ENV_IMPORTED, shares)
+    # What this SET already holds under the key is kept: a record is never overwritten.
+    tx.put(table, key, value, overwrite=False)

@@ -106,6 +106,25 @@ class Books:
         self.seq += 1
         return self.seq
 
+    def seq_past(self, seq: int) -> None:
+        """Takes the sequence past ``seq`` (entries imported with their own numbers)."""
+        if self.seq < 0:
+            self.next_seq()
+            self.seq -= 1
+        self.seq = max(self.seq, seq)
+
+    def drop_envelope(self, env: bytes) -> bytes | None:
+        """The envelope as this transaction has it, taken out of the write-back cache (its
+        best luck named first if it sold out here), so flush writes nothing for it: the
+        caller deletes or replaces it."""
+        if env in self.best_luck:
+            self.best_luck = [e for e in self.best_luck if e != env]
+            buf = self.envelopes.pop(env, None)
+            if buf is not None:
+                self.tx.put(keys.ENVELOPES, env, buf)
+            self._name_best_luck(env)
+        return self.envelopes.pop(env, None) or self.tx.get(keys.ENVELOPES, env)
+
     def move(self, tid: bytes, debit: bytes, credit: bytes, amount: int, kind: int,
              ref: bytes) -> None:
         """One double-entry transfer. Callers have checked funds: a shortfall is a bug."""

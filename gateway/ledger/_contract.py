@@ -32,12 +32,14 @@ from gateway.domain.model import (
     GrabFound,
     GrabResult,
     LedgerStats,
+    MigrationChunk,
     Notice,
     Payment,
     PaymentBegun,
     PaymentStatus,
     RemoteCredit,
     SendResult,
+    SlotExport,
     UnlockResult,
     WalletPage,
 )
@@ -216,6 +218,43 @@ class Ledger(abc.ABC):
         exactly what the listed credits add up to. For ``hongbao reconcile --cluster``;
         empty on a gateway that never had placement set."""
 
+    # -- cluster mode: handing slots to another SET ----------------------------------
+
+    @abc.abstractmethod
+    async def export_slots(self, slots: set[int], to_set: str, move_id: str) -> SlotExport:
+        """On the old owner, with the slots frozen: in one write transaction, credits every
+        waiting grab of the slots (their users counting as living on ``to_set``), moves
+        each wallet balance and escrow of the slots to x:<to_set> under
+        ``m:<move_id>:w:<user>`` / ``m:<move_id>:e:<envelope>`` (queued for the relay as
+        wallet_move / escrow_move credits) and takes their records off this SET into
+        chunks of at most 256 KiB on the migration outbox (``<move_id>:<n>``).
+
+        Refuses with FailedPrecondition ``SLOT_BUSY`` and changes nothing while a payment
+        of the slots' users is open or a card-paid envelope of the slots is not final.
+        Idempotent by ``move_id``: a second call returns the first result and changes
+        nothing; the id with other slots or another SET raises ``MOVE_ID_REUSED``."""
+
+    @abc.abstractmethod
+    async def migration_chunks_due(self, limit: int) -> list[MigrationChunk]:
+        """The shipper's next exported chunks, oldest first."""
+
+    @abc.abstractmethod
+    async def migration_chunks_sent(self, seqs: list[int]) -> int:
+        """Takes chunks the new owner acknowledged off the migration outbox."""
+
+    @abc.abstractmethod
+    async def import_slots(self, from_set: str, chunk: bytes) -> int:
+        """On the new owner: applies one chunk of ``from_set``'s export in one write
+        transaction, once by its id (a redelivery returns 0 and changes nothing): its
+        money from x:<from_set> under the old owner's transfer ids (one already applied
+        by its remote credit is skipped) and its records. InvalidArgument ``BAD_CHUNK``
+        for bytes that are not a chunk. See ``rules.import_slots`` for what it does to
+        wallet-entry and notification sequence numbers."""
+
+    @abc.abstractmethod
+    async def import_complete(self, move_id: str) -> bool:
+        """Whether every chunk of the move has been applied here."""
+
     # -- operations ----------------------------------------------------------------
 
     @abc.abstractmethod
@@ -303,6 +342,22 @@ class BooksLedger(Ledger):
 
     async def interset_credits(self):
         return self.read(reads.interset_credits)
+
+    async def export_slots(self, slots, to_set, move_id) -> SlotExport:
+        return await self.write(rules.export_slots, frozenset(slots), to_set.encode(),
+                                move_id.encode())
+
+    async def migration_chunks_due(self, limit):
+        return self.read(reads.migration_chunks_due, limit)
+
+    async def migration_chunks_sent(self, seqs):
+        return await self.write(rules.migration_chunks_sent, seqs) if seqs else 0
+
+    async def import_slots(self, from_set, chunk) -> int:
+        return await self.write(rules.import_slots, from_set.encode(), chunk)
+
+    async def import_complete(self, move_id):
+        return self.read(reads.import_complete, move_id)
 
     # The two sweeps look before they write: an idle gateway commits nothing (in strict
     # durability every write transaction is an fsync). The write checks again.
