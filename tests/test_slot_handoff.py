@@ -20,6 +20,7 @@ from gateway.cluster import bus
 from gateway.domain import keys, records
 from gateway.domain.keys import slot_of
 from gateway.domain.model import CreditKind, GrabOutcome, NoticeKind, PaymentStatus
+from gateway.domain.reads import Direction
 from tests.conftest import run
 from tests.test_ledger import BACKENDS, _fund, _send, _top_up, assert_balanced, make_ledger
 
@@ -246,3 +247,81 @@ def test_a_chunk_that_is_not_one_is_refused():
     for bad in (raw[:-1], raw + b"\0", b"nope", raw.replace(b"HBM1", b"HBM2")):
         with pytest.raises(ValueError):
             records.unpack_chunk(bad)
+
+
+def test_money_for_a_moved_user_reaching_the_old_owner_goes_on_to_the_new(two_sets):
+    """After the export, before the map switch: an unlock on b for a mover (b still routes
+    it to a) is booked on a and sent on to b under fw:<id>; an unlock on a for a mover goes
+    to x:b at once. The mover gets both on b, with entries; everything pairs and balances."""
+    a, b, _switched = two_sets
+
+    async def scenario():
+        await _fund(a, "a-carol", 1_000)
+        await _fund(b, "b-dan", 1_000)
+        await _fund(a, "s-alice", 100)
+        await a.export_slots(set(S), "b", "mv3")
+        for chunk in await a.migration_chunks_due(10):
+            await b.import_slots("a", chunk.data)
+        await b.unlock_photo("b-dan", "u-1", keys.fingerprint("unlock", "ph1", "s-alice"),
+                             owner_id="s-alice", photo_id="ph1", amount_fen=50)
+        await a.unlock_photo("a-carol", "u-2", keys.fingerprint("unlock", "ph2", "s-alice"),
+                             owner_id="s-alice", photo_id="ph2", amount_fen=70)
+        assert await a.apply_remote_credits("b", await b.remote_credits_due(10)) == 1
+        assert await a.balance("s-alice") == (0, 0)
+        await b.apply_remote_credits("a", await a.remote_credits_due(10))
+        return (await b.balance("s-alice"),
+                (await b.list_transactions("s-alice", 10, None)).entries,
+                await a.interset_credits(), await b.interset_credits())
+
+    alice, entries, listing_a, listing_b = run(scenario())
+    assert alice == (100 + 50 + 70, 0)
+    assert sorted((e.kind.name, e.amount_fen) for e in entries) == [
+        ("PHOTO_INCOME", 50), ("PHOTO_INCOME", 70), ("TOP_UP", 100)]
+    assert any(e.transaction_id.startswith("fw:u:") for e in entries)
+    for sender, receiver, peer, back in ((listing_a, listing_b, "b", "a"),
+                                         (listing_b, listing_a, "a", "b")):
+        sent = {c.transfer_id: c.amount_fen for c in sender.credits
+                if c.peer == peer and c.direction == Direction.SENT}
+        applied = {c.transfer_id: c.amount_fen for c in receiver.credits
+                   if c.peer == back and c.direction == Direction.APPLIED}
+        assert sent == applied and sent
+    assert_balanced(a)
+    assert_balanced(b)
+    assert _interset(a, "b") + _interset(b, "a") == 0
+
+
+def test_slots_moved_there_and_back_end_where_they_started(two_sets):
+    """a -> b, then b -> a: the mover's money, history and envelope are on a again, a no
+    longer sends the mover's money on to b, and both SETs balance."""
+    a, b, switched = two_sets
+
+    async def scenario():
+        await _fund(a, "s-alice", 1_000)
+        env = (await _send(a, "s-alice", 300, 3)).envelope_id
+        history = (await a.list_transactions("s-alice", 10, None)).entries
+        await a.export_slots(set(S), "b", "there")
+        for chunk in await a.migration_chunks_due(10):
+            await b.import_slots("a", chunk.data)
+        switched[0] = True
+        await b.export_slots(set(S), "a", "back")
+        for chunk in await b.migration_chunks_due(10):
+            await a.import_slots("b", chunk.data)
+        switched[0] = False
+        for src, dst, name in ((a, b, "a"), (b, a, "b")):
+            await dst.apply_remote_credits(name, await src.remote_credits_due(100))
+        await _fund(a, "a-carol", 100)
+        await a.unlock_photo("a-carol", "u-1", keys.fingerprint("unlock", "ph", "s-alice"),
+                             owner_id="s-alice", photo_id="ph", amount_fen=5)
+        grabbed = await a.grab("a-gina", env, "g")
+        await a.apply_credits(10)
+        return (history, (await a.list_transactions("s-alice", 10, None)).entries,
+                await a.balance("s-alice"), await a.remote_credits_due(100), grabbed)
+
+    history, entries, alice, due, grabbed = run(scenario())
+    assert entries[1:] == history and entries[0].amount_fen == 5 and alice == (705, 0)
+    # Only the first move's money waits for the relay: nothing of later was sent to b.
+    assert grabbed.outcome == GrabOutcome.GRABBED
+    assert {c.transfer_id[:8] for c in due} == {"m:there:"}
+    assert_balanced(a)
+    assert_balanced(b)
+    assert _interset(a, "b") + _interset(b, "a") == 0

@@ -31,7 +31,8 @@ XCREDIT_OUTBOX = "bus:xcredit"  # seq -> a credit for a user of another SET (the
 # Slot handoff (cluster mode): the old owner's outbox of exported chunks, its record of what
 # left, and the new owner's record of the chunks it applied.
 MIGRATE_OUTBOX = "bus:migrate"  # seq -> to SET \0 a chunk of moved slots' data
-MOVED = "moved"  # old owner: m\0 move id -> export summary; e\0 envelope, u\0 user -> move id
+MOVED = "moved"  # old owner: m\0 move id -> export summary; e\0 envelope, u\0 user -> move
+# id \0 new owner (what left, and where to: a late credit for a moved user is sent on)
 MIGRATED = "migrated"  # new owner: move id \0 chunk number -> chunk count
 
 TABLES = (ACCOUNTS, TRANSFERS, ENVELOPES, ENV_META, GRABS, IDEM, PAYMENTS, WALLET_TX,
@@ -39,7 +40,10 @@ TABLES = (ACCOUNTS, TRANSFERS, ENVELOPES, ENV_META, GRABS, IDEM, PAYMENTS, WALLE
           MOVED, MIGRATED)
 # The tables whose rows a slot handoff carries to the new owner (a chunk names them by index,
 # so the order is part of the chunk format: append only).
-MIGRATABLE = (WALLET_TX, NOTIFICATIONS, IDEM, PAYMENTS, ENVELOPES, ENV_META, GRABS, EXPIRY)
+# A MOVED row in a chunk names a user or envelope arriving: the new owner drops its own
+# marker for it (the slot may be coming back).
+MIGRATABLE = (WALLET_TX, NOTIFICATIONS, IDEM, PAYMENTS, ENVELOPES, ENV_META, GRABS, EXPIRY,
+              MOVED)
 
 SEQ = b"seq"  # META: the last sequence number handed out (wallet entries, notices, outbox)
 
@@ -157,6 +161,12 @@ def move_tid(move_id: bytes, what: bytes, name: bytes) -> bytes:
     return MOVE_TID + move_id + b":" + what + b":" + name
 
 
+def forward_tid(tid: bytes) -> bytes:
+    """A credit that reached this SET for a user whose slot it handed off, sent on to the
+    new owner (wallet -> x:<new owner>) after it was booked here under ``tid``."""
+    return b"fw:" + tid
+
+
 # -- record keys --------------------------------------------------------------------------
 
 def grab_key(env: bytes, user: bytes) -> bytes:
@@ -204,7 +214,7 @@ def move_record_key(move_id: bytes) -> bytes:
 
 
 def moved_key(what: bytes, name: bytes) -> bytes:
-    """MOVED: ``e`` an envelope or ``u`` a user that left this SET, -> the move id."""
+    """MOVED: ``e`` an envelope or ``u`` a user that left this SET, -> move id \0 new owner."""
     assert what in (b"e", b"u"), what
     return what + b"\0" + name
 

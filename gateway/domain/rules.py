@@ -185,7 +185,7 @@ def credit_grab(b: Books, gkey: bytes) -> bool:
         return False  # delivered twice: already applied
     env, user = keys.split_grab_key(gkey)
     tid = keys.credit_tid(env, index)
-    home = b.away(user) if b.away is not None else None
+    home = _home(b, user)
     if home is not None:
         # The wallet lives on another SET: the credit leaves through inter-SET clearing
         # and the relay's outbox, written in this same transaction.
@@ -200,6 +200,21 @@ def credit_grab(b: Books, gkey: bytes) -> bool:
     b.tx.put(keys.GRABS, gkey, hotpath.pack_grab(
         amount, at_ms, index, flags | records.GRAB_CREDITED, digest))
     return True
+
+
+def _home(b: Books, user: bytes) -> bytes | None:
+    """The SET a user's wallet lives on when it is not this one: the placement's answer or,
+    for a user whose slot this SET handed off while its map still says here, the new
+    owner (the MOVED marker; none in the embedded mode, so one empty lookup)."""
+    home = b.away(user) if b.away is not None else None
+    if home is None:
+        home = _moved_to(b, user)
+    return home
+
+
+def _moved_to(b: Books, user: bytes) -> bytes | None:
+    raw = b.tx.get(keys.MOVED, keys.moved_key(b"u", user))
+    return None if raw is None else raw.split(b"\0", 1)[1]
 
 
 def _share_landed(b: Books, user: bytes, tid: bytes, env: bytes, amount_fen: int) -> None:
@@ -224,6 +239,8 @@ def apply_remote_credits(b: Books, from_set: bytes, credits: list[RemoteCredit])
             to = wallet_account(user) if c.kind == CreditKind.WALLET_MOVE else escrow_account(ref)
             b.move(tid, keys.interset_account(from_set), to, c.amount_fen, SLOT_MOVE_KIND,
                    ref)
+        elif (moved_to := _moved_to(b, user)) is not None:
+            _forward(b, from_set, moved_to, c)
         elif c.kind == CreditKind.PHOTO_INCOME:
             assert c.photo_id, c
             b.move(tid, keys.interset_account(from_set), wallet_account(user), c.amount_fen,
@@ -239,6 +256,21 @@ def apply_remote_credits(b: Books, from_set: bytes, credits: list[RemoteCredit])
 
 
 _MOVE_KINDS = (CreditKind.WALLET_MOVE, CreditKind.ESCROW_MOVE)
+
+
+def _forward(b: Books, from_set: bytes, moved_to: bytes, c: RemoteCredit) -> None:
+    """A credit for a user whose slot this SET handed off (sent before the sender's map
+    moved): booked here under its id, so the sender's half pairs with it, and sent on at
+    once to the new owner under ``fw:<id>``, where the entry and the event are written."""
+    tid, user = c.transfer_id.encode(), c.user_id.encode()
+    kind = TxKind.PHOTO_UNLOCK if c.kind == CreditKind.PHOTO_INCOME else TxKind.ENVELOPE_CREDIT
+    ref = c.reference_id.encode()
+    b.move(tid, keys.interset_account(from_set), wallet_account(user), c.amount_fen, kind, ref)
+    onward = keys.forward_tid(tid)
+    b.move(onward, wallet_account(user), keys.interset_account(moved_to), c.amount_fen, kind,
+           ref)
+    b.publish_remote_credit(c._replace(home=moved_to.decode(), transfer_id=onward.decode(),
+                                       seq=0))
 
 
 def remote_credits_sent(b: Books, seqs: list[int]) -> int:
@@ -483,7 +515,7 @@ def unlock_photo(b: Books, viewer: bytes, rid: bytes, fingerprint: bytes, owner:
     unlock_id = keys.unlock_id(viewer.decode(), rid.decode(), free=False)
     ref = unlock_id.encode()
     tid = keys.unlock_tid(ref)
-    home = b.away(owner) if b.away is not None else None
+    home = _home(b, owner)
     # An owner whose wallet lives on another SET is paid through inter-SET clearing and
     # the relay's outbox, in this same transaction; their SET books the owner's entry and
     # event when it applies the credit (apply_remote_credits), under this transfer id.
@@ -521,9 +553,11 @@ def _photo_income(b: Books, owner: bytes, tid: bytes, ref: bytes, amount_fen: in
 # x:<B>, sent like any remote credit), its x:<B> account, the final payments and paid
 # unlock records of the moved users (they tie A's clearing accounts and unlock transfers
 # together, so A's audit balances unchanged; B gets copies marked imported) and a marker
-# per moved user and envelope with the move id (MOVED). Everything else of the slots
+# per moved user and envelope with the move id and B (MOVED). Everything else of the slots
 # leaves A's live tables: wallet entries, notifications, send records, envelopes, their
-# metadata, grabs and expiry entries.
+# metadata, grabs and expiry entries. Money that reaches a moved user on A afterwards
+# (another SET's credit sent before its map moved, an unlock by a user of A) goes on to B
+# through x:B like any remote credit (see _home and _forward).
 
 _MOVE_ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _OPEN_ENVELOPE = (int(EnvelopeStatus.PAYING), int(EnvelopeStatus.PAY_UNKNOWN))
@@ -690,7 +724,8 @@ def _export_envelope(b: Books, env: bytes, to_set: bytes, move_id: bytes) -> lis
         rows.insert(0, _move_out(b, tid, escrow, to_set, amount, env, RemoteCredit(
             to_set.decode(), tid.decode(), sender, amount, env.decode(),
             CreditKind.ESCROW_MOVE)))
-    b.tx.put(keys.MOVED, keys.moved_key(b"e", env), move_id)
+    b.tx.put(keys.MOVED, keys.moved_key(b"e", env), move_id + b"\0" + to_set)
+    rows.append(("row", keys.MOVED, keys.moved_key(b"e", env), b""))
     return rows
 
 
@@ -717,7 +752,8 @@ def _export_user(b: Books, user: bytes, to_set: bytes, move_id: bytes,
         items.insert(0, _move_out(b, tid, wallet, to_set, amount, move_id, RemoteCredit(
             to_set.decode(), tid.decode(), user.decode(), amount, move_id.decode(),
             CreditKind.WALLET_MOVE)))
-    b.tx.put(keys.MOVED, keys.moved_key(b"u", user), move_id)
+    b.tx.put(keys.MOVED, keys.moved_key(b"u", user), move_id + b"\0" + to_set)
+    items.append(("row", keys.MOVED, keys.moved_key(b"u", user), b""))
     return items
 
 
@@ -790,6 +826,9 @@ def import_slots(b: Books, from_set: bytes, raw: bytes) -> int:
 
 def _import_row(b: Books, origin: str, table: str, key: bytes, value: bytes) -> None:
     tx = b.tx
+    if table == keys.MOVED:
+        tx.delete(table, key)  # it arrives here: no longer moved away (a slot coming back)
+        return
     if table in (keys.WALLET_TX, keys.NOTIFICATIONS):
         if not tx.put(table, key, value, overwrite=False):
             tx.put(table, keys.user_seq_key(key[:-9], b.next_seq()), value)
