@@ -152,7 +152,8 @@ def test_peers_try_groups_that_failed_lately_last():
 def test_the_client_moves_on_only_when_nobody_answered_or_a_hung_group_fails_its_check():
     """Nobody answered: the same call at group B, and A marked down (B is called first
     from then on); an answer with a reason (SHED) goes back as it came; DEADLINE_EXCEEDED
-    moves on only if A's health check fails too; with no group left the error goes back."""
+    moves on only if A's health check fails too; with no group left the error goes back;
+    a group marked down is called first again once its background health check passes."""
     async def scenario():
         cc = ClusterClient([A], recheck_s=60.0)
         cc.owners, cc.version, cc._stale = ["s1"] * SLOTS, 1, False
@@ -197,6 +198,15 @@ def test_the_client_moves_on_only_when_nobody_answered_or_a_hung_group_fails_its
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await cc.call(fn, user="u")
             assert calls == [A, B] and reason_of(info.value) is None
+            # A group marked down is checked again in the background, and called first
+            # again once its health check answers SERVING.
+            cc._recheck_s = 0.0
+            healthy[A] = True
+            assert not cc.is_up(A)
+            cc.targets("s1")   # starts the checks of the groups marked down
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert cc.is_up(A) and cc.targets("s1") == [A, B]
         finally:
             await cc.close()
 

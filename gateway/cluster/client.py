@@ -170,8 +170,13 @@ class ClusterClient:
 
     def _maybe_probe(self, address: str) -> None:
         due = self._clock() - self._down[address] >= self._recheck_s
-        if due and address not in self._probes:
-            self._probes[address] = asyncio.create_task(self._probe(address))
+        if not due or address in self._probes:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:   # asked outside the event loop: the next call checks
+            return
+        self._probes[address] = loop.create_task(self._probe(address))
 
     async def _probe(self, address: str) -> None:
         try:
