@@ -17,9 +17,15 @@ import pytest
 
 from gateway import errors
 from gateway.cluster import bus
-from gateway.domain import keys, records
+from gateway.domain import keys, records, rules
 from gateway.domain.keys import slot_of
-from gateway.domain.model import CreditKind, GrabOutcome, NoticeKind, PaymentStatus
+from gateway.domain.model import (
+    CreditKind,
+    EnvelopeKind,
+    GrabOutcome,
+    NoticeKind,
+    PaymentStatus,
+)
 from gateway.domain.reads import Direction
 from tests.conftest import run
 from tests.test_ledger import BACKENDS, _fund, _send, _top_up, assert_balanced, make_ledger
@@ -325,3 +331,51 @@ def test_slots_moved_there_and_back_end_where_they_started(two_sets):
     assert_balanced(a)
     assert_balanced(b)
     assert _interset(a, "b") + _interset(b, "a") == 0
+
+
+def _send_rule(bk, user: bytes, rid: bytes, env: bytes, total: int):
+    return rules.send_from_balance(bk, user, rid, b"x" * 16, env, total, 1,
+                                   EnvelopeKind.NORMAL, "hi", 3600, [total])
+
+
+def test_an_envelope_made_in_the_same_group_commit_moves_too(two_sets):
+    """A send still in the transaction's cache when the export runs leaves with the rest:
+    nothing of the slots is written back to the old owner afterwards."""
+    a, b, _switched = two_sets
+    env = keys.new_envelope_id("s-alice").encode()
+
+    def both(bk):
+        _send_rule(bk, b"s-alice", b"r", env, 400)
+        return rules.export_slots(bk, S, b"b", b"mv4")
+
+    async def scenario():
+        await _fund(a, "s-alice", 1_000)
+        done = await a.write(both)
+        for chunk in await a.migration_chunks_due(10):
+            await b.import_slots("a", chunk.data)
+        return done, await a.envelope_state(env.decode()), await b.get_envelope(env.decode())
+
+    done, left, moved = run(scenario())
+    assert (done.envelopes, done.escrow_fen, done.wallet_fen) == (1, 400, 600)
+    assert left is None and moved.remaining_fen == 400
+    assert_balanced(a)
+    assert_balanced(b)
+
+
+def test_an_envelope_id_without_a_slot_holding_escrow_makes_the_move_wait(two_sets):
+    """Such an envelope stays on the SET that made it; while it holds escrow its expiry
+    would refund a sender who left, so the export answers SLOT_BUSY naming it."""
+    a, _b, _switched = two_sets
+    legacy = b"env_" + b"0" * 20
+
+    async def scenario():
+        await _fund(a, "s-alice", 1_000)
+        await a.write(_send_rule, b"s-alice", b"r", legacy, 300)
+        with pytest.raises(errors.FailedPrecondition) as exc:
+            await a.export_slots(set(S), "b", "mv5")
+        return exc.value, await a.balance("s-alice")
+
+    err, alice = run(scenario())
+    assert err.reason == "SLOT_BUSY" and legacy.decode() in str(err)
+    assert alice == (700, 0)
+    assert_balanced(a)

@@ -579,9 +579,12 @@ def export_slots(b: Books, slots: frozenset[int], to_set: bytes, move_id: bytes
             raise errors.InvalidArgument("MOVE_ID_REUSED",
                                          "move_id was used before for other slots or SET")
         return result
+    if not to_set or b"\0" in to_set:
+        raise errors.InvalidArgument("BAD_SET", "the new owner's name is empty or has a NUL")
     envs = _envelopes_in(b, slots)
     payments = _payments_in(b, slots)
     _refuse_busy(b, envs, payments)
+    _refuse_legacy_escrow(b, slots)
     users = _users_in(b, slots) | set(payments)
     _credit_before_move(b, slots, set(envs), to_set)
     groups: list[list[tuple]] = []
@@ -613,8 +616,12 @@ def _in_slots(user: bytes, slots: frozenset[int]) -> bool:
 def _envelopes_in(b: Books, slots: frozenset[int]) -> list[bytes]:
     """The envelopes whose id carries one of the slots (ids from before ids carried a slot
     stay where they are)."""
-    return [env for env, _buf in b.tx.scan(keys.ENVELOPES)
-            if keys.envelope_slot(env.decode()) in slots]
+    return [env for env in _all_envelopes(b) if keys.envelope_slot(env.decode()) in slots]
+
+
+def _all_envelopes(b: Books) -> list[bytes]:
+    """Every envelope id, those made earlier in this group commit (still cached) too."""
+    return sorted({env for env, _buf in b.tx.scan(keys.ENVELOPES)} | set(b.envelopes))
 
 
 def _payments_in(b: Books, slots: frozenset[int]) -> dict[bytes, list[tuple[bytes, bytes]]]:
@@ -644,6 +651,25 @@ def _refuse_busy(b: Books, envs: list[bytes],
             raise errors.FailedPrecondition(
                 "SLOT_BUSY", f"envelope {env.decode()} waits for its card payment",
                 envelope_id=env.decode())
+
+
+def _refuse_legacy_escrow(b: Books, slots: frozenset[int]) -> None:
+    """An envelope whose id carries no slot (made before ids did) stays on the SET that made
+    it; while it holds escrow its expiry would refund a sender who left, so the move waits
+    for it to expire (24 h at most by default)."""
+    for env in _all_envelopes(b):
+        buf = b.envelope(env)
+        if buf is None or keys.envelope_slot(env.decode()) is not None:
+            continue
+        if hotpath.envelope_header(buf)[7] != _ACTIVE or b.account(escrow_account(env)) == 0:
+            continue
+        meta = b.tx.get(keys.ENV_META, env)
+        assert meta is not None, env
+        sender = records.unpack_env_meta(meta)["s"]
+        if keys.slot_of(sender) in slots:
+            raise errors.FailedPrecondition(
+                "SLOT_BUSY", f"envelope {env.decode()} of {sender} (an id without a slot, "
+                "which stays here) holds escrow until it expires", envelope_id=env.decode())
 
 
 def _distinct_users(b: Books, table: str, prefix: bytes = b"") -> set[bytes]:
