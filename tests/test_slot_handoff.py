@@ -379,3 +379,25 @@ def test_an_envelope_id_without_a_slot_holding_escrow_makes_the_move_wait(two_se
     assert err.reason == "SLOT_BUSY" and legacy.decode() in str(err)
     assert alice == (700, 0)
     assert_balanced(a)
+
+
+def test_the_audit_reports_money_left_on_a_moved_wallet(two_sets):
+    """A fen reaching a moved user's wallet on the old owner by any path but the forward
+    is stranded there: the audit names the wallet and the move."""
+    a, _b, _switched = two_sets
+
+    def stray(bk):
+        bk.move(b"stray", b"w:a-carol", b"w:s-alice", 5, 1, b"")
+
+    async def scenario():
+        await _fund(a, "s-alice", 100)
+        await _fund(a, "a-carol", 100)
+        await a.export_slots(set(S), "b", "mv6")
+        clean = await a.audit()
+        await a.write(stray)
+        return clean, await a.audit()
+
+    clean, dirty = run(scenario())
+    assert clean.balanced and clean.totals["moved_users"] == 1
+    assert clean.totals["migration_chunks_waiting"] == 1
+    assert any("w:s-alice" in d and "mv6" in d for d in dirty.discrepancies)

@@ -25,7 +25,8 @@ paid unlock records (they are what its clearing accounts and unlock transfers ar
 and sends the money through ``x:<new owner>``; the new owner checks what it imported
 (envelopes and grabs flagged imported, payment and unlock records marked imported)
 against the escrow and shares it received, not against its own journal, which does not
-hold their old transfers. An imported payment must be final.
+hold their old transfers. An imported payment must be final. On the old owner a moved
+user's wallet and a moved envelope's escrow stay at zero and the envelope stays gone.
 
 In cluster mode each SET balances on its own: the ``x:<set>`` accounts carry
 what crossed to or from each other SET (grab shares and photo incomes alike),
@@ -179,8 +180,30 @@ def audit(tx: Tx) -> Report:
         "interset_fen": {k[len(keys.INTERSET):].decode(): v for k, v in accounts.items()
                          if k.startswith(keys.INTERSET)},
         "remote_credits_waiting": _check_remote_outbox(r, tx, s),
+        **_check_moved(r, tx, s),
     }
     return r
+
+
+def _check_moved(r: Report, tx: Tx, s: _Snapshot) -> dict[str, int]:
+    """A user or envelope this SET handed off (its MOVED marker) holds no money here and an
+    envelope is gone: money reaching either afterwards must go on to the new owner."""
+    counts = {"moved_users": 0, "moved_envelopes": 0}
+    for key, raw in tx.scan(keys.MOVED):
+        what, name = key[:1], key[2:]
+        if what == b"m":
+            continue
+        move_id, to_set = (part.decode() for part in raw.split(b"\0", 1))
+        is_user = what == b"u"
+        counts["moved_users" if is_user else "moved_envelopes"] += 1
+        acct = keys.wallet_account(name) if is_user else keys.escrow_account(name)
+        if s.accounts.get(acct, 0):
+            r.bad(f"{acct.decode()} holds {s.accounts[acct]} fen here, but move {move_id} "
+                  f"took it to SET {to_set}")
+        if not is_user and tx.get(keys.ENVELOPES, name) is not None:
+            r.bad(f"envelope {name.decode()} is still here, but move {move_id} took it to "
+                  f"SET {to_set}")
+    return {**counts, "migration_chunks_waiting": tx.count(keys.MIGRATE_OUTBOX)}
 
 
 def _check_remote_outbox(r: Report, tx: Tx, s: _Snapshot) -> int:
