@@ -63,7 +63,10 @@ def encode(from_set: str, c: RemoteCredit) -> bytes:
     a consumer from before photo credits then books a photo income as an envelope credit
     (the right wallet and amount, once by its transfer id) instead of refusing it, which
     would strand the money on x: accounts. ``kind`` and, for a photo income,
-    ``photo_id`` came later.
+    ``photo_id`` came later. A slot handoff's ``wallet_move`` and ``escrow_move`` carry
+    the move id or the envelope there; a consumer that does not know them refuses them
+    (``decode`` raises), which strands nothing: the handoff's chunks carry the same money
+    under the same transfer ids.
     """
     d = {"from": from_set, "tid": c.transfer_id, "user": c.user_id,
          "amount_fen": c.amount_fen, "envelope_id": c.reference_id, "kind": str(c.kind)}
