@@ -401,3 +401,29 @@ def test_the_audit_reports_money_left_on_a_moved_wallet(two_sets):
     assert clean.balanced and clean.totals["moved_users"] == 1
     assert clean.totals["migration_chunks_waiting"] == 1
     assert any("w:s-alice" in d and "mv6" in d for d in dirty.discrepancies)
+
+
+def test_an_envelope_sold_out_in_the_export_s_group_commit_leaves_with_its_best_luck(two_sets):
+    """The last share grabbed in the same transaction as the export: the envelope leaves
+    sold out, best luck named, and nothing of it is written back on the old owner."""
+    a, b, _switched = two_sets
+
+    async def scenario():
+        await _fund(a, "s-alice", 1_000)
+        env = (await _send(a, "s-alice", 200, 2)).envelope_id
+        await a.grab("a-carol", env, "g1")
+
+        def last_and_export(bk):
+            rules.grab(bk, env.encode(), b"a-frank", keys.request_digest("g2"))
+            return rules.export_slots(bk, S, b"b", b"mv7")
+
+        await a.write(last_and_export)
+        for chunk in await a.migration_chunks_due(10):
+            await b.import_slots("a", chunk.data)
+        return await a.envelope_state(env), await b.get_envelope(env)
+
+    left, view = run(scenario())
+    assert left is None and view.remaining_count == 0
+    assert view.best_luck_user_id == max(view.grabs, key=lambda g: g.amount_fen).user_id
+    assert_balanced(a)
+    assert_balanced(b)
