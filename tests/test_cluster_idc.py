@@ -535,11 +535,14 @@ def test_a_group_sigkilled_under_payments_loses_and_doubles_none(tmp_path):
             stats = bank.GetStats(bank_pb2.GetStatsRequest(), timeout=5)
         succeeded = sum(1 for s in final.values() if s == wallet_pb2.PAYMENT_STATUS_SUCCEEDED)
         assert stats.books_balance and stats.merchant_balance_fen == succeeded * TOP_UP_FEN
-        a.start()   # group a back on the shared data: reconcile reads the map's first
-        done = subprocess.run(
-            [sys.executable, "-m", "gateway.ops.cli", "reconcile", "--cluster",
-             str(b.cluster_file), "--key-file", str(cluster.key_file), "--bank",
-             cluster.bank.target], capture_output=True, text=True, timeout=60)
+        reconcile = [sys.executable, "-m", "gateway.ops.cli", "reconcile", "--cluster",
+                     str(b.cluster_file), "--key-file", str(cluster.key_file), "--bank",
+                     cluster.bank.target]
+        # Group a still dead: the reconcile reads the SET through group b.
+        done = subprocess.run(reconcile, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "BALANCED" in done.stdout, done.stdout + done.stderr
+        a.start()   # and with group a back on the shared data
+        done = subprocess.run(reconcile, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "BALANCED" in done.stdout, done.stdout + done.stderr
 
 

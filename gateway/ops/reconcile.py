@@ -171,8 +171,8 @@ async def _reconcile_cluster(config: ClusterConfig, ticket: str, bank_target: st
     try:
         js = nc.jetstream(timeout=10.0)
         slotmap, _revision = await mapstore.load(js)
-        sources = [GrpcSet(name, address, ticket)
-                   for name, address in slotmap.addresses.items()]
+        sources = [GrpcSet(name, await _first_group_up(slotmap.groups[name]), ticket)
+                   for name in slotmap.addresses]
         gathered = await gather(list(sources), lambda: read_stream(js))
     except MapError as exc:
         raise ClusterReconcileError(str(exc)) from None
@@ -188,6 +188,24 @@ async def _reconcile_cluster(config: ClusterConfig, ticket: str, bank_target: st
     if bank_target:
         await _cross_check_bank_over_sets(report, bank_target, bank_credentials)
     return report
+
+
+async def _first_group_up(addresses: tuple[str, ...], timeout_s: float = 1.0) -> str:
+    """The first of a SET's gateway groups (IDCs) whose health check answers SERVING; the
+    first group when none does (it is then reported unreachable, by that address). Both
+    groups of a SET serve one ledger, so either gives the same books."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for address in addresses:
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            except grpc.aio.AioRpcError:
+                continue
+            if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                return address
+    return addresses[0]
 
 
 async def _cross_check_bank_over_sets(report: ClusterReport, bank_target: str,
