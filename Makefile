@@ -42,9 +42,10 @@ test: $(STAMP) h2load nats-server
 # A local cluster on loopback in the foreground (3 NATS nodes, the bank simulator, SETS SETs;
 # Ctrl-C stops it), and the cluster suite alone (it is part of `make test` too).
 SETS ?= 3
+IDCS ?= 1
 CLUSTER_DIR ?= build/cluster
 cluster: $(STAMP) nats-server
-	$(PY) -m gateway.ops.cluster_up --dir $(CLUSTER_DIR) --sets $(SETS)
+	$(PY) -m gateway.ops.cluster_up --dir $(CLUSTER_DIR) --sets $(SETS) --idcs $(IDCS)
 
 cluster-test: $(STAMP) nats-server
 	$(PY) -m pytest -q tests/test_cluster_*.py tests/test_cross_set_credit.py $(PYTEST_ARGS)
