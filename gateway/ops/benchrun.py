@@ -12,7 +12,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"  # gateway/ops/ -> the checkout
 NAMES = ("hotpath", "tickets", "ledger", "butler", "balance_first", "batchgrab", "unary", "storage",
-         "ghz")
+         "ghz", "cluster")
 
 
 def _load(name: str):
