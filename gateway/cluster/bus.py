@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections import defaultdict
 from typing import Any
@@ -44,16 +45,25 @@ DUPLICATE_WINDOW_S = 120.0
 ACK_WAIT_S = 5.0
 
 
+# credit.<set>: credits for <set>'s users; migrate.<set>: chunks of slot handoffs to <set>
+# (gateway.cluster.handoff). One stream, so both share its replicas and dedup window.
+SUBJECTS = ["credit.>", "migrate.>"]
+
+
 async def ensure_stream(js: Any, replicas: int) -> None:
-    """Creates the credit stream when it does not exist (the same settings every time)."""
-    config = api.StreamConfig(name=STREAM, subjects=["credit.>"],
+    """Creates the credit stream when it does not exist (the same settings every time), and
+    adds the handoff's subjects to a stream made before they existed."""
+    config = api.StreamConfig(name=STREAM, subjects=SUBJECTS,
                               storage=api.StorageType.FILE, num_replicas=replicas,
                               retention=api.RetentionPolicy.WORK_QUEUE,
                               duplicate_window=DUPLICATE_WINDOW_S)
     try:
-        await js.stream_info(STREAM)
+        info = await js.stream_info(STREAM)
     except js_errors.NotFoundError:
         await js.add_stream(config)
+        return
+    if set(info.config.subjects or ()) != set(SUBJECTS):
+        await js.update_stream(dataclasses.replace(info.config, subjects=SUBJECTS))
 
 
 def encode(from_set: str, c: RemoteCredit) -> bytes:

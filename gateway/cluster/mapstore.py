@@ -9,6 +9,7 @@ cannot overwrite each other (the second one reads the first one's map and retrie
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from nats.js import errors as js_errors
@@ -59,7 +60,22 @@ async def init(js: Any, slotmap: SlotMap, replicas: int) -> int:
 
 
 async def move(js: Any, slots: list[int], to: str) -> SlotMap:
-    """Hands ``slots`` to SET ``to``: the next version, stored by compare-and-set.
+    """Hands ``slots`` to SET ``to`` (and thaws them): the next version, by compare-and-set."""
+    return await update(js, lambda m: m.moved(slots, to))
+
+
+async def freeze(js: Any, slots: list[int], to: str) -> SlotMap:
+    """Freezes ``slots`` for a handoff to ``to``: the next version, by compare-and-set."""
+    return await update(js, lambda m: m.freezing(slots, to))
+
+
+async def thaw(js: Any, slots: list[int]) -> SlotMap:
+    """Lets frozen ``slots`` serve again where they are (a handoff given up)."""
+    return await update(js, lambda m: m.thawed(slots))
+
+
+async def update(js: Any, change: Callable[[SlotMap], SlotMap]) -> SlotMap:
+    """Stores ``change(current map)`` as the next version, by compare-and-set.
 
     nats-server 2.9 checks the expected revision of a clustered stream before the write's
     consensus, not in it (nats-io/nats-server#4320, fixed in 2.9.21; Debian ships 2.9.10),
@@ -67,13 +83,13 @@ async def move(js: Any, slots: list[int], to: str) -> SlotMap:
     would silently drop the earlier one's change (tests/test_cluster_map.py caught it).
     So after writing, the writer looks at what landed between the revision it expected and
     its own: if another update slipped in, it writes the merge (that update's map with
-    this move applied) on top of its own, again by compare-and-set. A move is idempotent,
-    so applying it again is always safe.
+    this change applied) on top of its own, again by compare-and-set. Every change here
+    (move, freeze, thaw) is idempotent, so applying it again is always safe.
     """
     kv = await bucket(js)
     for _ in range(_CAS_ATTEMPTS):
         current, revision = await load(js)
-        new = current.moved(slots, to)
+        new = change(current)
         try:
             mine = await kv.update(KEY, new.to_json(), last=revision)
         except js_errors.KeyWrongLastSequenceError:
@@ -81,13 +97,13 @@ async def move(js: Any, slots: list[int], to: str) -> SlotMap:
         between = await _landed_between(js, revision, mine)
         if not between:
             return new
-        merged = SlotMap.from_json(between[-1]).moved(slots, to)
+        merged = change(SlotMap.from_json(between[-1]))
         merged = dataclasses.replace(merged, version=max(merged.version, new.version) + 1)
         try:
             await kv.update(KEY, merged.to_json(), last=mine)
             return merged
         except js_errors.KeyWrongLastSequenceError:
-            continue   # a later writer again: take the newest map and apply the move to it
+            continue   # a later writer again: take the newest map and apply the change
     raise MapError(f"the slot map kept changing under {_CAS_ATTEMPTS} attempts; try again")
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from gateway.cluster import bus, mapstore
+from gateway.cluster import bus, handoff, mapstore
 from gateway.cluster.config import ClusterConfig, ClusterStartError
 from gateway.cluster.slotmap import MapError, SlotMap
 from gateway.domain.keys import envelope_slot, slot_of
@@ -150,7 +150,8 @@ class ClusterNode:
         the relay (outbox -> stream) and the consumer (stream -> wallets)."""
         self.relay = bus.CreditRelay(ledger, self.js, self.name)
         self.consumer = bus.CreditConsumer(ledger, self.js, self.name)
-        return [self.relay, self.consumer]
+        return [self.relay, self.consumer, handoff.ChunkShipper(ledger, self.js, self.name),
+                handoff.ChunkImporter(ledger, self.js, self.name)]
 
     # -- placement ---------------------------------------------------------------------
 
@@ -185,8 +186,17 @@ class ClusterNode:
         assert self.map is not None
         return self.map.groups[set_name]
 
+    def frozen_to(self, slot: int) -> str | None:
+        """The SET a slot is being handed to, while it is frozen; else None."""
+        assert self.map is not None
+        return self.map.frozen.get(slot)
+
     def away(self, user: bytes) -> bytes | None:
         """The ledger's placement (``Ledger.set_placement``): the SET a user's wallet lives
-        on when it is not this one. Runs on the writer thread: no I/O."""
-        owner = self.owner_of_slot(slot_of(user.decode()))
+        on when it is not this one. A user of a frozen slot counts as living on the SET
+        taking it, on both sides of the handoff: the old owner's credits for the user leave
+        for it, and the new owner keeps what arrives. Runs on the writer thread: no I/O."""
+        assert self.map is not None
+        slot = slot_of(user.decode())
+        owner = self.map.frozen.get(slot) or self.map.owners[slot]
         return None if owner == self.name else owner.encode()

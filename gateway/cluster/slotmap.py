@@ -40,6 +40,10 @@ class SlotMap:
     # SET name -> host:port of each of its gateway groups, the first one first. Left out
     # (or a SET missing from it), the SET has one group, at ``addresses[name]``.
     groups: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # Slots being handed off (``hongbao cluster move``): slot -> the SET taking it. While a
+    # slot is frozen every SET refuses its calls (SLOT_MOVING), its old owner exports its
+    # data and the new one imports it; the map that hands it over also thaws it.
+    frozen: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.owners) != SLOTS:
@@ -58,6 +62,9 @@ class SlotMap:
             if not SET_NAME.fullmatch(name):
                 raise MapError(f"bad SET name {name!r}: want [a-z][a-z0-9_-]{{0,31}}")
             _check_groups(name, address, groups[name], seen)
+        for slot, to in self.frozen.items():
+            if not 0 <= slot < SLOTS or to not in self.addresses:
+                raise MapError(f"frozen slot {slot} -> {to!r}: no such slot or SET")
 
     @classmethod
     def even(cls, addresses: Mapping[str, str | Sequence[str]], version: int = 1) -> SlotMap:
@@ -86,8 +93,23 @@ class SlotMap:
         owners = list(self.owners)
         for s in slots:
             owners[s] = to
+        frozen = {s: t for s, t in self.frozen.items() if s not in set(slots)}
         return SlotMap(self.version + 1, tuple(owners), dict(self.addresses),
-                       dict(self.groups))
+                       dict(self.groups), frozen)
+
+    def freezing(self, slots: list[int], to: str) -> SlotMap:
+        """The next version, with ``slots`` frozen for a handoff to ``to``."""
+        self.moved(slots, to)   # the same checks
+        frozen = dict(self.frozen)
+        frozen.update((s, to) for s in slots)
+        return SlotMap(self.version + 1, self.owners, dict(self.addresses),
+                       dict(self.groups), frozen)
+
+    def thawed(self, slots: list[int]) -> SlotMap:
+        """The next version, with ``slots`` serving again where they are (a handoff given up)."""
+        frozen = {s: t for s, t in self.frozen.items() if s not in set(slots)}
+        return SlotMap(self.version + 1, self.owners, dict(self.addresses),
+                       dict(self.groups), frozen)
 
     def runs(self, name: str) -> list[tuple[int, int]]:
         """The SET's slots as inclusive (first, last) runs."""
@@ -106,6 +128,10 @@ class SlotMap:
             where = ",".join(self.groups[name])
             lines.append(f"  {name:<12} {where:<22} {len(self.slots_of(name)):>5} slots  "
                          f"{runs or '-'}")
+        if self.frozen:
+            lines.append(f"  handing off: {len(self.frozen)} slots frozen ("
+                         + ", ".join(f"{s}->{t}" for s, t in sorted(self.frozen.items())[:8])
+                         + (", ..." if len(self.frozen) > 8 else "") + ")")
         return "\n".join(lines)
 
     def to_json(self) -> bytes:
@@ -115,6 +141,8 @@ class SlotMap:
         several = {name: list(g) for name, g in self.groups.items() if len(g) > 1}
         if several:
             value["groups"] = several
+        if self.frozen:
+            value["frozen"] = {str(s): t for s, t in sorted(self.frozen.items())}
         return json.dumps(value, sort_keys=True).encode()
 
     @classmethod
@@ -132,7 +160,9 @@ class SlotMap:
             first, groups = _split_groups(d["addresses"])
             for name, listed in dict(d.get("groups") or {}).items():
                 groups[name] = tuple(listed)
-            return cls(int(d["version"]), tuple(owners), first, groups)  # type: ignore[arg-type]
+            frozen = {int(k): str(v) for k, v in dict(d.get("frozen") or {}).items()}
+            return cls(int(d["version"]), tuple(owners), first, groups,  # type: ignore[arg-type]
+                       frozen)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             if isinstance(exc, MapError):
                 raise

@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         if name == "move":
             p.add_argument("--slots", required=True, help="e.g. 0-99,500")
             p.add_argument("--to", required=True, help="the SET that takes them")
+            p.add_argument("--key-file", help="the SETs' ticket keys (for the admin calls)")
+            p.add_argument("--ticket", help="an admin ticket, instead of --key-file")
+            p.add_argument("--drain-s", type=float, default=3.0,
+                           help="wait between freezing the slots and exporting them")
+            p.add_argument("--timeout", type=float, default=120.0,
+                           help="seconds to wait for the export and the import")
+            p.add_argument("--map-only", action="store_true",
+                           help="change the map without moving data (only for slots that "
+                                "hold none, e.g. before the SETs serve)")
     return ap
 
 
@@ -89,12 +98,35 @@ async def _run(args: argparse.Namespace) -> str:
             await mapstore.init(js, slotmap, replicas)
             return slotmap.describe()
         if args.cmd == "move":
-            return (await mapstore.move(js, parse_slots(args.slots), args.to)).describe()
+            if args.map_only:
+                return (await mapstore.move(js, parse_slots(args.slots), args.to)).describe()
+            return (await _handoff(js, args)).describe()
         if args.history:
             return "\n".join(m.describe() for m in await mapstore.history(js))
         return (await mapstore.load(js))[0].describe()
     finally:
         await nc.close()
+
+
+async def _handoff(js, args: argparse.Namespace):
+    from gateway.ops import handoff
+    from gateway.security import tickets
+
+    if bool(args.key_file) == bool(args.ticket):
+        raise _Refused("a move hands the slots' data over through the SETs' admin calls: "
+                       "give --key-file FILE (the SETs' ticket keys) or --ticket, one of "
+                       "them (or --map-only for slots that hold no data)")
+    try:
+        ticket = args.ticket or tickets.mint(tickets.KeyRing.from_file(args.key_file),
+                                             "hongbao-cluster-move", ["admin"], 3600)[0]
+    except tickets.KeyFileError as exc:
+        raise _Refused(str(exc)) from None
+    try:
+        return await handoff.move(js, parse_slots(args.slots), args.to, ticket,
+                                  drain_s=args.drain_s, timeout_s=args.timeout,
+                                  say=lambda line: print(line, flush=True))
+    except handoff.HandoffError as exc:
+        raise _Refused(str(exc)) from None
 
 
 def _set_arg(text: str) -> tuple[str, list[str]]:

@@ -218,6 +218,7 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
     peers = None
     if cluster is not None:
         ledger.set_placement(cluster.away)
+        gateway.operations.cluster = cluster
         if run_background:
             background += cluster.loops(ledger)
         peers = Peers()

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from gateway import errors
 from gateway.domain.audit import Report
-from gateway.domain.model import LedgerStats
+from gateway.domain.keys import SLOTS
+from gateway.domain.model import LedgerStats, SlotExport
 from gateway.domain.reads import InterSetCredits
 from gateway.ledger import Ledger
 from gateway.payments.bank import BankClient
@@ -21,6 +23,7 @@ from gateway.qos.governor import Governor
 from gateway.qos.tiers import Tier
 
 MAX_RATE_PER_S = 10_000_000
+_MOVE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DUE_SCAN_LIMIT = 10_000  # the payment-unknown lag is counted up to this many
 INTERSET_CHUNK = 1_000  # inter-SET credits per ListInterSetCredits response (~40 KB)
 
@@ -94,6 +97,9 @@ class Operations:
         self._bank = bank
         self._consumers = consumers
         self.runs_consumers: Callable[[], bool] = lambda: True
+        # Cluster mode: this SET's placement (gateway.cluster.node.ClusterNode), for the
+        # slot handoff's checks; None in the embedded mode.
+        self.cluster: Any = None
 
     async def ledger_stats(self) -> LedgerStats:
         return await self._ledger.stats()
@@ -144,6 +150,29 @@ class Operations:
         if self._bank is not None and bank_cross_check:
             await cross_check_bank(report, self._bank)
         return report
+
+    async def export_slots(self, slots: list[int], to_set: str, move_id: str,
+                           map_version: int) -> SlotExport:
+        """The old owner's half of a slot handoff (``hongbao cluster move``): refused unless
+        the map this SET holds (read again if older than ``map_version``) has every slot
+        frozen for ``to_set``, so no call of the slots is being served here meanwhile."""
+        node = self.cluster
+        if node is None:
+            raise errors.FailedPrecondition("NOT_A_CLUSTER", "this gateway runs no cluster")
+        if not _MOVE_ID.fullmatch(move_id):
+            raise errors.InvalidArgument("BAD_MOVE_ID", "move_id must be 1..64 of [A-Za-z0-9._-]")
+        if not slots or any(not 0 <= s < SLOTS for s in slots):
+            raise errors.InvalidArgument("BAD_SLOTS", f"slots must be in 0..{SLOTS - 1}")
+        await node.refresh_if_older(map_version)
+        loose = [s for s in slots if node.frozen_to(s) != to_set]
+        if loose:
+            raise errors.FailedPrecondition(
+                "SLOT_NOT_FROZEN", f"slots {loose[:5]} are not frozen for SET {to_set} in map "
+                f"version {node.version}", map_version=str(node.version))
+        return await self._ledger.export_slots(set(slots), to_set, move_id)
+
+    async def import_complete(self, move_id: str) -> bool:
+        return await self._ledger.import_complete(move_id)
 
     async def interset_credits(self, chunk: int = INTERSET_CHUNK
                                ) -> AsyncIterator[InterSetCredits]:

@@ -67,6 +67,10 @@ from gateway.transport.interceptors.auth import claims
 from hongbao.v1 import envelope_pb2
 
 FORWARDED_BY = "x-hongbao-forwarded-by"
+# A slot being handed off answers SLOT_MOVING with this pushback: a handoff takes a few
+# seconds (the freeze reaching every worker, the drain, the export and import).
+MOVING_PUSHBACK_MS = 500
+MOVING_PART = "\0moving"   # BatchGrab items of frozen slots (not a SET name)
 MAP_VERSION = "x-hongbao-map-version"
 
 _ENVELOPE = "/hongbao.v1.EnvelopeService/"
@@ -100,6 +104,7 @@ class Placement(Protocol):
     def owner_of_slot(self, slot: int) -> str: ...
     def address_of(self, set_name: str) -> str: ...
     def addresses_of(self, set_name: str) -> Sequence[str]: ...
+    def frozen_to(self, slot: int) -> str | None: ...
     async def refresh_if_older(self, version: int) -> None: ...
 
 
@@ -214,11 +219,20 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
             await self._placement.refresh_if_older(int(seen))
         owner = self._placement.owner_of_slot(slot)
         _tag_version(context, self._placement.version)
+        to = self._placement.frozen_to(slot)
+        if to is not None:
+            raise self._slot_moving(slot, owner, to)
         if owner == self._placement.name:
             return None
         if FORWARDED_BY in headers or seen is not None:
             raise self._wrong_slot(slot, owner)
         return owner
+
+    def _slot_moving(self, slot: int, owner: str, to: str) -> errors.Unavailable:
+        return errors.Unavailable(
+            "SLOT_MOVING", f"slot {slot} is being handed from SET {owner} to SET {to}; "
+            "try again shortly", retry_after_ms=MOVING_PUSHBACK_MS, slot=str(slot),
+            owner=owner, to=to, map_version=str(self._placement.version))
 
     def _wrong_slot(self, slot: int, owner: str) -> errors.Unavailable:
         return errors.Unavailable(
@@ -401,6 +415,8 @@ class _BatchSplit:
         for item in batch.items:
             slot = _envelope_slot(item.envelope_id)
             owner = None if slot is None else placement.owner_of_slot(slot)
+            if slot is not None and placement.frozen_to(slot) is not None:
+                owner = MOVING_PART
             owners.append(None if owner == placement.name else owner)
         return owners
 
@@ -421,6 +437,8 @@ class _BatchSplit:
                                             items=[batch.items[i] for i in indexes])
         if owner is None:
             return list((await self._local(sub)).results)
+        if owner == MOVING_PART:
+            return [self._moving(batch.items[i]) for i in indexes]
         if FORWARDED_BY in _headers(self._context):
             # A forwarded part must be all ours: the map moved under it. No second hop.
             return [self._wrong_slot(batch.items[i], owner) for i in indexes]
@@ -471,6 +489,14 @@ class _BatchSplit:
             call = held[1]
         await call.write(sub.SerializeToString())
         return await call.read()
+
+    def _moving(self, item: Any) -> Any:
+        slot = _envelope_slot(item.envelope_id) or 0
+        p = self._r._placement
+        err = self._r._slot_moving(slot, p.owner_of_slot(slot), p.frozen_to(slot) or "")
+        return envelope_pb2.BatchGrabResult(
+            user_id=item.user_id, envelope_id=item.envelope_id, request_id=item.request_id,
+            code=err.code.value[0], reason=err.reason)
 
     def _wrong_slot(self, item: Any, owner: str) -> Any:
         err = self._r._wrong_slot(_envelope_slot(item.envelope_id) or 0, owner)

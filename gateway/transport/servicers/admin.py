@@ -61,3 +61,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                            in_outbox=c.in_outbox)
                          for c in chunk.credits],
                 interset_fen=chunk.balances)
+
+    @maps_errors
+    async def ExportSlots(self, request, context):
+        e = await self._ops.export_slots(list(request.slots), request.to_set, request.move_id,
+                                         request.map_version)
+        return pb.ExportSlotsResponse(move_id=e.move_id, chunks=e.chunks, wallets=e.wallets,
+                                      wallet_fen=e.wallet_fen, envelopes=e.envelopes,
+                                      escrow_fen=e.escrow_fen, records=e.records)
+
+    @maps_errors
+    async def GetImportStatus(self, request, context):
+        return pb.GetImportStatusResponse(
+            complete=await self._ops.import_complete(request.move_id))
