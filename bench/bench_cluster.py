@@ -581,17 +581,7 @@ async def _phase(cluster: LocalCluster, cc: ClusterClient, watch: Watch, plan: P
                  profiler: Any = None) -> dict:
     """The grabs of ``plan`` (straight to each SET, or all through ``entry``), then the
     drain; CPU of every process at start, last answer, drained."""
-    ticket = cluster.ticket("upstream", ("batch",))
-    if entry is None:
-        specs = {name: {"target": cluster.sets[name].address, "ticket": ticket,
-                        "batches": plan.batches[name], "streams": args.streams,
-                        "window": args.window} for name in cluster.sets}
-    else:
-        specs = {f"via {entry}": {"target": cluster.sets[entry].address, "ticket": ticket,
-                                  "batches": _mixed(plan),
-                                  "streams": args.streams * len(cluster.sets),
-                                  "window": args.window}}
-    clients = _Clients(specs)
+    clients = _Clients(_specs(cluster, plan, args, entry))
     try:
         await asyncio.to_thread(clients.ready)
         s0 = await watch.sample()
@@ -624,12 +614,7 @@ async def _phase(cluster: LocalCluster, cc: ClusterClient, watch: Watch, plan: P
     cpu_load = {k: cpu1[k] - cpu0[k] for k in cpu0}
     cpu_all = {k: cpu2[k] - cpu0[k] for k in cpu0}
     client_cpu = sum(r["client_cpu_s"] for r in results.values())
-    ours_load = sum(v for k, v in cpu_load.items() if k != "machine") + client_cpu
-    ours_drain = sum(cpu_all[k] - cpu_load[k] for k in pids)
-
-    def group(cpu: dict[str, float], prefix: str) -> float:
-        return sum(v for k, v in cpu.items() if k.startswith(prefix))
-
+    group = _group
     bus_fig = _bus_figures(watch.samples, seq0, t0, t1, t2)
     published = bus_fig.get("published", 0)
     leader = watch.samples[-1]["leader"]  # the stream's raft leader (nats-server name)
@@ -642,17 +627,7 @@ async def _phase(cluster: LocalCluster, cc: ClusterClient, watch: Watch, plan: P
         "other_outcomes": {k: v for k, v in outcomes.items() if k != GRABBED},
         "wall": {"load": t1 - t0, "all": t2 - t0},
         "cpu_load": cpu_load, "cpu_all": cpu_all, "client_cpu_s": client_cpu,
-        "cores_load": {"sets": group(cpu_load, "set ") / (t1 - t0),
-                       "nats": group(cpu_load, "nats ") / (t1 - t0),
-                       "clients": client_cpu / load_s,
-                       "bank, bench": (group(cpu_load, "bank") + group(cpu_load, "bench"))
-                       / (t1 - t0),
-                       "others": max(0.0, cpu_load["machine"] - ours_load) / (t1 - t0)},
-        "cores_drain": {"sets": (group(cpu_all, "set ") - group(cpu_load, "set ")) / (t2 - t1),
-                        "nats": (group(cpu_all, "nats ") - group(cpu_load, "nats "))
-                        / (t2 - t1),
-                        "others": max(0.0, cpu_all["machine"] - cpu_load["machine"]
-                                      - ours_drain) / (t2 - t1)} if t2 > t1 else {},
+        **_cores(cpu_load, cpu_all, client_cpu, load_s, (t0, t1, t2), pids),
         "set_cpu_us_per_grab_load": group(cpu_load, "set ") / max(grabbed, 1) * 1e6,
         "set_cpu_us_per_grab_all": group(cpu_all, "set ") / max(grabbed, 1) * 1e6,
         "nats_cpu_us_per_msg": (group(cpu_all, "nats ") / published * 1e6) if published else 0,
@@ -666,6 +641,43 @@ async def _phase(cluster: LocalCluster, cc: ClusterClient, watch: Watch, plan: P
         "series": _series(watch.samples, seq0, t0, t2),
         "message": dict(watch.example),
     }
+
+
+def _specs(cluster: LocalCluster, plan: Plan, args: argparse.Namespace,
+           entry: str | None) -> dict:
+    """The client processes' work: one per SET straight to it, or one through ``entry``."""
+    ticket = cluster.ticket("upstream", ("batch",))
+    if entry is None:
+        return {name: {"target": cluster.sets[name].address, "ticket": ticket,
+                       "batches": plan.batches[name], "streams": args.streams,
+                       "window": args.window} for name in cluster.sets}
+    return {f"via {entry}": {"target": cluster.sets[entry].address, "ticket": ticket,
+                             "batches": _mixed(plan),
+                             "streams": args.streams * len(cluster.sets),
+                             "window": args.window}}
+
+
+def _group(cpu: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in cpu.items() if k.startswith(prefix))
+
+
+def _cores(cpu_load: dict[str, float], cpu_all: dict[str, float], client_cpu: float,
+           load_s: float, times: tuple[float, float, float], pids: Any) -> dict:
+    """Cores each part used during the load and during the drain."""
+    t0, t1, t2 = times
+    ours_load = sum(v for k, v in cpu_load.items() if k != "machine") + client_cpu
+    ours_drain = sum(cpu_all[k] - cpu_load[k] for k in pids)
+    g = _group
+    return {
+        "cores_load": {"sets": g(cpu_load, "set ") / (t1 - t0),
+                       "nats": g(cpu_load, "nats ") / (t1 - t0),
+                       "clients": client_cpu / load_s,
+                       "bank, bench": (g(cpu_load, "bank") + g(cpu_load, "bench")) / (t1 - t0),
+                       "others": max(0.0, cpu_load["machine"] - ours_load) / (t1 - t0)},
+        "cores_drain": {"sets": (g(cpu_all, "set ") - g(cpu_load, "set ")) / (t2 - t1),
+                        "nats": (g(cpu_all, "nats ") - g(cpu_load, "nats ")) / (t2 - t1),
+                        "others": max(0.0, cpu_all["machine"] - cpu_load["machine"]
+                                      - ours_drain) / (t2 - t1)} if t2 > t1 else {}}
 
 
 def _series(samples: list[dict], seq0: int, t0: float, t_end: float) -> list[str]:
