@@ -41,7 +41,10 @@ class LmdbTx:
     # py-lmdb returns bytes, not buffers, as the transactions are opened with
     # buffers=False (its default); the stubs allow both.
     def get(self, table: str, key: bytes) -> bytes | None:
-        return self._txn.get(key, db=self._dbs[table])  # type: ignore[return-value]
+        db = self._dbs[table]
+        if db is None:   # a table the ledger's version did not have yet (read-only opens)
+            return None
+        return self._txn.get(key, db=db)  # type: ignore[return-value]
 
     def put(self, table: str, key: bytes, value: bytes, *, overwrite: bool = True,
             append: bool = False) -> bool:
@@ -54,6 +57,8 @@ class LmdbTx:
         return self._txn.delete(key, db=self._dbs[table])
 
     def scan(self, table: str, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        if self._dbs[table] is None:
+            return
         cur = self._txn.cursor(db=self._dbs[table])
         found = cur.set_range(start) if start else cur.first()
         if found:
@@ -61,6 +66,8 @@ class LmdbTx:
 
     def scan_back(self, table: str, before: bytes | None = None
                   ) -> Iterator[tuple[bytes, bytes]]:
+        if self._dbs[table] is None:
+            return
         cur = self._txn.cursor(db=self._dbs[table])
         if before is None:
             found = cur.last()
@@ -71,6 +78,8 @@ class LmdbTx:
             yield from cur.iterprev()  # type: ignore[misc]
 
     def count(self, table: str) -> int:
+        if self._dbs[table] is None:
+            return 0
         return self._txn.stat(self._dbs[table])["entries"]
 
 
@@ -97,11 +106,23 @@ def _open(path: Path, *, readonly: bool, durable: bool = True, map_size_bytes: i
     # Opened outside any transaction of ours: py-lmdb then commits the
     # handle's own read transaction, which keeps the handles valid afterwards.
     try:
-        dbs = {name: env.open_db(name.encode(), create=not readonly) for name in keys.TABLES}
+        dbs = {name: _open_table(env, name, readonly) for name in keys.TABLES}
     except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError) as exc:
         env.close()
         raise LedgerCorrupt(f"the ledger in {path} is damaged: {exc}") from None
     return env, dbs
+
+
+def _open_table(env: lmdb.Environment, name: str, readonly: bool) -> Any:
+    """A table's handle; None for one a read-only open does not find: a ledger written by
+    a version from before that table existed (its first writable open creates it), read
+    as empty, so ``hongbao reconcile`` still reads a stopped older ledger."""
+    try:
+        return env.open_db(name.encode(), create=not readonly)
+    except lmdb.NotFoundError:
+        if not readonly:
+            raise
+        return None
 
 
 def _check_size(env: lmdb.Environment, path: Path) -> None:
