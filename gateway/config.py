@@ -88,6 +88,11 @@ class Settings:
     credit_floor_rate_per_s: float = 1_000.0
     unlock_fen: int = 100  # what a Moments photo unlock costs the viewer
     unlock_free_step: float = 0.25  # share of unlocks turned free per pressured window
+    # Bound cards (WalletService/BindCard): at most this many a user; the bound lists are
+    # quasi-static, cached per worker (LRU of this many users, each entry trusted this long).
+    max_bound_cards: int = 10
+    cards_cache_size: int = 100_000
+    cards_cache_ttl_s: float = 1.0
 
     def capacities(self) -> dict[str, float]:
         return {b: float(self.bank_capacity_tps.get(b, self.default_bank_capacity_tps))

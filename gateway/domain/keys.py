@@ -35,15 +35,17 @@ MOVED = "moved"  # old owner: m\0 move id -> export summary; e\0 envelope, u\0 u
 # id \0 new owner (what left, and where to: a late credit for a moved user is sent on)
 MIGRATED = "migrated"  # new owner: move id \0 chunk number -> chunk count
 
+CARDS = "cards"  # user -> the user's bound cards, most preferred first (JSON list)
+
 TABLES = (ACCOUNTS, TRANSFERS, ENVELOPES, ENV_META, GRABS, IDEM, PAYMENTS, WALLET_TX,
           CREDIT_OUTBOX, EXPIRY, META, NOTIFICATIONS, RESOLVE, XCREDIT_OUTBOX, MIGRATE_OUTBOX,
-          MOVED, MIGRATED)
+          MOVED, MIGRATED, CARDS)
 # The tables whose rows a slot handoff carries to the new owner (a chunk names them by index,
 # so the order is part of the chunk format: append only).
 # A MOVED row in a chunk names a user or envelope arriving: the new owner drops its own
 # marker for it (the slot may be coming back).
 MIGRATABLE = (WALLET_TX, NOTIFICATIONS, IDEM, PAYMENTS, ENVELOPES, ENV_META, GRABS, EXPIRY,
-              MOVED)
+              MOVED, CARDS)
 
 SEQ = b"seq"  # META: the last sequence number handed out (wallet entries, notices, outbox)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 
 import hotpath
 from gateway import errors
@@ -275,3 +276,9 @@ def interset_credits(tx: Tx) -> InterSetCredits:
     balances = {acct[cut:].decode(): hotpath.unpack_i64(raw)
                 for acct, raw in scan_prefix(tx, keys.ACCOUNTS, keys.INTERSET)}
     return InterSetCredits(out, balances)
+
+
+def bound_cards(tx: Tx, user: bytes) -> list[str]:
+    """The user's bound cards, most preferred first."""
+    raw = tx.get(keys.CARDS, user)
+    return [str(c) for c in json.loads(raw)] if raw else []

@@ -15,10 +15,11 @@ ids); the transfer ids, account names and notification texts come from
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import hotpath
 from gateway import errors
-from gateway.domain import keys, records
+from gateway.domain import keys, reads, records
 from gateway.domain.keys import (
     clearing_account,
     escrow_account,
@@ -767,6 +768,9 @@ def _export_user(b: Books, user: bytes, to_set: bytes, move_id: bytes,
     copied = [("row", keys.IDEM, key, value)
               for key, value in scan_prefix(b.tx, keys.IDEM, keys.unlock_idem_prefix(user))]
     copied += [("row", keys.PAYMENTS, key, raw) for key, raw in payments]
+    cards = b.tx.get(keys.CARDS, user)
+    if cards is not None:
+        leaving.append(("row", keys.CARDS, user, cards))
     for _row, table, key, _value in leaving:
         b.tx.delete(table, key)
     assert b.account(pending_account(user)) == 0, user
@@ -874,3 +878,40 @@ def _import_row(b: Books, origin: str, table: str, key: bytes, value: bytes) -> 
                                       kind, status, flags | records.ENV_IMPORTED, shares)
     # What this SET already holds under the key is kept: a record is never overwritten.
     tx.put(table, key, value, overwrite=False)
+
+
+# -- bound cards ----------------------------------------------------------------------------
+
+def bind_card(b: Books, user: bytes, card_id: str, preferred: bool, limit: int) -> list[str]:
+    """Adds a card to the user's bound cards: last, or first when ``preferred``. Binding a
+    card already bound changes nothing (or makes it the first, when ``preferred``), so a
+    retry is harmless. Past ``limit`` cards: FailedPrecondition TOO_MANY_CARDS."""
+    cards = reads.bound_cards(b.tx, user)
+    if card_id in cards:
+        if not preferred or cards[0] == card_id:
+            return cards
+        cards.remove(card_id)
+    elif len(cards) >= limit:
+        raise errors.FailedPrecondition(
+            "TOO_MANY_CARDS", f"at most {limit} bound cards: unbind one first",
+            limit=str(limit))
+    if preferred:
+        cards.insert(0, card_id)
+    else:
+        cards.append(card_id)
+    b.tx.put(keys.CARDS, user, json.dumps(cards).encode())
+    return cards
+
+
+def unbind_card(b: Books, user: bytes, card_id: str) -> tuple[list[str], bool]:
+    """Takes a card off the user's bound cards; (the cards left, whether it was bound).
+    Unbinding a card that is not bound changes nothing, so a retry is harmless."""
+    cards = reads.bound_cards(b.tx, user)
+    if card_id not in cards:
+        return cards, False
+    cards.remove(card_id)
+    if cards:
+        b.tx.put(keys.CARDS, user, json.dumps(cards).encode())
+    else:
+        b.tx.delete(keys.CARDS, user)
+    return cards, True

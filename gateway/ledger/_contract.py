@@ -255,6 +255,23 @@ class Ledger(abc.ABC):
     async def import_complete(self, move_id: str) -> bool:
         """Whether every chunk of the move has been applied here."""
 
+    # -- bound cards ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def bind_card(self, user_id: str, card_id: str, *, preferred: bool,
+                        limit: int) -> list[str]:
+        """Adds a bound card (last, or first when ``preferred``); the cards, most preferred
+        first. A card bound already is kept (moved first when ``preferred``).
+        FailedPrecondition TOO_MANY_CARDS past ``limit``."""
+
+    @abc.abstractmethod
+    async def unbind_card(self, user_id: str, card_id: str) -> tuple[list[str], bool]:
+        """Takes a bound card off; (the cards left, whether it was bound)."""
+
+    @abc.abstractmethod
+    async def bound_cards(self, user_id: str) -> list[str]:
+        """The user's bound cards, most preferred first."""
+
     # -- operations ----------------------------------------------------------------
 
     @abc.abstractmethod
@@ -358,6 +375,15 @@ class BooksLedger(Ledger):
 
     async def import_complete(self, move_id):
         return self.read(reads.import_complete, move_id)
+
+    async def bind_card(self, user_id, card_id, *, preferred, limit):
+        return await self.write(rules.bind_card, user_id.encode(), card_id, preferred, limit)
+
+    async def unbind_card(self, user_id, card_id):
+        return await self.write(rules.unbind_card, user_id.encode(), card_id)
+
+    async def bound_cards(self, user_id):
+        return self.read(reads.bound_cards, user_id.encode())
 
     # The two sweeps look before they write: an idle gateway commits nothing (in strict
     # durability every write transaction is an fsync). The write checks again.

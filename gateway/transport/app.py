@@ -36,6 +36,7 @@ from gateway.transport.interceptors.routing import Peers, RoutingInterceptor
 from gateway.transport.metrics import Metrics
 from gateway.transport.role import BackgroundRole
 from gateway.usecases import (
+    BoundCards,
     CardPayments,
     Gateway,
     Grabbing,
@@ -207,7 +208,8 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
         wallet=WalletReads(ledger, settings, pressure),
         operations=Operations(ledger, butler, bank,
                               {"credit": credit, "payment-unknown": resolver}, governor),
-        limits=UserRateLimiter(settings.user_rate_per_s, settings.user_burst))
+        limits=UserRateLimiter(settings.user_rate_per_s, settings.user_burst),
+        bound=BoundCards(ledger, settings))
     metrics = Metrics()
     interceptors = [AdmissionInterceptor(governor, metrics, tier_table(settings.tiers)),
                     LoggingInterceptor(access_log=settings.access_log,

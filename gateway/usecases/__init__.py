@@ -18,6 +18,7 @@ import dataclasses
 from gateway.config import Settings
 from gateway.qos.pressure import Pressure
 from gateway.qos.userlimit import UserRateLimiter
+from gateway.usecases.bound import BoundCards
 from gateway.usecases.cards import CardPayments
 from gateway.usecases.grabbing import Grabbing
 from gateway.usecases.moments import Moments
@@ -42,7 +43,8 @@ class Gateway:
     operations: Operations
     # Per-user token buckets over the calls that move money or grab.
     limits: UserRateLimiter
+    bound: BoundCards
 
 
-__all__ = ["CardPayments", "Gateway", "Grabbing", "Moments", "Operations", "SendCommand",
-           "Sending", "WalletReads"]
+__all__ = ["BoundCards", "CardPayments", "Gateway", "Grabbing", "Moments", "Operations",
+           "SendCommand", "Sending", "WalletReads"]

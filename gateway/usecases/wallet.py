@@ -130,6 +130,9 @@ class LruCache(Generic[K, V]):
         self._entries.move_to_end(key)
         return entry[1]
 
+    def drop(self, key: K) -> None:
+        self._entries.pop(key, None)
+
     def put(self, key: K, started: float, value: V) -> None:
         if self.size == 0:
             return

@@ -67,6 +67,9 @@ METHOD_SCOPES: Mapping[str, str] = MappingProxyType({
     _WALLET + "ListTransactions": "read",
     _WALLET + "TopUp": "pay",
     _WALLET + "Withdraw": "pay",
+    _WALLET + "BindCard": "pay",
+    _WALLET + "UnbindCard": "pay",
+    _WALLET + "ListCards": "read",
     "/hongbao.v1.NotificationService/WatchNotifications": "read",
     "/hongbao.v1.MomentsService/UnlockPhoto": "pay",  # moves money out of the caller's wallet
     "/hongbao.v1.AuthService/IssueTicket": EXEMPT,

@@ -80,6 +80,9 @@ BY_USER = frozenset({
     "/hongbao.v1.WalletService/ListTransactions",
     "/hongbao.v1.WalletService/TopUp",
     "/hongbao.v1.WalletService/Withdraw",
+    "/hongbao.v1.WalletService/BindCard",
+    "/hongbao.v1.WalletService/UnbindCard",
+    "/hongbao.v1.WalletService/ListCards",
     "/hongbao.v1.NotificationService/WatchNotifications",
     "/hongbao.v1.MomentsService/UnlockPhoto",
 })

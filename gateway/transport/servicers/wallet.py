@@ -39,8 +39,29 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
         return pb.TopUpResponse(payment_id=p.payment_id, status=int(p.status))
 
     @maps_errors
+    async def BindCard(self, request, context):
+        cards = await self._gw.bound.bind(subject(), request.request_id, request.card_id,
+                                          request.preferred)
+        return pb.BindCardResponse(cards=_cards(cards))
+
+    @maps_errors
+    async def UnbindCard(self, request, context):
+        cards, removed = await self._gw.bound.unbind(subject(), request.request_id,
+                                                     request.card_id)
+        return pb.UnbindCardResponse(cards=_cards(cards), removed=removed)
+
+    @maps_errors
+    async def ListCards(self, request, context):
+        return pb.ListCardsResponse(cards=_cards(await self._gw.bound.list(subject())))
+
+    @maps_errors
     async def Withdraw(self, request, context):
         user = limited_subject(self._gw.limits)
         p = await self._gw.cards.withdraw(user, request.request_id, request.card_id,
                                     request.amount_fen)
         return pb.WithdrawResponse(payment_id=p.payment_id, status=int(p.status))
+
+
+def _cards(cards: list[str]) -> list[pb.BoundCard]:
+    # A bound card id was checked at binding: <bank>-<digits>.
+    return [pb.BoundCard(card_id=c, bank_id=c.partition("-")[0]) for c in cards]
