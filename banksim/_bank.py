@@ -29,6 +29,14 @@ bank has not recorded, so a repeat answers from the ledger and no fault decides
 money twice. QueryOrder, VoidOrder and Refund route to the bank of the recorded
 order (or of a waiting late debit); an id the bank never saw has no bank, so
 those calls pass no gate.
+
+Channels: every bank is reached through each served channel (direct, clearing),
+and each channel has its own gate (all of the above, per channel) and counters;
+the money is one ledger. A call names its channel (none: direct). An order id
+belongs to the channel it first came through (recorded with the order, or with a
+waiting late debit); the same id through another channel is refused before any
+gate, FAILED_PRECONDITION WRONG_CHANNEL, and moves nothing. A channel set
+``down`` refuses every call through it, UNAVAILABLE CHANNEL_DOWN, before that.
 """
 
 from __future__ import annotations
@@ -43,15 +51,17 @@ from dataclasses import dataclass
 import structlog
 
 from banksim._errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from banksim._faults import FAULT_KEYS, Admission, BankState, Fault, Faults
+from banksim._faults import FAULT_FIELDS, Admission, BankState, Fault, Faults, PeakMeter
 from banksim._ledger import Ledger, Payload, Snapshot
 from banksim._model import (
     Answer,
+    Channel,
     OrderKind,
     OrderRecord,
     OrderStatus,
     bank_of,
     check_amount,
+    check_channel,
     check_order_id,
 )
 
@@ -73,15 +83,39 @@ class _Late:
     timer: asyncio.TimerHandle
 
 
+class Bank:
+    """One simulated bank: a gate per channel it is reached through, and its own peak meter."""
+
+    def __init__(self, bank_id: str, faults: dict[Channel, Faults], rng: random.Random,
+                 now: float) -> None:
+        assert faults, f"bank {bank_id} has no channel"
+        self.bank_id = bank_id
+        self.meter = PeakMeter(now)
+        self.channels = {ch: BankState(bank_id, f.checked(), rng, now, ch, self.meter)
+                         for ch, f in sorted(faults.items())}
+
+    def gate(self, channel: Channel) -> BankState:
+        """The channel's gate; INVALID_ARGUMENT UNKNOWN_CHANNEL if this simulator does not
+        serve it."""
+        state = self.channels.get(channel)
+        if state is None:
+            raise InvalidArgument("UNKNOWN_CHANNEL", f"the {channel.label} channel is not "
+                                  "served", channel=channel.label)
+        return state
+
+
 class BankSim:
     """Every simulated bank, sharing one ledger and one random source."""
 
-    def __init__(self, ledger: Ledger, banks: dict[str, Faults], rng: random.Random) -> None:
+    def __init__(
+        self, ledger: Ledger, banks: dict[str, dict[Channel, Faults]], rng: random.Random
+    ) -> None:
         now = time.monotonic()
         self._ledger = ledger
         self._rng = rng
-        self.banks = {b: BankState(b, f.checked(), rng, now) for b, f in banks.items()}
+        self.banks = {b: Bank(b, f, rng, now) for b, f in banks.items()}
         self._bank_ids = frozenset(self.banks)
+        self.channels = tuple(sorted({ch for f in banks.values() for ch in f}))
         self._late: dict[str, _Late] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
@@ -126,27 +160,55 @@ class BankSim:
         """Releases every held call; called before the server's graceful stop."""
         self._closing.set()
 
-    def _route(self, order_id: str) -> tuple[OrderRecord | None, BankState | None]:
+    def _served(self, channel: Channel) -> None:
+        if channel not in self.channels:
+            raise InvalidArgument("UNKNOWN_CHANNEL", f"the {channel.label} channel is not "
+                                  "served", channel=channel.label)
+
+    def _route(
+        self, order_id: str, channel: Channel
+    ) -> tuple[OrderRecord | None, BankState | None]:
+        """The recorded order and the gate of its bank on ``channel`` (None: no bank).
+
+        UNAVAILABLE CHANNEL_DOWN if that gate is down; then WRONG_CHANNEL if the order
+        belongs to another channel.
+        """
         check_order_id(order_id)
+        self._served(channel)
         found = self._ledger.order(order_id)
-        if found is not None and found.bank_id:
-            return found, self.banks.get(found.bank_id)
         late = self._late.get(order_id)
-        return found, (late.bank if late else None)
+        if found is not None:
+            owner, bank_id = found.channel, found.bank_id
+        elif late is not None:
+            owner, bank_id = late.payload.channel, late.bank.bank_id
+        else:
+            return None, None
+        bank = self.banks.get(bank_id) if bank_id else None
+        state = bank.gate(channel) if bank is not None else None
+        if state is not None:
+            state.refuse_if_down()
+        check_channel(order_id, owner, channel)
+        return found, state
 
     # -- BankService --------------------------------------------------------------------------
 
     async def move(
-        self, kind: OrderKind, order_id: str, card_id: str, amount_fen: int, remaining: Remaining
+        self, kind: OrderKind, order_id: str, card_id: str, amount_fen: int, remaining: Remaining,
+        channel: Channel = Channel.DIRECT,
     ) -> Answer:
         """Debit or Credit; see the module docstring for the faults on the way."""
         check_order_id(order_id)
         check_amount(amount_fen)
-        bank = self.banks[bank_of(card_id, self._bank_ids)]
-        known = self._ledger.order(order_id) is not None or order_id in self._late
-        fault = await self._enter(bank, remaining, money=not known,
+        bank = self.banks[bank_of(card_id, self._bank_ids)].gate(channel)
+        bank.refuse_if_down()
+        found = self._ledger.order(order_id)
+        late = self._late.get(order_id)
+        owner = found.channel if found is not None else (late.payload.channel if late else None)
+        if owner is not None:
+            check_channel(order_id, owner, channel)
+        fault = await self._enter(bank, remaining, money=owner is None,
                                   late_allowed=kind == OrderKind.DEBIT)
-        payload = Payload(kind, card_id, amount_fen)
+        payload = Payload(kind, card_id, amount_fen, channel)
         if fault is Fault.LATE_DEBIT:
             self._schedule_late(order_id, payload, bank)
             raise DeadlineExceeded("BANK_TIMEOUT", "the bank did not answer in time")
@@ -159,17 +221,22 @@ class BankSim:
             raise Unavailable("BANK_UNAVAILABLE", "connection to the bank reset")
         return answer
 
-    async def query(self, order_id: str, remaining: Remaining) -> OrderRecord | None:
+    async def query(
+        self, order_id: str, remaining: Remaining, channel: Channel = Channel.DIRECT
+    ) -> OrderRecord | None:
         """The recorded order, or None if the bank never saw the id."""
-        found, bank = self._route(order_id)
+        found, bank = self._route(order_id, channel)
         if bank is None:
             return found
         await self._enter(bank, remaining, money=False)
         return self._ledger.order(order_id)  # read again: latency may have let a write land
 
-    async def void(self, order_id: str, remaining: Remaining) -> OrderStatus:
-        """Locks an unknown or declined id (VOIDED); a settled one answers its status."""
-        _, bank = self._route(order_id)
+    async def void(
+        self, order_id: str, remaining: Remaining, channel: Channel = Channel.DIRECT
+    ) -> OrderStatus:
+        """Locks an unknown or declined id (VOIDED) on ``channel``; a settled one answers its
+        status."""
+        _, bank = self._route(order_id, channel)
         if bank is not None:
             await self._enter(bank, remaining, money=False)
         late = self._late.pop(order_id, None)
@@ -177,17 +244,19 @@ class BankSim:
             late.timer.cancel()
             late.bank.counters.late_debits_dropped += 1
             log.info("late_debit_voided", order_id=order_id, bank_id=late.bank.bank_id)
-        status, fresh = await self._ledger.void(order_id, late.payload if late else None)
+        status, fresh = await self._ledger.void(order_id, late.payload if late else None, channel)
         if fresh and bank is not None:
             bank.counters.voids += 1
         return status
 
-    async def refund(self, order_id: str, remaining: Remaining) -> OrderStatus:
+    async def refund(
+        self, order_id: str, remaining: Remaining, channel: Channel = Channel.DIRECT
+    ) -> OrderStatus:
         """Returns a settled debit to its card; FAILED_PRECONDITION NOT_REFUNDABLE otherwise."""
-        _, bank = self._route(order_id)
+        _, bank = self._route(order_id, channel)
         if bank is not None:
             await self._enter(bank, remaining, money=False)
-        record, fresh = await self._ledger.refund(order_id)
+        record, fresh = await self._ledger.refund(order_id, channel)
         if fresh and bank is not None:
             bank.counters.refunds += 1
         return record.status
@@ -237,19 +306,27 @@ class BankSim:
 
     # -- admin --------------------------------------------------------------------------------
 
-    def set_faults(self, bank_id: str, faults: Faults) -> list[BankState]:
-        """Replaces the faults of one bank, or of every bank when ``bank_id`` is empty."""
+    def set_faults(
+        self, bank_id: str, faults: Faults, channel: Channel | None = None
+    ) -> list[Bank]:
+        """Replaces the faults of one bank, or of every bank when ``bank_id`` is empty, on one
+        channel, or on every channel when ``channel`` is None."""
         faults = faults.checked()
         if bank_id and bank_id not in self.banks:
             raise InvalidArgument("UNKNOWN_BANK", f"no bank {bank_id!r}", bank_id=bank_id)
+        if channel is not None:
+            self._served(channel)
         targets = [self.banks[bank_id]] if bank_id else list(self.banks.values())
         now = time.monotonic()
         for bank in targets:
-            bank.set_faults(faults, now)
-            log.info("faults_set", bank_id=bank.bank_id, **_fields(faults))
+            for state in bank.channels.values():
+                if channel is None or state.channel == channel:
+                    state.set_faults(faults, now)
+                    log.info("faults_set", bank_id=bank.bank_id, channel=state.channel.label,
+                             **_fields(faults))
         return targets
 
-    def card(self, card_id: str) -> tuple[str, bool, int]:
+    def card(self, card_id: str) -> tuple[str, bool, int]:  # one ledger: no channel
         """The card's bank, whether it is open, and its balance (or opening balance)."""
         bank_id = bank_of(card_id, self._bank_ids)
         opened, balance_fen = self._ledger.card(card_id)
@@ -278,6 +355,6 @@ def _count(bank: BankState, kind: OrderKind, answer: Answer) -> None:
 
 
 def _fields(faults: Faults) -> dict[str, float]:
-    return {name: getattr(faults, name) for name in FAULT_KEYS}
+    return {name: getattr(faults, name) for name in FAULT_FIELDS}
 
 

@@ -1,4 +1,7 @@
-"""Per-bank faults and capacity: the configuration, the dice and the admission gate.
+"""Per-channel faults and capacity: the configuration, the dice and the admission gate.
+
+Each channel of each bank (direct, clearing) has its own ``BankState``: its own
+settings, token bucket, overload streak, collapse and counters.
 
 Everything here runs on the event loop thread, so it holds no locks. Time comes
 from ``time.monotonic`` passed in by the caller, which keeps the state machine
@@ -24,7 +27,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from banksim._errors import InvalidArgument
+from banksim._errors import InvalidArgument, Unavailable
+from banksim._model import Channel
 
 log = structlog.get_logger("banksim.faults")
 
@@ -66,13 +70,15 @@ class Faults:
     collapse_after_s: float = 0.0
     collapse_for_s: float = 0.0
     late_debit_delay_ms: float = 0.0
+    # The channel answers UNAVAILABLE CHANNEL_DOWN at once, before any other gate.
+    down: bool = False
 
     def checked(self) -> Faults:
         """These settings with defaults filled in; INVALID_ARGUMENT if any is out of range."""
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for name in FAULT_KEYS:
+            value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
-                raise InvalidArgument("INVALID_FAULTS", f"{field.name} must be finite and >= 0")
+                raise InvalidArgument("INVALID_FAULTS", f"{name} must be finite and >= 0")
         rates = (self.decline_rate, self.timeout_rate, self.lost_response_rate,
                  self.late_debit_rate)
         if any(r > 1 for r in rates) or math.fsum(rates) > 1 + 1e-9:
@@ -92,7 +98,9 @@ class Faults:
         return filled
 
 
-FAULT_KEYS = tuple(f.name for f in dataclasses.fields(Faults))
+# The numeric settings (each a flag and a config key); FAULT_FIELDS adds the switch ``down``.
+FAULT_FIELDS = tuple(f.name for f in dataclasses.fields(Faults))
+FAULT_KEYS = tuple(name for name in FAULT_FIELDS if name != "down")
 
 
 @dataclass(slots=True)
@@ -114,6 +122,7 @@ class Counters:
     late_debits_scheduled: int = 0
     late_debits_applied: int = 0
     late_debits_dropped: int = 0
+    refused_while_down: int = 0
 
     @property
     def faults_injected(self) -> int:
@@ -121,17 +130,44 @@ class Counters:
                 + self.late_debits_scheduled)
 
 
-class BankState:
-    """One bank's live state: settings, token bucket, overload streak, collapse, counters."""
+class PeakMeter:
+    """The most requests seen in any one (monotonic) second."""
 
-    def __init__(self, bank_id: str, faults: Faults, rng: random.Random, now: float) -> None:
-        self.bank_id = bank_id
-        self.counters = Counters()
-        self._rng = rng
-        self.set_faults(faults, now)
+    def __init__(self, now: float) -> None:
         self._second = math.floor(now)
         self._in_second = 0
         self._peak_tps = 0
+
+    def count(self, now: float) -> None:
+        self._roll(now)
+        self._in_second += 1
+
+    def peak_tps(self, now: float) -> int:
+        self._roll(now)
+        return max(self._peak_tps, self._in_second)
+
+    def _roll(self, now: float) -> None:
+        second = math.floor(now)
+        if second != self._second:
+            self._peak_tps = max(self._peak_tps, self._in_second)
+            self._second, self._in_second = second, 0
+
+
+class BankState:
+    """One channel of one bank, live: settings, token bucket, overload streak, collapse,
+    counters."""
+
+    def __init__(self, bank_id: str, faults: Faults, rng: random.Random, now: float,
+                 channel: Channel = Channel.DIRECT, bank_meter: PeakMeter | None = None) -> None:
+        self.bank_id = bank_id
+        self.channel = channel
+        self.counters = Counters()
+        self._rng = rng
+        self.set_faults(faults, now)
+        self._meter = PeakMeter(now)
+        # The bank's own meter, shared by its channels: the bank-wide peak is not the sum
+        # of the channels' peaks (they need not fall in the same second).
+        self._bank_meter = bank_meter
 
     def set_faults(self, faults: Faults, now: float) -> None:
         """Replaces the settings (already ``checked``) and resets capacity and collapse."""
@@ -151,26 +187,20 @@ class BankState:
         return now < self._collapsed_until
 
     def peak_tps(self, now: float) -> int:
-        self._roll_second(now)
-        return max(self._peak_tps, self._in_second)
-
-    def _roll_second(self, now: float) -> None:
-        second = math.floor(now)
-        if second != self._second:
-            self._peak_tps = max(self._peak_tps, self._in_second)
-            self._second, self._in_second = second, 0
+        return self._meter.peak_tps(now)
 
     def admit(self, now: float) -> Admission:
         """Counts the request and decides: admit, reject (over capacity) or hold (collapsed)."""
         self.counters.requests += 1
-        self._roll_second(now)
-        self._in_second += 1
+        self._meter.count(now)
+        if self._bank_meter is not None:
+            self._bank_meter.count(now)
         if self.collapsed(now):
             self.counters.held_while_collapsed += 1
             return Admission.HOLD
         if self._collapsed_until:  # the collapse just ended: start afresh
             self.set_faults(self.faults, now)
-            log.warning("bank_recovered", bank_id=self.bank_id)
+            log.warning("bank_recovered", bank_id=self.bank_id, channel=self.channel.label)
         capacity = self.faults.capacity_tps
         if capacity <= 0:
             return Admission.ADMIT
@@ -187,9 +217,19 @@ class BankState:
         if after > 0 and now - self._streak_start >= after:
             self._collapsed_until = now + self.faults.collapse_for_s
             self.counters.collapses += 1
-            log.warning("bank_collapsed", bank_id=self.bank_id,
+            log.warning("bank_collapsed", bank_id=self.bank_id, channel=self.channel.label,
                         overloaded_s=now - self._streak_start, for_s=self.faults.collapse_for_s)
         return Admission.REJECT
+
+    def refuse_if_down(self) -> None:
+        """UNAVAILABLE CHANNEL_DOWN at once if the channel is down (counted, nothing moves)."""
+        if not self.faults.down:
+            return
+        self.counters.requests += 1
+        self.counters.refused_while_down += 1
+        raise Unavailable("CHANNEL_DOWN", f"the {self.channel.label} channel to "
+                          f"{self.bank_id} is down", bank_id=self.bank_id,
+                          channel=self.channel.label)
 
     def latency_s(self) -> float:
         """This call's added latency: uniform in [0.5, 1.5] x the mean, so bounded both ways."""

@@ -41,10 +41,12 @@ from banksim._errors import BankError, FailedPrecondition, ResourceExhausted, Un
 from banksim._model import (
     INT64_MAX,
     Answer,
+    Channel,
     DeclineReason,
     OrderKind,
     OrderRecord,
     OrderStatus,
+    check_channel,
 )
 
 log = structlog.get_logger("banksim.ledger")
@@ -75,6 +77,7 @@ class Payload:
     kind: OrderKind
     card_id: str
     amount_fen: int
+    channel: Channel = Channel.DIRECT
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +333,8 @@ class Ledger:
         bank_id = p.card_id.partition("-")[0]
         found = self._get(txn, order_id)
         if found is not None:
+            # Checked here too, in the write, for two first calls racing through both channels.
+            check_channel(order_id, found.channel, p.channel)
             if found.status == OrderStatus.VOIDED:
                 return Answer(order_id, OrderStatus.DECLINED, DeclineReason.ORDER_VOIDED, bank_id,
                               fresh=False)
@@ -357,19 +362,23 @@ class Ledger:
             self._set_balance(txn, p.card_id, balance + p.amount_fen)
             self._add(txn, CREDITED, p.amount_fen)
         now_ns = time.time_ns()
-        record = OrderRecord(p.kind, status, reason, p.card_id, p.amount_fen, now_ns, now_ns)
+        record = OrderRecord(p.kind, status, reason, p.card_id, p.amount_fen, now_ns, now_ns,
+                             p.channel)
         self._put(txn, order_id, record, new=True)
         return Answer(order_id, status, reason, bank_id, fresh=True)
 
-    async def void(self, order_id: str, pending: Payload | None) -> tuple[OrderStatus, bool]:
+    async def void(
+        self, order_id: str, pending: Payload | None, channel: Channel = Channel.DIRECT
+    ) -> tuple[OrderStatus, bool]:
         """Locks ``order_id`` unless it settled; returns its status and whether this call locked it.
 
-        ``pending`` is a late debit not yet applied: the voided record keeps its payload.
+        ``pending`` is a late debit not yet applied: the voided record keeps its payload. An
+        unknown id is locked on ``channel``; a known one must belong to it (WRONG_CHANNEL).
         """
-        return await self._write(lambda txn: self._void(txn, order_id, pending))
+        return await self._write(lambda txn: self._void(txn, order_id, pending, channel))
 
     def _void(
-        self, txn: lmdb.Transaction, order_id: str, pending: Payload | None
+        self, txn: lmdb.Transaction, order_id: str, pending: Payload | None, channel: Channel
     ) -> tuple[OrderStatus, bool]:
         now_ns = time.time_ns()
         found = self._get(txn, order_id)
@@ -378,23 +387,32 @@ class Ledger:
                 (pending.kind, pending.card_id, pending.amount_fen) if pending
                 else (OrderKind.UNSPECIFIED, "", 0)
             )
+            check_channel(order_id, pending.channel if pending else channel, channel)
             record = OrderRecord(kind, OrderStatus.VOIDED, DeclineReason.UNSPECIFIED, card_id,
-                                 amount_fen, now_ns, now_ns)
+                                 amount_fen, now_ns, now_ns, channel)
             self._put(txn, order_id, record, new=True)
             return OrderStatus.VOIDED, True
+        check_channel(order_id, found.channel, channel)
         if found.status == OrderStatus.DECLINED:
             record = OrderRecord(found.kind, OrderStatus.VOIDED, found.decline_reason,
-                                 found.card_id, found.amount_fen, found.created_ns, now_ns)
+                                 found.card_id, found.amount_fen, found.created_ns, now_ns,
+                                 found.channel)
             self._put(txn, order_id, record, new=False)
             return OrderStatus.VOIDED, True
         return found.status, False
 
-    async def refund(self, order_id: str) -> tuple[OrderRecord, bool]:
+    async def refund(
+        self, order_id: str, channel: Channel = Channel.DIRECT
+    ) -> tuple[OrderRecord, bool]:
         """Returns a settled debit to its card; the record and whether this call refunded it."""
-        return await self._write(lambda txn: self._refund(txn, order_id))
+        return await self._write(lambda txn: self._refund(txn, order_id, channel))
 
-    def _refund(self, txn: lmdb.Transaction, order_id: str) -> tuple[OrderRecord, bool]:
+    def _refund(
+        self, txn: lmdb.Transaction, order_id: str, channel: Channel
+    ) -> tuple[OrderRecord, bool]:
         found = self._get(txn, order_id)
+        if found is not None:
+            check_channel(order_id, found.channel, channel)
         refundable = (OrderStatus.SETTLED, OrderStatus.REFUNDED)
         if found is None or found.kind != OrderKind.DEBIT or found.status not in refundable:
             status = "NOT_FOUND" if found is None else found.status.name
@@ -409,7 +427,8 @@ class Ledger:
         self._set_balance(txn, found.card_id, balance + found.amount_fen)
         self._add(txn, REFUNDED, found.amount_fen)
         record = OrderRecord(found.kind, OrderStatus.REFUNDED, DeclineReason.UNSPECIFIED,
-                             found.card_id, found.amount_fen, found.created_ns, time.time_ns())
+                             found.card_id, found.amount_fen, found.created_ns, time.time_ns(),
+                             found.channel)
         self._put(txn, order_id, record, new=False)
         return record, True
 

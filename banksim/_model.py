@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from banksim import cards
-from banksim._errors import InvalidArgument
+from banksim._errors import FailedPrecondition, InvalidArgument
 
 MAX_AMOUNT_FEN = 10**12
 INT64_MAX = 2**63 - 1
@@ -32,6 +32,41 @@ class OrderKind(enum.IntEnum):
     UNSPECIFIED = 0
     DEBIT = 1
     CREDIT = 2
+
+
+class Channel(enum.IntEnum):
+    """The road to a bank: straight to it, or through a clearing house."""
+
+    DIRECT = 1
+    CLEARING = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+def channel_of(value: int) -> Channel:
+    """The channel a request names; 0 (unspecified, every caller before channels) is direct."""
+    if value == 0:
+        return Channel.DIRECT
+    try:
+        return Channel(value)
+    except ValueError:
+        raise InvalidArgument("UNKNOWN_CHANNEL", f"no channel {value}") from None
+
+
+def check_channel(order_id: str, owner: Channel, asked: Channel) -> None:
+    """FAILED_PRECONDITION WRONG_CHANNEL unless ``asked`` is the channel the order belongs to.
+
+    An order id lives on one channel only, so a retry through the other channel can never
+    move money twice (the two channels cannot see each other's answers in a real bank).
+    """
+    if owner != asked:
+        raise FailedPrecondition(
+            "WRONG_CHANNEL",
+            f"order {order_id} belongs to the {owner.label} channel, not {asked.label}",
+            order_id=order_id, channel=owner.label, asked_channel=asked.label,
+        )
 
 
 class DeclineReason(enum.IntEnum):
@@ -64,8 +99,12 @@ def check_amount(amount_fen: int) -> None:
 
 
 # version, kind, status, decline_reason, amount_fen, created_ns, updated_ns; then card_id.
+# Version 1 is an order of the direct channel (every order before channels existed, and
+# every direct one since, byte for byte); version 2 adds a channel byte before card_id.
 _ORDER = struct.Struct(">BBBBqqq")
+_CHANNEL = struct.Struct(">B")
 _ORDER_VERSION = 1
+_ORDER_VERSION_CHANNEL = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +118,7 @@ class OrderRecord:
     amount_fen: int
     created_ns: int
     updated_ns: int
+    channel: Channel = Channel.DIRECT
 
     def __post_init__(self) -> None:
         # Checked on every build, so a record is checked before it is written and
@@ -104,20 +144,27 @@ class OrderRecord:
         return (self.kind, self.card_id, self.amount_fen) == (kind, card_id, amount_fen)
 
     def encode(self) -> bytes:
+        direct = self.channel == Channel.DIRECT
         head = _ORDER.pack(
-            _ORDER_VERSION, self.kind, self.status, self.decline_reason,
-            self.amount_fen, self.created_ns, self.updated_ns,
+            _ORDER_VERSION if direct else _ORDER_VERSION_CHANNEL, self.kind, self.status,
+            self.decline_reason, self.amount_fen, self.created_ns, self.updated_ns,
         )
-        return head + self.card_id.encode("ascii")
+        channel = b"" if direct else _CHANNEL.pack(self.channel)
+        return head + channel + self.card_id.encode("ascii")
 
     @classmethod
     def decode(cls, raw: bytes | memoryview) -> OrderRecord:
         version, kind, status, reason, amount, created, updated = _ORDER.unpack_from(raw)
-        assert version == _ORDER_VERSION, f"order record version {version}"
+        assert version in (_ORDER_VERSION, _ORDER_VERSION_CHANNEL), f"order version {version}"
+        channel, start = Channel.DIRECT, _ORDER.size
+        if version == _ORDER_VERSION_CHANNEL:
+            channel = Channel(_CHANNEL.unpack_from(raw, start)[0])
+            start += _CHANNEL.size
+            assert channel != Channel.DIRECT, "a direct order is written as version 1"
         return cls(
             kind=OrderKind(kind), status=OrderStatus(status), decline_reason=DeclineReason(reason),
-            card_id=bytes(raw[_ORDER.size:]).decode("ascii"), amount_fen=amount,
-            created_ns=created, updated_ns=updated,
+            card_id=bytes(raw[start:]).decode("ascii"), amount_fen=amount,
+            created_ns=created, updated_ns=updated, channel=channel,
         )
 
 

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from banksim._bank import BankSim
 from banksim._faults import Faults
 from banksim._ledger import Ledger
+from banksim._model import Channel
 from banksim._service import BankAdminService, BankService
 from banksim.v1 import bank_pb2, bank_pb2_grpc
 
@@ -33,7 +34,8 @@ class Settings:
     port: int = 0
     port_file: str | None = None
     card_balance_fen: int = 1_000_000
-    banks: dict[str, Faults] = field(default_factory=dict)
+    # Each bank's channels and their faults.
+    banks: dict[str, dict[Channel, Faults]] = field(default_factory=dict)
     seed: int = 0
     map_size: int = 256 << 20
     grace_s: float = 2.0
@@ -108,6 +110,7 @@ async def _serve(settings: Settings, sim: BankSim) -> int:
              tls=settings.tls is not None,
              mtls=settings.tls is not None and settings.tls[2] is not None,
              banks=sorted(settings.banks), seed=settings.seed,
+             channels=sorted({c.label for chs in settings.banks.values() for c in chs}),
              card_balance_fen=settings.card_balance_fen)
     try:
         await stop.wait()

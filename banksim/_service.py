@@ -13,10 +13,10 @@ from typing import Any, TypeVar, cast
 
 import grpc
 
-from banksim._bank import BankSim
+from banksim._bank import Bank, BankSim
 from banksim._errors import BankError, abort
 from banksim._faults import FAULT_KEYS, BankState, Faults
-from banksim._model import DeclineReason, OrderKind, OrderStatus
+from banksim._model import Channel, DeclineReason, OrderKind, OrderStatus, channel_of
 from banksim.v1 import bank_pb2 as pb
 from banksim.v1 import bank_pb2_grpc
 
@@ -27,6 +27,7 @@ def _check_enums() -> None:
         (OrderStatus, pb.OrderStatus, "ORDER_STATUS_"),
         (OrderKind, pb.OrderKind, "ORDER_KIND_"),
         (DeclineReason, pb.DeclineReason, "DECLINE_REASON_"),
+        (Channel, pb.Channel, "CHANNEL_"),
     ):
         for member in domain:
             assert proto.Value(prefix + member.name) == member.value, member
@@ -47,6 +48,10 @@ def _kind(kind: OrderKind) -> pb.OrderKind:
 
 def _reason(reason: DeclineReason) -> pb.DeclineReason:
     return cast(pb.DeclineReason, reason.value)
+
+
+def _channel(channel: Channel) -> pb.Channel:
+    return cast(pb.Channel, channel.value)
 
 _S = TypeVar("_S")
 _Req = TypeVar("_Req")
@@ -75,7 +80,8 @@ class BankService(bank_pb2_grpc.BankServiceServicer):
     @_boundary
     async def Debit(self, request: pb.DebitRequest, context: Any) -> pb.DebitResponse:
         answer = await self._sim.move(OrderKind.DEBIT, request.order_id, request.card_id,
-                                      request.amount_fen, context.time_remaining)
+                                      request.amount_fen, context.time_remaining,
+                                      channel_of(request.channel))
         return pb.DebitResponse(order_id=answer.order_id, status=_status(answer.status),
                                 decline_reason=_reason(answer.decline_reason),
                                 bank_id=answer.bank_id)
@@ -83,7 +89,8 @@ class BankService(bank_pb2_grpc.BankServiceServicer):
     @_boundary
     async def Credit(self, request: pb.CreditRequest, context: Any) -> pb.CreditResponse:
         answer = await self._sim.move(OrderKind.CREDIT, request.order_id, request.card_id,
-                                      request.amount_fen, context.time_remaining)
+                                      request.amount_fen, context.time_remaining,
+                                      channel_of(request.channel))
         return pb.CreditResponse(order_id=answer.order_id, status=_status(answer.status),
                                  decline_reason=_reason(answer.decline_reason),
                                  bank_id=answer.bank_id)
@@ -92,23 +99,27 @@ class BankService(bank_pb2_grpc.BankServiceServicer):
     async def QueryOrder(
         self, request: pb.QueryOrderRequest, context: Any
     ) -> pb.QueryOrderResponse:
-        found = await self._sim.query(request.order_id, context.time_remaining)
+        found = await self._sim.query(request.order_id, context.time_remaining,
+                                      channel_of(request.channel))
         if found is None:
             return pb.QueryOrderResponse(order_id=request.order_id,
                                          status=_status(OrderStatus.NOT_FOUND))
         return pb.QueryOrderResponse(
             order_id=request.order_id, status=_status(found.status), kind=_kind(found.kind),
             card_id=found.card_id, amount_fen=found.amount_fen, bank_id=found.bank_id,
+            channel=_channel(found.channel),
         )
 
     @_boundary
     async def VoidOrder(self, request: pb.VoidOrderRequest, context: Any) -> pb.VoidOrderResponse:
-        status = await self._sim.void(request.order_id, context.time_remaining)
+        status = await self._sim.void(request.order_id, context.time_remaining,
+                                      channel_of(request.channel))
         return pb.VoidOrderResponse(order_id=request.order_id, status=_status(status))
 
     @_boundary
     async def Refund(self, request: pb.RefundRequest, context: Any) -> pb.RefundResponse:
-        status = await self._sim.refund(request.order_id, context.time_remaining)
+        status = await self._sim.refund(request.order_id, context.time_remaining,
+                                        channel_of(request.channel))
         return pb.RefundResponse(order_id=request.order_id, status=_status(status))
 
 
@@ -118,8 +129,11 @@ class BankAdminService(bank_pb2_grpc.BankAdminServiceServicer):
 
     @_boundary
     async def SetFaults(self, request: pb.SetFaultsRequest, context: Any) -> pb.SetFaultsResponse:
-        faults = Faults(**{key: getattr(request.faults, key) for key in FAULT_KEYS})
-        banks = self._sim.set_faults(request.bank_id, faults)
+        faults = Faults(**{key: getattr(request.faults, key) for key in FAULT_KEYS},
+                        down=request.down)
+        # Unspecified means every channel here (not direct): what callers before channels meant.
+        channel = channel_of(request.channel) if request.channel else None
+        banks = self._sim.set_faults(request.bank_id, faults, channel)
         return pb.SetFaultsResponse(banks=[self._bank_stats(b) for b in banks])
 
     @_boundary
@@ -141,20 +155,39 @@ class BankAdminService(bank_pb2_grpc.BankAdminServiceServicer):
         return pb.GetCardResponse(card_id=request.card_id, bank_id=bank_id, opened=opened,
                                   balance_fen=balance_fen)
 
-    def _bank_stats(self, bank: BankState) -> pb.BankStats:
+    def _bank_stats(self, bank: Bank) -> pb.BankStats:
+        """The bank's totals over its channels, and each channel on its own."""
         now = time.monotonic()
-        c = bank.counters
+        per_channel = [self._counts(state, now) for state in bank.channels.values()]
+        totals = {key: sum(c[key] for c in per_channel) for key in per_channel[0]}
+        totals["collapsed"] = any(c["collapsed"] for c in per_channel)
+        totals["peak_tps"] = bank.meter.peak_tps(now)
+        first = next(iter(bank.channels.values()))
         return pb.BankStats(
-            bank_id=bank.bank_id,
-            faults=pb.FaultConfig(**{key: getattr(bank.faults, key) for key in FAULT_KEYS}),
-            requests=c.requests, debits_settled=c.debits_settled,
-            credits_settled=c.credits_settled, declines=c.declines, refunds=c.refunds,
-            voids=c.voids, faults_injected=c.faults_injected,
-            rejected_over_capacity=c.rejected_over_capacity, collapsed=bank.collapsed(now),
-            peak_tps=bank.peak_tps(now), collapses=c.collapses,
-            held_while_collapsed=c.held_while_collapsed, declines_injected=c.declines_injected,
-            timeouts_injected=c.timeouts_injected, lost_responses=c.lost_responses,
-            late_debits_scheduled=c.late_debits_scheduled,
-            late_debits_applied=c.late_debits_applied, late_debits_dropped=c.late_debits_dropped,
-            late_debits_pending=self._sim.late_pending(bank),
+            bank_id=bank.bank_id, faults=_fault_config(first.faults), **totals,
+            channels=[pb.ChannelStats(channel=_channel(state.channel), down=state.faults.down,
+                                      faults=_fault_config(state.faults), **counts)
+                      for state, counts in zip(bank.channels.values(), per_channel, strict=True)],
         )
+
+    def _counts(self, state: BankState, now: float) -> dict[str, Any]:
+        """One channel's counters under their proto names (BankStats' and ChannelStats')."""
+        c = state.counters
+        return {
+            "requests": c.requests, "debits_settled": c.debits_settled,
+            "credits_settled": c.credits_settled, "declines": c.declines, "refunds": c.refunds,
+            "voids": c.voids, "faults_injected": c.faults_injected,
+            "rejected_over_capacity": c.rejected_over_capacity,
+            "collapsed": state.collapsed(now), "peak_tps": state.peak_tps(now),
+            "collapses": c.collapses, "held_while_collapsed": c.held_while_collapsed,
+            "declines_injected": c.declines_injected, "timeouts_injected": c.timeouts_injected,
+            "lost_responses": c.lost_responses, "late_debits_scheduled": c.late_debits_scheduled,
+            "late_debits_applied": c.late_debits_applied,
+            "late_debits_dropped": c.late_debits_dropped,
+            "late_debits_pending": self._sim.late_pending(state),
+            "refused_while_down": c.refused_while_down,
+        }
+
+
+def _fault_config(faults: Faults) -> pb.FaultConfig:
+    return pb.FaultConfig(**{key: getattr(faults, key) for key in FAULT_KEYS})

@@ -1,0 +1,301 @@
+"""The bank simulator's two channels per bank (direct, clearing house): a real process, port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from banksim.v1 import bank_pb2 as pb
+from tests.banksim_helpers import reason_of, running_banksim, start_banksim
+from tests.test_banksim import CALL_TIMEOUT_S, Bank, card, failure, oid, wait_for
+
+DIRECT = pb.CHANNEL_DIRECT
+CLEARING = pb.CHANNEL_CLEARING
+SETTLED = pb.ORDER_STATUS_SETTLED
+OPENING_FEN = 10_000
+# One bank per test that sets faults, so their settings and counters never meet.
+BANKS = "icbc,ccb,same,wrong,down,dec,stat,crash,late"
+
+
+class Channels(Bank):
+    """The test client, with a channel on every call."""
+
+    def debit_on(self, channel: int, order_id: str, card_id: str, amount_fen: int,
+                 timeout: float = CALL_TIMEOUT_S) -> pb.DebitResponse:
+        req = pb.DebitRequest(order_id=order_id, card_id=card_id, amount_fen=amount_fen,
+                              channel=channel)
+        return self.svc.Debit(req, timeout=timeout)
+
+    def credit_on(self, channel: int, order_id: str, card_id: str,
+                  amount_fen: int) -> pb.CreditResponse:
+        req = pb.CreditRequest(order_id=order_id, card_id=card_id, amount_fen=amount_fen,
+                               channel=channel)
+        return self.svc.Credit(req, timeout=CALL_TIMEOUT_S)
+
+    def query_on(self, channel: int, order_id: str) -> pb.QueryOrderResponse:
+        req = pb.QueryOrderRequest(order_id=order_id, channel=channel)
+        return self.svc.QueryOrder(req, timeout=CALL_TIMEOUT_S)
+
+    def void_on(self, channel: int, order_id: str) -> pb.VoidOrderResponse:
+        req = pb.VoidOrderRequest(order_id=order_id, channel=channel)
+        return self.svc.VoidOrder(req, timeout=CALL_TIMEOUT_S)
+
+    def refund_on(self, channel: int, order_id: str) -> pb.RefundResponse:
+        req = pb.RefundRequest(order_id=order_id, channel=channel)
+        return self.svc.Refund(req, timeout=CALL_TIMEOUT_S)
+
+    def set_channel_faults(self, bank_id: str, channel: int, down: bool = False,
+                           **faults: float) -> pb.SetFaultsResponse:
+        req = pb.SetFaultsRequest(bank_id=bank_id, channel=channel, down=down,
+                                  faults=pb.FaultConfig(**faults))
+        return self.admin.SetFaults(req, timeout=CALL_TIMEOUT_S)
+
+    def channel_stats(self, bank_id: str) -> dict[int, pb.ChannelStats]:
+        return {c.channel: c for c in self.bank_stats(bank_id).channels}
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory) -> Iterator[Channels]:
+    """One simulator with both channels (the default) for the semantic and fault tests."""
+    root = tmp_path_factory.mktemp("banksim-channels")
+    with running_banksim(root, "--banks", BANKS, "--card-balance-fen", str(OPENING_FEN),
+                         "--seed", "11") as (_, port):
+        b = Channels(port)
+        try:
+            yield b
+        finally:
+            b.channel.close()
+
+
+def _wrong_channel(err: grpc.RpcError, owner: str) -> None:
+    assert (err.code(), reason_of(err)) == (grpc.StatusCode.FAILED_PRECONDITION, "WRONG_CHANNEL")
+    assert f"belongs to the {owner} channel" in (err.details() or "")
+
+
+def test_a_debit_through_clearing_debits_the_same_card(bank):
+    """Debits through either channel take from the one card and the one merchant balance."""
+    c, o1, o2 = card("same"), oid(), oid()
+    before = bank.stats()
+    assert bank.debit_on(DIRECT, o1, c, 300).status == SETTLED
+    r = bank.debit_on(CLEARING, o2, c, 200)
+    assert (r.status, r.bank_id) == (SETTLED, "same")
+    assert bank.balance(c) == OPENING_FEN - 500
+    q = bank.query_on(CLEARING, o2)
+    assert (q.status, q.card_id, q.amount_fen, q.channel) == (SETTLED, c, 200, CLEARING)
+    assert bank.query(o1).channel == DIRECT, "an old caller's query is the direct channel's"
+    assert bank.credit_on(CLEARING, oid(), c, 50).status == SETTLED
+    after = bank.stats()
+    assert after.merchant_balance_fen - before.merchant_balance_fen == 450
+    assert after.books_balance
+    assert bank.refund_on(CLEARING, o2).status == pb.ORDER_STATUS_REFUNDED
+    assert bank.balance(c) == OPENING_FEN - 250
+
+
+def test_an_order_id_of_one_channel_is_refused_through_the_other(bank):
+    """The same order id through the other channel is WRONG_CHANNEL and moves nothing."""
+    c, o = card("wrong"), oid()
+    assert bank.debit(o, c, 300).status == SETTLED  # no channel: direct
+    before = bank.stats()
+    for call in (lambda: bank.debit_on(CLEARING, o, c, 300),
+                 lambda: bank.credit_on(CLEARING, o, c, 300),
+                 lambda: bank.query_on(CLEARING, o),
+                 lambda: bank.void_on(CLEARING, o),
+                 lambda: bank.refund_on(CLEARING, o)):
+        _wrong_channel(failure(call), "direct")
+    after = bank.stats()
+    assert bank.balance(c) == OPENING_FEN - 300
+    assert (after.orders, after.total_debited_fen, after.total_refunded_fen) == (
+        before.orders, before.total_debited_fen, before.total_refunded_fen)
+    assert bank.query_on(DIRECT, o).status == SETTLED
+
+    on_clearing = oid()
+    assert bank.debit_on(CLEARING, on_clearing, c, 100).status == SETTLED
+    _wrong_channel(failure(bank.debit, on_clearing, c, 100), "clearing")
+    _wrong_channel(failure(bank.refund, on_clearing), "clearing")
+    assert bank.balance(c) == OPENING_FEN - 400
+
+
+def test_a_voided_unknown_id_belongs_to_the_channel_that_voided_it(bank):
+    """VoidOrder locks an unknown id on its channel; a Debit through the other is WRONG_CHANNEL."""
+    c, o = card("wrong"), oid()
+    assert bank.void_on(CLEARING, o).status == pb.ORDER_STATUS_VOIDED
+    _wrong_channel(failure(bank.debit, o, c, 100), "clearing")
+    r = bank.debit_on(CLEARING, o, c, 100)
+    assert (r.status, r.decline_reason) == (pb.ORDER_STATUS_DECLINED,
+                                            pb.DECLINE_REASON_ORDER_VOIDED)
+    assert bank.balance(c) == OPENING_FEN
+
+
+def test_direct_down_leaves_clearing_serving(bank):
+    """A direct channel taken down answers UNAVAILABLE CHANNEL_DOWN at once; clearing serves."""
+    c = card("down")
+    settled = oid()
+    assert bank.debit_on(DIRECT, settled, c, 10).status == SETTLED
+    bank.set_channel_faults("down", DIRECT, down=True)
+    o = oid()
+    start = time.monotonic()
+    err = failure(bank.debit, o, c, 100)
+    assert (err.code(), reason_of(err)) == (grpc.StatusCode.UNAVAILABLE, "CHANNEL_DOWN")
+    assert time.monotonic() - start < 1.0
+    assert failure(bank.query, settled).code() == grpc.StatusCode.UNAVAILABLE
+    assert bank.query_on(CLEARING, o).status == pb.ORDER_STATUS_NOT_FOUND, "nothing recorded"
+    assert bank.debit_on(CLEARING, o, c, 100).status == SETTLED
+    assert bank.balance(c) == OPENING_FEN - 110
+    stats = bank.channel_stats("down")
+    assert (stats[DIRECT].down, stats[CLEARING].down) == (True, False)
+    assert (stats[DIRECT].refused_while_down, stats[CLEARING].refused_while_down) == (2, 0)
+    bank.set_channel_faults("down", DIRECT)
+    assert bank.query(settled).status == SETTLED
+
+
+def test_faults_set_on_direct_only_leave_clearing_healthy(bank):
+    """SetFaults naming the direct channel changes direct alone; naming none changes both."""
+    bank.set_channel_faults("dec", DIRECT, decline_rate=1.0, latency_ms=1)
+    c = card("dec")
+    assert bank.debit(oid(), c, 100).decline_reason == pb.DECLINE_REASON_DECLINED
+    assert bank.debit_on(CLEARING, oid(), c, 100).status == SETTLED
+    stats = bank.channel_stats("dec")
+    assert (stats[DIRECT].faults.decline_rate, stats[CLEARING].faults.decline_rate) == (1, 0)
+    assert (stats[DIRECT].declines_injected, stats[CLEARING].declines_injected) == (1, 0)
+    bank.set_faults("dec", latency_ms=3)  # an old caller: no channel
+    stats = bank.channel_stats("dec")
+    assert {ch: (s.faults.latency_ms, s.faults.decline_rate) for ch, s in stats.items()} == {
+        DIRECT: (3, 0), CLEARING: (3, 0)}
+    bank.set_faults("dec")
+
+
+def test_stats_report_each_channel_and_their_totals(bank):
+    """GetStats lists both channels per bank; the bank's counters are their sums."""
+    c = card("stat")
+    for _ in range(3):
+        assert bank.debit(oid(), c, 1).status == SETTLED
+    for _ in range(2):
+        assert bank.credit_on(CLEARING, oid(), c, 1).status == SETTLED
+    total = bank.bank_stats("stat")
+    per = {s.channel: s for s in total.channels}
+    assert list(per) == [DIRECT, CLEARING]
+    assert (per[DIRECT].requests, per[DIRECT].debits_settled, per[DIRECT].credits_settled) == (
+        3, 3, 0)
+    assert (per[CLEARING].requests, per[CLEARING].debits_settled,
+            per[CLEARING].credits_settled) == (2, 0, 2)
+    assert (total.requests, total.debits_settled, total.credits_settled) == (5, 3, 2)
+    assert total.peak_tps >= max(per[DIRECT].peak_tps, per[CLEARING].peak_tps)
+    assert not total.collapsed
+
+
+def test_one_channel_collapsing_leaves_the_other_serving(bank):
+    """Driven past capacity, the direct channel collapses; clearing answers all along."""
+    bank.set_channel_faults("crash", DIRECT, capacity_tps=10, collapse_after_s=0.8,
+                            collapse_for_s=2.0)
+    c = card("crash")
+    deadline = time.monotonic() + 4.0
+    while not bank.channel_stats("crash")[DIRECT].collapsed:
+        assert time.monotonic() < deadline, "the direct channel never collapsed"
+        futures = [bank.svc.Debit.future(pb.DebitRequest(order_id=oid(), card_id=c,
+                                                         amount_fen=1), timeout=0.3)
+                   for _ in range(20)]
+        for f in futures:
+            f.exception()
+        time.sleep(0.05)
+    err = failure(bank.debit, oid(), c, 1, timeout=0.3)
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert bank.debit_on(CLEARING, oid(), c, 1).status == SETTLED
+    stats = bank.bank_stats("crash")
+    per = {s.channel: s for s in stats.channels}
+    assert stats.collapsed and per[DIRECT].collapsed and not per[CLEARING].collapsed
+    assert (per[DIRECT].collapses, per[CLEARING].collapses) == (1, 0)
+    assert per[CLEARING].rejected_over_capacity == 0
+    assert wait_for(lambda: not bank.channel_stats("crash")[DIRECT].collapsed, timeout_s=4.0)
+    bank.set_faults("crash")
+
+
+def test_a_late_debit_belongs_to_its_channel_before_it_lands(bank):
+    """A late debit waiting on clearing: a void via direct is refused, via clearing it locks."""
+    bank.set_channel_faults("late", CLEARING, late_debit_rate=1.0, late_debit_delay_ms=400)
+    c, o = card("late"), oid()
+    err = failure(bank.debit_on, CLEARING, o, c, 600)
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wrong_channel(failure(bank.void, o), "clearing")
+    _wrong_channel(failure(bank.debit, o, c, 600), "clearing")
+    assert bank.void_on(CLEARING, o).status == pb.ORDER_STATUS_VOIDED
+    time.sleep(0.8)
+    q = bank.query_on(CLEARING, o)
+    assert (q.status, q.channel, q.amount_fen) == (pb.ORDER_STATUS_VOIDED, CLEARING, 600)
+    assert bank.balance(c) == OPENING_FEN
+    bank.set_faults("late")
+
+
+def test_an_unknown_channel_number_is_invalid_argument(bank):
+    """A channel number the protocol does not define is INVALID_ARGUMENT UNKNOWN_CHANNEL."""
+    err = failure(bank.debit_on, 7, oid(), card(), 1)
+    assert (err.code(), reason_of(err)) == (grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_CHANNEL")
+
+
+def test_channel_flags_capacity_and_the_channel_survive_a_restart(tmp_path):
+    """--capacity-tps applies per channel unless --channel-capacity-tps names one; a clearing
+    order's channel is durable across kill -9."""
+    args = ("--capacity-tps", "100", "--channel-capacity-tps", "clearing=500")
+    proc, port = start_banksim(tmp_path, *args)
+    c, o = card(), oid()
+    try:
+        b = Channels(port)
+        per = b.channel_stats("icbc")
+        assert (per[DIRECT].faults.capacity_tps, per[CLEARING].faults.capacity_tps) == (100, 500)
+        assert b.debit_on(CLEARING, o, c, 700).status == SETTLED
+        b.channel.close()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    with running_banksim(tmp_path, "--channels", "clearing") as (_, port):
+        b = Channels(port)
+        assert [s.channel for s in b.bank_stats("icbc").channels] == [CLEARING]
+        assert b.query_on(CLEARING, o).channel == CLEARING
+        assert b.balance(c) == 1_000_000 - 700
+        err = failure(b.debit, oid(), c, 1)
+        assert (err.code(), reason_of(err)) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                "UNKNOWN_CHANNEL")
+        b.channel.close()
+
+
+@pytest.mark.parametrize("args", [
+    ("--channels", "direct,satellite"),
+    ("--channels", "direct,direct"),
+    ("--channel-capacity-tps", "clearing"),
+    ("--channels", "direct", "--channel-capacity-tps", "clearing=5"),
+])
+def test_bad_channel_settings_exit_2_before_serving(tmp_path, args):
+    """An unknown or repeated channel, or a capacity for a channel not served, exits 2."""
+    done = subprocess.run([sys.executable, "-m", "banksim", "--data-dir", str(tmp_path / "d"),
+                           *args], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "banksim:" in done.stderr
+
+
+def test_two_first_calls_racing_through_both_channels_move_money_once(tmp_path):
+    """In the ledger, the first write of an order id wins; the other channel's is WRONG_CHANNEL."""
+    from banksim._errors import FailedPrecondition
+    from banksim._ledger import Ledger, Payload
+    from banksim._model import Channel, OrderKind
+
+    async def race(led: Ledger) -> list[object]:
+        return await asyncio.gather(*(
+            led.move("race-1", Payload(OrderKind.DEBIT, "icbc-1", 5, ch), inject_decline=False)
+            for ch in (Channel.CLEARING, Channel.DIRECT)), return_exceptions=True)
+
+    led = Ledger(str(tmp_path / "race"), opening_fen=100, map_size=1 << 20)
+    try:
+        first, second = asyncio.run(race(led))
+        assert not isinstance(first, BaseException) and isinstance(second, FailedPrecondition)
+        assert second.reason == "WRONG_CHANNEL"
+        record = led.order("race-1")
+        assert record is not None and record.channel == Channel.CLEARING
+        snap = led.snapshot()
+        assert (snap.debited_fen, snap.orders) == (5, 1) and snap.books_balance
+    finally:
+        led.close()
