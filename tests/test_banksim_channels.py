@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -261,6 +262,25 @@ def test_channel_flags_capacity_and_the_channel_survive_a_restart(tmp_path):
         err = failure(b.debit, oid(), c, 1)
         assert (err.code(), reason_of(err)) == (grpc.StatusCode.INVALID_ARGUMENT,
                                                 "UNKNOWN_CHANNEL")
+        b.channel.close()
+
+
+def test_config_file_channels_section_sets_each_channel(tmp_path):
+    """The config's channels object names the channels and their own settings, down included;
+    a flag still overrides the file."""
+    config = tmp_path / "bank.json"
+    config.write_text(json.dumps({
+        "banks": ["icbc"], "latency_ms": 1, "capacity_tps": 100,
+        "channels": {"direct": {}, "clearing": {"capacity_tps": 300, "down": True}},
+    }))
+    with running_banksim(tmp_path, "--config", str(config), "--latency-ms", "2") as (_, port):
+        b = Channels(port)
+        per = b.channel_stats("icbc")
+        assert {ch: (s.faults.capacity_tps, s.faults.latency_ms, s.down)
+                for ch, s in per.items()} == {DIRECT: (100, 2, False), CLEARING: (300, 2, True)}
+        err = failure(b.debit_on, CLEARING, oid(), card(), 1)
+        assert (err.code(), reason_of(err)) == (grpc.StatusCode.UNAVAILABLE, "CHANNEL_DOWN")
+        assert b.debit(oid(), card(), 1).status == SETTLED
         b.channel.close()
 
 
