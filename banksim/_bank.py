@@ -36,7 +36,10 @@ the money is one ledger. A call names its channel (none: direct). An order id
 belongs to the channel it first came through (recorded with the order, or with a
 waiting late debit); the same id through another channel is refused before any
 gate, FAILED_PRECONDITION WRONG_CHANNEL, and moves nothing. A channel set
-``down`` refuses every call through it, UNAVAILABLE CHANNEL_DOWN, before that.
+``down`` refuses every call through it, UNAVAILABLE CHANNEL_DOWN, before that
+(counted in its requests). An id the bank never saw has no bank, so a QueryOrder
+or VoidOrder of it passes no gate, a down one included: NOT_FOUND, or locked on
+the channel named.
 """
 
 from __future__ import annotations

@@ -124,6 +124,7 @@ class OrderRecord:
         # Checked on every build, so a record is checked before it is written and
         # again after it is read back.
         assert self.status != OrderStatus.NOT_FOUND, self
+        assert isinstance(self.channel, Channel), self
         assert 0 <= self.amount_fen <= MAX_AMOUNT_FEN, self
         if self.kind == OrderKind.UNSPECIFIED:
             assert self.status == OrderStatus.VOIDED and not self.card_id, self
