@@ -77,6 +77,11 @@ class LmdbTx:
         if found:
             yield from cur.iterprev()  # type: ignore[misc]
 
+    def drop_table(self, table: str) -> None:
+        """Deletes a whole table (offline_write only: tests that make a ledger look like
+        one written before the table existed)."""
+        self._txn.drop(self._dbs[table], delete=True)
+
     def count(self, table: str) -> int:
         if self._dbs[table] is None:
             return 0
