@@ -206,11 +206,11 @@ def credit_grab(b: Books, gkey: bytes) -> bool:
 def _home(b: Books, user: bytes) -> bytes | None:
     """The SET a user's wallet lives on when it is not this one: the placement's answer or,
     for a user whose slot this SET handed off while its map still says here, the new
-    owner (the MOVED marker; none in the embedded mode, so one empty lookup)."""
-    home = b.away(user) if b.away is not None else None
-    if home is None:
-        home = _moved_to(b, user)
-    return home
+    owner (the MOVED marker). The embedded mode has no placement and hands nothing off,
+    so its credits and unlocks pay no lookup at all."""
+    if b.away is None:
+        return None
+    return b.away(user) or _moved_to(b, user)
 
 
 def _moved_to(b: Books, user: bytes) -> bytes | None:
