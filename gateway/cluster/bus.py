@@ -106,11 +106,19 @@ def _text(d: dict, key: str) -> str:
     return value
 
 
-class CreditRelay(BackgroundLoop):
-    """Outbox -> stream, acknowledged before it leaves the outbox."""
+class OutboxPublisher(BackgroundLoop):
+    """A durable outbox -> the stream, each entry taken off only after its PubAck.
 
-    def __init__(self, ledger: Ledger, js: Any, set_name: str, *, batch: int = 256,
-                 idle_s: float = 0.05) -> None:
+    A publisher killed between the two publishes again on restart under the same message
+    ids; the stream's duplicate window drops the copy, and the receiver's own idempotency
+    would if it did not. Subclasses say what is due, how one entry is published and how
+    acknowledged entries leave the outbox (the credit relay, the handoff's chunk shipper).
+    """
+
+    name = "outbox"
+
+    def __init__(self, ledger: Ledger, js: Any, set_name: str, *, batch: int,
+                 idle_s: float) -> None:
         super().__init__()
         self._ledger = ledger
         self._js = js
@@ -119,26 +127,51 @@ class CreditRelay(BackgroundLoop):
         self._idle_s = idle_s
         self.published = 0
 
+    async def due(self, limit: int) -> list[Any]:
+        raise NotImplementedError
+
+    async def publish(self, entry: Any) -> Any:
+        """Publishes one entry; returns its PubAck."""
+        raise NotImplementedError
+
+    async def sent(self, entries: list[Any]) -> None:
+        raise NotImplementedError
+
     async def run(self) -> None:
         while not self.stopping:
-            due = await self._ledger.remote_credits_due(self._batch)
+            due = await self.due(self._batch)
             if not due:
                 await self.pause(self._idle_s)
                 continue
             try:
-                acks = await asyncio.gather(*(self._publish(c) for c in due))
+                acks = await asyncio.gather(*(self.publish(e) for e in due))
             except (TimeoutError, NatsTimeout, js_errors.Error) as err:
-                # Nothing leaves the outbox unacknowledged: the next pass publishes again
-                # under the same ids, and the stream keeps one copy.
-                log.warning("credit_relay_retry", error=repr(err), waiting=len(due))
+                # Nothing leaves the outbox unacknowledged: the next pass publishes again.
+                log.warning(f"{self.name}_retry", error=repr(err), waiting=len(due))
                 await self.pause(0.5)
                 continue
-            await self._ledger.remote_credits_sent([c.seq for c in due])
+            await self.sent(due)
             self.published += sum(1 for ack in acks if not ack.duplicate)
 
-    async def _publish(self, c: RemoteCredit) -> Any:
+
+class CreditRelay(OutboxPublisher):
+    """The credit outbox -> ``credit.<home>``, with ``Nats-Msg-Id`` = the transfer id."""
+
+    name = "credit_relay"
+
+    def __init__(self, ledger: Ledger, js: Any, set_name: str, *, batch: int = 256,
+                 idle_s: float = 0.05) -> None:
+        super().__init__(ledger, js, set_name, batch=batch, idle_s=idle_s)
+
+    async def due(self, limit: int) -> list[RemoteCredit]:
+        return await self._ledger.remote_credits_due(limit)
+
+    async def publish(self, c: RemoteCredit) -> Any:
         return await self._js.publish(f"credit.{c.home}", encode(self._set, c), timeout=5.0,
                                       stream=STREAM, headers={"Nats-Msg-Id": c.transfer_id})
+
+    async def sent(self, entries: list[RemoteCredit]) -> None:
+        await self._ledger.remote_credits_sent([c.seq for c in entries])
 
 
 class CreditConsumer(BackgroundLoop):

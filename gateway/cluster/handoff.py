@@ -26,7 +26,8 @@ from nats.js import api
 from nats.js import errors as js_errors
 
 from gateway import errors
-from gateway.cluster.bus import ACK_WAIT_S, STREAM
+from gateway.cluster.bus import ACK_WAIT_S, STREAM, OutboxPublisher
+from gateway.domain.model import MigrationChunk
 from gateway.ledger import Ledger
 from gateway.loops import BackgroundLoop
 
@@ -35,36 +36,25 @@ log = structlog.get_logger(__name__)
 FROM_HEADER = "Hongbao-From"
 
 
-class ChunkShipper(BackgroundLoop):
-    """Migration outbox -> stream, acknowledged before a chunk leaves the outbox."""
+class ChunkShipper(OutboxPublisher):
+    """Migration outbox -> ``migrate.<to_set>``, acknowledged before a chunk leaves it."""
+
+    name = "chunk_shipper"
 
     def __init__(self, ledger: Ledger, js: Any, set_name: str, *, batch: int = 8,
                  idle_s: float = 0.2) -> None:
-        super().__init__()
-        self._ledger = ledger
-        self._js = js
-        self._set = set_name
-        self._batch = batch
-        self._idle_s = idle_s
-        self.shipped = 0
+        super().__init__(ledger, js, set_name, batch=batch, idle_s=idle_s)
 
-    async def run(self) -> None:
-        while not self.stopping:
-            due = await self._ledger.migration_chunks_due(self._batch)
-            if not due:
-                await self.pause(self._idle_s)
-                continue
-            try:
-                for c in due:
-                    await self._js.publish(
-                        f"migrate.{c.to_set}", c.data, timeout=10.0, stream=STREAM,
-                        headers={"Nats-Msg-Id": f"{self._set}/{c.chunk_id}",
-                                 FROM_HEADER: self._set})
-            except (TimeoutError, NatsTimeout, js_errors.Error) as err:
-                log.warning("chunk_shipper_retry", error=repr(err), waiting=len(due))
-                await self.pause(0.5)
-                continue
-            self.shipped += await self._ledger.migration_chunks_sent([c.seq for c in due])
+    async def due(self, limit: int) -> list[MigrationChunk]:
+        return await self._ledger.migration_chunks_due(limit)
+
+    async def publish(self, c: MigrationChunk) -> Any:
+        return await self._js.publish(
+            f"migrate.{c.to_set}", c.data, timeout=10.0, stream=STREAM,
+            headers={"Nats-Msg-Id": f"{self._set}/{c.chunk_id}", FROM_HEADER: self._set})
+
+    async def sent(self, entries: list[MigrationChunk]) -> None:
+        await self._ledger.migration_chunks_sent([c.seq for c in entries])
 
 
 class ChunkImporter(BackgroundLoop):
