@@ -41,10 +41,7 @@ class LmdbTx:
     # py-lmdb returns bytes, not buffers, as the transactions are opened with
     # buffers=False (its default); the stubs allow both.
     def get(self, table: str, key: bytes) -> bytes | None:
-        db = self._dbs[table]
-        if db is None:   # a table the ledger's version did not have yet (read-only opens)
-            return None
-        return self._txn.get(key, db=db)  # type: ignore[return-value]
+        return self._txn.get(key, db=self._dbs[table])  # type: ignore[return-value]
 
     def put(self, table: str, key: bytes, value: bytes, *, overwrite: bool = True,
             append: bool = False) -> bool:
@@ -57,8 +54,6 @@ class LmdbTx:
         return self._txn.delete(key, db=self._dbs[table])
 
     def scan(self, table: str, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        if self._dbs[table] is None:
-            return
         cur = self._txn.cursor(db=self._dbs[table])
         found = cur.set_range(start) if start else cur.first()
         if found:
@@ -66,8 +61,6 @@ class LmdbTx:
 
     def scan_back(self, table: str, before: bytes | None = None
                   ) -> Iterator[tuple[bytes, bytes]]:
-        if self._dbs[table] is None:
-            return
         cur = self._txn.cursor(db=self._dbs[table])
         if before is None:
             found = cur.last()
@@ -83,9 +76,26 @@ class LmdbTx:
         self._txn.drop(self._dbs[table], delete=True)
 
     def count(self, table: str) -> int:
-        if self._dbs[table] is None:
-            return 0
         return self._txn.stat(self._dbs[table])["entries"]
+
+
+class _OlderTx(LmdbTx):
+    """A read transaction of a ledger written before some tables existed (a read-only
+    snapshot's ``None`` handles): those tables read as empty. Kept apart from
+    :class:`LmdbTx`, so the writer's and the workers' reads pay no check for it."""
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        return None if self._dbs[table] is None else super().get(table, key)
+
+    def scan(self, table: str, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        return iter(()) if self._dbs[table] is None else super().scan(table, start)
+
+    def scan_back(self, table: str, before: bytes | None = None
+                  ) -> Iterator[tuple[bytes, bytes]]:
+        return iter(()) if self._dbs[table] is None else super().scan_back(table, before)
+
+    def count(self, table: str) -> int:
+        return 0 if self._dbs[table] is None else super().count(table)
 
 
 class LedgerCorrupt(Exception):
@@ -166,18 +176,19 @@ class _LmdbReads:
 
     env: lmdb.Environment
     dbs: dict[str, Any]
+    _tx: type[LmdbTx] = LmdbTx
 
     def read(self, query: Callable[..., T], *args: Any) -> T:
         try:
             with self.env.begin() as txn:
-                return query(LmdbTx(txn, self.dbs), *args)
+                return query(self._tx(txn, self.dbs), *args)
         except lmdb.MapResizedError:
             # Another process grew the map past this one's: adopt the new size (LMDB's
             # set_mapsize(0)) and read again. Like the writer's own growth, this relies on
             # this process's transactions being short.
             self.env.set_mapsize(0)
             with self.env.begin() as txn:
-                return query(LmdbTx(txn, self.dbs), *args)
+                return query(self._tx(txn, self.dbs), *args)
 
 
 class LmdbLedger(_LmdbReads, BooksLedger):
@@ -255,6 +266,8 @@ class LmdbSnapshot(_LmdbReads):
         if not (path / "data.mdb").exists():
             raise FileNotFoundError(f"no ledger in {data_dir}")
         self.env, self.dbs = _open(path, readonly=True)
+        if None in self.dbs.values():
+            self._tx = _OlderTx
 
     def close(self) -> None:
         self.env.close()
