@@ -66,9 +66,15 @@ def test_credits_cross_the_stream_exactly_once(nats_cluster, tmp_path):
                     await b.balance("b-bea")).balance_fen
                 return bal == grabbed and not await a.remote_credits_due(10)
             await _until(landed)
+
+            # The consumer acks after its ledger write, and a work-queue stream drops an
+            # acked message once the ack is replicated: a moment after the credits land.
+            async def emptied() -> bool:
+                return (await js.stream_info(bus.STREAM)).state.messages == 0
+            await _until(emptied)
+            info = await js.stream_info(bus.STREAM)
             # A relay that died after the PubAck but before taking the credits off the
             # outbox publishes them again: the stream keeps one copy.
-            info = await js.stream_info(bus.STREAM)
             again = await js.publish("credit.nobody", b"{}", stream=bus.STREAM,
                                      headers={"Nats-Msg-Id": "c:not-a-credit"})
             dup = await js.publish("credit.nobody", b"{}", stream=bus.STREAM,

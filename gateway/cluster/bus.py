@@ -30,6 +30,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js import errors as js_errors
 
+from gateway.cluster.forming import placed
 from gateway.domain.model import CreditKind, RemoteCredit
 from gateway.ledger import Ledger
 from gateway.loops import BackgroundLoop
@@ -60,7 +61,7 @@ async def ensure_stream(js: Any, replicas: int) -> None:
     try:
         info = await js.stream_info(STREAM)
     except js_errors.NotFoundError:
-        await js.add_stream(config)
+        await placed(lambda: js.add_stream(config))
         return
     if set(info.config.subjects or ()) != set(SUBJECTS):
         await js.update_stream(dataclasses.replace(info.config, subjects=SUBJECTS))

@@ -14,6 +14,7 @@ from typing import Any
 
 from nats.js import errors as js_errors
 
+from gateway.cluster.forming import placed
 from gateway.cluster.slotmap import MapError, SlotMap
 
 BUCKET = "hongbao-slots"
@@ -29,7 +30,8 @@ async def bucket(js: Any, replicas: int | None = None) -> Any:
     except js_errors.BucketNotFoundError:
         if replicas is None:
             raise MapError("the cluster has no slot map yet: run `hongbao cluster init`") from None
-        return await js.create_key_value(bucket=BUCKET, replicas=replicas, history=HISTORY)
+        return await placed(lambda: js.create_key_value(
+            bucket=BUCKET, replicas=replicas, history=HISTORY))
 
 
 async def load(js: Any) -> tuple[SlotMap, int]:
