@@ -55,7 +55,7 @@ import structlog
 
 from banksim._errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from banksim._faults import FAULT_FIELDS, Admission, BankState, Fault, Faults, PeakMeter
-from banksim._ledger import Ledger, Payload, Snapshot
+from banksim._ledger import ChannelTotals, Ledger, Payload, Snapshot
 from banksim._model import (
     Answer,
     Channel,
@@ -337,6 +337,10 @@ class BankSim:
 
     async def snapshot(self) -> Snapshot:
         return await asyncio.to_thread(self._ledger.snapshot)
+
+    def channel_totals(self) -> dict[tuple[str, Channel], ChannelTotals]:
+        """The ledger's money totals by (bank id, channel); a cheap read (no card recount)."""
+        return self._ledger.channel_totals()
 
     def late_pending(self, bank: BankState) -> int:
         return sum(1 for late in self._late.values() if late.bank is bank)

@@ -9,6 +9,19 @@ brings its opening balance into the books, so at every commit
 where the merchant balance is debited - credited - refunded. ``snapshot``
 recounts both sides from one read transaction.
 
+Per-channel totals: besides the bank-wide debited, credited and refunded
+totals, the ledger keeps them per bank and channel (a refund counts on the bank
+and channel of the debit it returns), each moved in the same write transaction
+as its bank-wide total, so over every bank and channel they sum to it at every
+commit and survive a crash with it. A ledger of schema 1 (written before these
+totals existed) gets them at open: ``_check_schema`` recounts them from the
+order records (an order written before channels existed decodes as direct) in
+one write transaction with the schema bump to 2, and refuses to open if the
+recount disagrees with the bank-wide totals. Recounting from the orders, rather
+than putting the whole bank-wide totals under direct, is right for a schema-1
+ledger that already holds clearing orders too. A schema-1 simulator refuses a
+schema-2 ledger, so it can never move money without the per-channel totals.
+
 Writes: one writer thread owns every write transaction (a write transaction
 never crosses threads). Requests queue up (bounded) and the writer takes as
 many as are waiting, up to ``MAX_BATCH``, into one transaction and one fsync
@@ -57,7 +70,9 @@ MAX_MAP_SIZE = 64 << 30
 MAX_READERS = 126
 MAX_DBS = 8
 _STOP_TIMEOUT_S = 10.0
-SCHEMA = b"1"
+SCHEMA = b"2"
+# Before per-channel totals: upgraded at open (see the module docstring).
+_SCHEMA_NO_CHANNEL_TOTALS = b"1"
 
 _INT64 = struct.Struct(">q")
 
@@ -68,6 +83,27 @@ REFUNDED = b"refunded_fen"
 OPENED = b"opened_fen"
 CARDS = b"cards_opened"
 ORDERS = b"orders"
+# Per-channel totals: CHANNEL_TOTALS + b"<bank_id>/<channel label>/" + DEBITED, CREDITED or
+# REFUNDED (bank ids and labels hold no "/").
+CHANNEL_TOTALS = b"channel/"
+_MONEY_KEYS = (DEBITED, CREDITED, REFUNDED)
+
+
+def _channel_key(bank_id: str, channel: Channel, key: bytes) -> bytes:
+    return CHANNEL_TOTALS + f"{bank_id}/{channel.label}/".encode("ascii") + key
+
+
+def _money_of(record: OrderRecord) -> list[tuple[bytes, int]]:
+    """The totals an order record has moved, as (total key, amount) pairs."""
+    if record.kind == OrderKind.CREDIT and record.status == OrderStatus.SETTLED:
+        return [(CREDITED, record.amount_fen)]
+    if record.kind != OrderKind.DEBIT:
+        return []
+    if record.status == OrderStatus.SETTLED:
+        return [(DEBITED, record.amount_fen)]
+    if record.status == OrderStatus.REFUNDED:
+        return [(DEBITED, record.amount_fen), (REFUNDED, record.amount_fen)]
+    return []  # declined or voided: no money moved
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +117,30 @@ class Payload:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelTotals:
+    """Money the merchant account moved through one channel (of one bank, or summed)."""
+
+    debited_fen: int = 0
+    credited_fen: int = 0
+    refunded_fen: int = 0
+
+    @property
+    def merchant_balance_fen(self) -> int:
+        return self.debited_fen - self.credited_fen - self.refunded_fen
+
+    def __add__(self, other: ChannelTotals) -> ChannelTotals:
+        return ChannelTotals(self.debited_fen + other.debited_fen,
+                             self.credited_fen + other.credited_fen,
+                             self.refunded_fen + other.refunded_fen)
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The ledger's totals and recounted card balances, all from one read transaction."""
+    """The ledger's totals and recounted card balances, all from one read transaction.
+
+    ``by_channel`` holds the per-channel totals of every (bank id, channel) that has moved
+    money; ``channels_add_up`` says they sum to the bank-wide totals.
+    """
 
     debited_fen: int
     credited_fen: int
@@ -92,10 +150,21 @@ class Snapshot:
     orders: int
     card_balance_fen: int
     cards_counted: int
+    by_channel: dict[tuple[str, Channel], ChannelTotals]
 
     @property
     def merchant_balance_fen(self) -> int:
         return self.debited_fen - self.credited_fen - self.refunded_fen
+
+    def channel(self, channel: Channel, bank_id: str | None = None) -> ChannelTotals:
+        """The totals of ``channel`` at one bank, or over every bank when ``bank_id`` is None."""
+        return sum((t for (b, ch), t in self.by_channel.items()
+                    if ch == channel and bank_id in (None, b)), ChannelTotals())
+
+    @property
+    def channels_add_up(self) -> bool:
+        total = sum(self.by_channel.values(), ChannelTotals())
+        return total == ChannelTotals(self.debited_fen, self.credited_fen, self.refunded_fen)
 
     @property
     def books_balance(self) -> bool:
@@ -178,7 +247,11 @@ class Ledger:
         self._orders = self._env.open_db(b"orders")
         self._totals = self._env.open_db(b"totals")
         self._meta = self._env.open_db(b"meta")
-        self._check_schema()
+        try:
+            self._check_schema()
+        except BaseException:
+            self._env.close()
+            raise
         self._guard = _MapGuard()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_MAX)
         self._stopped = False
@@ -189,12 +262,36 @@ class Ledger:
         log.info("ledger_open", path=path, map_size=map_size, stale_readers_cleared=stale)
 
     def _check_schema(self) -> None:
+        """Stamps a new ledger; upgrades one of schema 1 by recounting its per-channel totals."""
         with self._env.begin(write=True) as txn:
             found = txn.get(b"schema", db=self._meta)
-            if found is None:
-                txn.put(b"schema", SCHEMA, db=self._meta)
-            elif found != SCHEMA:
+            if found == SCHEMA:
+                return
+            if found not in (None, _SCHEMA_NO_CHANNEL_TOTALS):
                 raise RuntimeError(f"ledger schema {found!r}, expected {SCHEMA!r}")
+            self._recount_channel_totals(txn)
+            txn.put(b"schema", SCHEMA, db=self._meta)
+
+    def _recount_channel_totals(self, txn: lmdb.Transaction) -> None:
+        """Writes the per-channel totals from the order records (O(orders)); RuntimeError if
+        they do not sum to the bank-wide totals."""
+        sums: dict[bytes, int] = {}
+        orders = 0
+        for _, raw in txn.cursor(db=self._orders):
+            record = OrderRecord.decode(raw)
+            orders += 1
+            for key, amount in _money_of(record):
+                channel_key = _channel_key(record.bank_id, record.channel, key)
+                sums[channel_key] = sums.get(channel_key, 0) + amount
+        for key in _MONEY_KEYS:
+            recounted = sum(v for k, v in sums.items() if k.endswith(b"/" + key))
+            booked = _int(txn.get(key, db=self._totals))
+            if recounted != booked:
+                raise RuntimeError(f"ledger {key.decode()} is {booked} but its orders sum to "
+                                   f"{recounted}")
+        for channel_key, value in sums.items():
+            txn.put(channel_key, _INT64.pack(value), db=self._totals)
+        log.info("ledger_channel_totals_recounted", orders=orders, keys=len(sums))
 
     # -- the writer ---------------------------------------------------------------------------
 
@@ -295,6 +392,12 @@ class Ledger:
         assert -INT64_MAX <= value <= INT64_MAX, (key, value)
         txn.put(key, _INT64.pack(value), db=self._totals)
 
+    def _book(self, txn: lmdb.Transaction, key: bytes, record: OrderRecord) -> None:
+        """Adds the order's amount to the bank-wide total ``key`` and to its bank's and
+        channel's, in the one transaction."""
+        self._add(txn, key, record.amount_fen)
+        self._add(txn, _channel_key(record.bank_id, record.channel, key), record.amount_fen)
+
     def _card_balance(self, txn: lmdb.Transaction, card_id: str) -> int:
         """The card's balance, opening the card (and bringing its money into the books) if new."""
         key = card_id.encode("ascii")
@@ -352,7 +455,6 @@ class Ledger:
                 status, reason = OrderStatus.DECLINED, DeclineReason.INSUFFICIENT_FUNDS
             else:
                 self._set_balance(txn, p.card_id, balance - p.amount_fen)
-                self._add(txn, DEBITED, p.amount_fen)
         else:
             balance = self._card_balance(txn, p.card_id)
             if balance > INT64_MAX - p.amount_fen:
@@ -360,10 +462,11 @@ class Ledger:
             # The merchant account may go negative: the bank does not police what the
             # gateway pays out; the gateway's own books guard it and reconcile compares.
             self._set_balance(txn, p.card_id, balance + p.amount_fen)
-            self._add(txn, CREDITED, p.amount_fen)
         now_ns = time.time_ns()
         record = OrderRecord(p.kind, status, reason, p.card_id, p.amount_fen, now_ns, now_ns,
                              p.channel)
+        for key, _ in _money_of(record):  # a settled debit or credit: one total
+            self._book(txn, key, record)
         self._put(txn, order_id, record, new=True)
         return Answer(order_id, status, reason, bank_id, fresh=True)
 
@@ -425,10 +528,10 @@ class Ledger:
         if balance > INT64_MAX - found.amount_fen:
             raise FailedPrecondition("CARD_BALANCE_LIMIT", "card balance would pass int64")
         self._set_balance(txn, found.card_id, balance + found.amount_fen)
-        self._add(txn, REFUNDED, found.amount_fen)
         record = OrderRecord(found.kind, OrderStatus.REFUNDED, DeclineReason.UNSPECIFIED,
                              found.card_id, found.amount_fen, found.created_ns, time.time_ns(),
                              found.channel)
+        self._book(txn, REFUNDED, record)
         self._put(txn, order_id, record, new=False)
         return record, True
 
@@ -444,6 +547,23 @@ class Ledger:
             raw = txn.get(card_id.encode("ascii"), db=self._cards)
         return (False, self._opening_fen) if raw is None else (True, _int(raw))
 
+    def channel_totals(self) -> dict[tuple[str, Channel], ChannelTotals]:
+        """The per-channel totals by (bank id, channel), from one read transaction."""
+        with self._guard.reading(), self._env.begin() as txn:
+            return self._channel_totals(txn)
+
+    def _channel_totals(self, txn: lmdb.Transaction) -> dict[tuple[str, Channel], ChannelTotals]:
+        found: dict[tuple[str, Channel], dict[str, int]] = {}
+        cursor = txn.cursor(db=self._totals)
+        if cursor.set_range(CHANNEL_TOTALS):
+            for raw_key, raw in cursor:
+                key = bytes(raw_key)
+                if not key.startswith(CHANNEL_TOTALS):
+                    break
+                bank_id, label, name = key[len(CHANNEL_TOTALS):].decode("ascii").split("/")
+                found.setdefault((bank_id, Channel[label.upper()]), {})[name] = _int(raw)
+        return {where: ChannelTotals(**totals) for where, totals in sorted(found.items())}
+
     def snapshot(self) -> Snapshot:
         """Totals plus every card balance recounted, from one read transaction (O(cards))."""
         with self._guard.reading(), self._env.begin() as txn:
@@ -458,6 +578,7 @@ class Ledger:
                 debited_fen=get(DEBITED), credited_fen=get(CREDITED), refunded_fen=get(REFUNDED),
                 opened_fen=get(OPENED), cards_opened=get(CARDS), orders=get(ORDERS),
                 card_balance_fen=total, cards_counted=count,
+                by_channel=self._channel_totals(txn),
             )
 
 

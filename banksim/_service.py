@@ -16,6 +16,7 @@ import grpc
 from banksim._bank import Bank, BankSim
 from banksim._errors import BankError, abort
 from banksim._faults import FAULT_KEYS, BankState, Faults
+from banksim._ledger import ChannelTotals
 from banksim._model import Channel, DeclineReason, OrderKind, OrderStatus, channel_of
 from banksim.v1 import bank_pb2 as pb
 from banksim.v1 import bank_pb2_grpc
@@ -134,14 +135,15 @@ class BankAdminService(bank_pb2_grpc.BankAdminServiceServicer):
         # Unspecified means every channel here (not direct): what callers before channels meant.
         channel = channel_of(request.channel) if request.channel else None
         banks = self._sim.set_faults(request.bank_id, faults, channel)
-        return pb.SetFaultsResponse(banks=[self._bank_stats(b) for b in banks])
+        money = self._sim.channel_totals()
+        return pb.SetFaultsResponse(banks=[self._bank_stats(b, money) for b in banks])
 
     @_boundary
     async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
         snap = await self._sim.snapshot()
         commits, ops = self._sim.ledger_commits
         return pb.GetStatsResponse(
-            banks=[self._bank_stats(b) for b in self._sim.banks.values()],
+            banks=[self._bank_stats(b, snap.by_channel) for b in self._sim.banks.values()],
             total_debited_fen=snap.debited_fen, total_credited_fen=snap.credited_fen,
             total_refunded_fen=snap.refunded_fen, merchant_balance_fen=snap.merchant_balance_fen,
             opened_card_fen=snap.opened_fen, card_balance_fen=snap.card_balance_fen,
@@ -155,8 +157,11 @@ class BankAdminService(bank_pb2_grpc.BankAdminServiceServicer):
         return pb.GetCardResponse(card_id=request.card_id, bank_id=bank_id, opened=opened,
                                   balance_fen=balance_fen)
 
-    def _bank_stats(self, bank: Bank) -> pb.BankStats:
-        """The bank's totals over its channels, and each channel on its own."""
+    def _bank_stats(
+        self, bank: Bank, money: dict[tuple[str, Channel], ChannelTotals]
+    ) -> pb.BankStats:
+        """The bank's totals over its channels, and each channel on its own with the money
+        ``money`` (the ledger's per-channel totals) holds for it."""
         now = time.monotonic()
         per_channel = [self._counts(state, now) for state in bank.channels.values()]
         totals = {key: sum(c[key] for c in per_channel) for key in per_channel[0]}
@@ -166,7 +171,8 @@ class BankAdminService(bank_pb2_grpc.BankAdminServiceServicer):
         return pb.BankStats(
             bank_id=bank.bank_id, faults=_fault_config(first.faults), **totals,
             channels=[pb.ChannelStats(channel=_channel(state.channel), down=state.faults.down,
-                                      faults=_fault_config(state.faults), **counts)
+                                      faults=_fault_config(state.faults), **counts,
+                                      **_money(money.get((bank.bank_id, state.channel))))
                       for state, counts in zip(bank.channels.values(), per_channel, strict=True)],
         )
 
@@ -187,6 +193,13 @@ class BankAdminService(bank_pb2_grpc.BankAdminServiceServicer):
             "late_debits_pending": self._sim.late_pending(state),
             "refused_while_down": c.refused_while_down,
         }
+
+
+def _money(totals: ChannelTotals | None) -> dict[str, Any]:
+    """One channel's money totals under their ChannelStats names (zero if it moved none)."""
+    t = totals or ChannelTotals()
+    return {"debited_fen": t.debited_fen, "credited_fen": t.credited_fen,
+            "refunded_fen": t.refunded_fen, "merchant_balance_fen": t.merchant_balance_fen}
 
 
 def _fault_config(faults: Faults) -> pb.FaultConfig:

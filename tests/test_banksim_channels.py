@@ -319,3 +319,130 @@ def test_two_first_calls_racing_through_both_channels_move_money_once(tmp_path):
         assert (snap.debited_fen, snap.orders) == (5, 1) and snap.books_balance
     finally:
         led.close()
+
+
+def _money(s: pb.ChannelStats) -> tuple[int, int, int, int]:
+    return s.debited_fen, s.credited_fen, s.refunded_fen, s.merchant_balance_fen
+
+
+def _money_by_channel(b: Channels, banks: tuple[str, ...]) -> dict[tuple[str, int], tuple]:
+    return {(bank_id, ch): _money(s) for bank_id in banks
+            for ch, s in b.channel_stats(bank_id).items()}
+
+
+def _check_sums(stats: pb.GetStatsResponse) -> None:
+    """Over every bank and channel, the channel totals are GetStats' totals."""
+    per = [s for bank in stats.banks for s in bank.channels]
+    assert (sum(s.debited_fen for s in per), sum(s.credited_fen for s in per),
+            sum(s.refunded_fen for s in per), sum(s.merchant_balance_fen for s in per)) == (
+        stats.total_debited_fen, stats.total_credited_fen, stats.total_refunded_fen,
+        stats.merchant_balance_fen)
+
+
+def test_money_per_channel_is_exact_sums_to_the_totals_and_survives_kill_9(tmp_path):
+    """Debits, credits and refunds count on their bank and channel (a refund on its debit's),
+    declines and voids count nowhere, and the totals are the same after kill -9 and a restart."""
+    args = ("--banks", "icbc,ccb", "--card-balance-fen", str(OPENING_FEN))
+    proc, port = start_banksim(tmp_path, *args)
+    i1, i2, c1 = card("icbc"), card("icbc"), card("ccb")
+    refund_later = oid()
+    try:
+        b = Channels(port)
+        zero = (0, 0, 0, 0)
+        assert set(_money_by_channel(b, ("icbc", "ccb")).values()) == {zero}
+        o_direct, o_clearing = oid(), oid()
+        assert b.debit_on(DIRECT, o_direct, i1, 300).status == SETTLED
+        assert b.debit(oid(), i2, 40).status == SETTLED  # no channel: direct
+        assert b.debit_on(CLEARING, o_clearing, i1, 200).status == SETTLED
+        assert b.debit_on(CLEARING, refund_later, c1, 700).status == SETTLED
+        assert b.debit_on(DIRECT, oid(), c1, 50).status == SETTLED
+        assert b.credit_on(CLEARING, oid(), i2, 120).status == SETTLED
+        assert b.credit_on(DIRECT, oid(), c1, 1_000).status == SETTLED
+        assert b.refund_on(CLEARING, o_clearing).status == pb.ORDER_STATUS_REFUNDED
+        assert b.refund_on(CLEARING, o_clearing).status == pb.ORDER_STATUS_REFUNDED  # a repeat
+        declined = b.debit_on(CLEARING, oid(), i1, OPENING_FEN)
+        assert declined.decline_reason == pb.DECLINE_REASON_INSUFFICIENT_FUNDS
+        assert b.void_on(CLEARING, oid()).status == pb.ORDER_STATUS_VOIDED
+        expected = {("icbc", DIRECT): (340, 0, 0, 340), ("icbc", CLEARING): (200, 120, 200, -120),
+                    ("ccb", DIRECT): (50, 1_000, 0, -950), ("ccb", CLEARING): (700, 0, 0, 700)}
+        assert _money_by_channel(b, ("icbc", "ccb")) == expected
+        stats = b.stats()
+        assert (stats.total_debited_fen, stats.total_credited_fen, stats.total_refunded_fen,
+                stats.merchant_balance_fen) == (1_290, 1_120, 200, -30)
+        _check_sums(stats)
+        assert stats.books_balance
+        reply = b.set_channel_faults("ccb", CLEARING)  # SetFaults answers the money too
+        assert {c.channel: _money(c) for c in reply.banks[0].channels} == {
+            DIRECT: expected["ccb", DIRECT], CLEARING: expected["ccb", CLEARING]}
+        b.channel.close()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    with running_banksim(tmp_path, *args) as (_, port):
+        b = Channels(port)
+        assert _money_by_channel(b, ("icbc", "ccb")) == expected
+        _check_sums(b.stats())
+        assert b.refund_on(CLEARING, refund_later).status == pb.ORDER_STATUS_REFUNDED
+        assert b.channel_stats("ccb")[CLEARING].refunded_fen == 700
+        after = b.stats()
+        _check_sums(after)
+        assert after.total_refunded_fen == 900 and after.books_balance
+        b.channel.close()
+
+
+def test_a_ledger_from_before_channel_totals_opens_with_them_recounted(tmp_path):
+    """A schema-1 ledger (bank-wide totals only) gets its per-channel totals from its orders at
+    open: an order from before channels is direct's; a disagreeing ledger does not open."""
+    from banksim import _ledger
+    from banksim._ledger import ChannelTotals, Ledger, Payload
+    from banksim._model import Channel, OrderKind
+
+    async def book(led: Ledger) -> None:
+        for order_id, kind, card_id, amount, ch in (
+            ("d1", OrderKind.DEBIT, "icbc-1", 300, Channel.DIRECT),
+            ("d2", OrderKind.DEBIT, "icbc-1", 200, Channel.CLEARING),
+            ("d3", OrderKind.DEBIT, "ccb-1", 70, Channel.DIRECT),
+            ("c1", OrderKind.CREDIT, "icbc-2", 90, Channel.CLEARING),
+            ("no", OrderKind.DEBIT, "icbc-1", 10_000, Channel.CLEARING),  # declined
+        ):
+            await led.move(order_id, Payload(kind, card_id, amount, ch), inject_decline=False)
+        await led.refund("d2", Channel.CLEARING)
+        await led.refund("d3", Channel.DIRECT)
+
+    def to_schema_1(led: Ledger) -> None:
+        """What a ledger written before per-channel totals holds: no channel keys, schema 1."""
+        with led._env.begin(write=True) as txn:
+            keys = [bytes(k) for k, _ in txn.cursor(db=led._totals)
+                    if bytes(k).startswith(_ledger.CHANNEL_TOTALS)]
+            assert keys
+            for key in keys:
+                txn.delete(key, db=led._totals)
+            txn.put(b"schema", b"1", db=led._meta)
+
+    path = str(tmp_path / "old")
+    led = Ledger(path, opening_fen=1_000, map_size=1 << 20)
+    asyncio.run(book(led))
+    before = led.snapshot()
+    assert before.by_channel == {
+        ("ccb", Channel.DIRECT): ChannelTotals(70, 0, 70),
+        ("icbc", Channel.DIRECT): ChannelTotals(300, 0, 0),
+        ("icbc", Channel.CLEARING): ChannelTotals(200, 90, 200),
+    }
+    assert before.channels_add_up and before.channel(Channel.DIRECT) == ChannelTotals(370, 0, 70)
+    to_schema_1(led)
+    assert led.snapshot().by_channel == {}
+    led.close()
+
+    led = Ledger(path, opening_fen=1_000, map_size=1 << 20)
+    try:
+        after = led.snapshot()
+        assert after.by_channel == before.by_channel and after.channels_add_up
+        with led._env.begin() as txn:
+            assert txn.get(b"schema", db=led._meta) == _ledger.SCHEMA
+        to_schema_1(led)
+        with led._env.begin(write=True) as txn:
+            led._add(txn, _ledger.DEBITED, 1)  # the bank-wide total no longer matches the orders
+    finally:
+        led.close()
+    with pytest.raises(RuntimeError, match="debited_fen is 571 but its orders sum to 570"):
+        Ledger(path, opening_fen=1_000, map_size=1 << 20)
