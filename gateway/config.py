@@ -30,6 +30,11 @@ class Settings:
     # traffic within it. A bank missing here gets `default_bank_capacity_tps`.
     bank_capacity_tps: dict = dataclasses.field(default_factory=dict)
     default_bank_capacity_tps: float = 1000.0
+    # The channels each bank is reached through, in order of preference (the butler moves a
+    # new payment to the next one when one is failing or full), and a channel's own
+    # capacity for every bank where it differs from the bank's (e.g. `clearing = 500`).
+    bank_channels: tuple[str, ...] = ("direct", "clearing")
+    channel_capacity_tps: dict = dataclasses.field(default_factory=dict)
     # false sends every bank call straight through (for measuring what the butler saves).
     butler_enabled: bool = True
     # Wait before asking the bank about an unclear result (`--resolve-delay-s`).
@@ -112,10 +117,23 @@ class Settings:
             raise ValueError(f"bank_capacity_tps names unknown banks: {sorted(unknown_banks)}")
         if any(not c > 0 for c in self.capacities().values()):
             raise ValueError("bank capacities must be > 0 calls/s")
+        self._validate_channels()
         if self.writer_max_batch < 1 or self.writer_queue_limit < self.writer_max_batch:
             raise ValueError("writer_queue_limit must be >= writer_max_batch >= 1")
         self._validate_qos()
         return self
+
+    def _validate_channels(self) -> None:
+        known = ("direct", "clearing")
+        chans = self.bank_channels
+        if not chans or len(set(chans)) != len(chans) or set(chans) - set(known):
+            raise ValueError(f"bank_channels must be distinct names of {', '.join(known)}")
+        unknown = set(self.channel_capacity_tps) - set(chans)
+        if unknown:
+            raise ValueError(f"channel_capacity_tps names unknown channels: {sorted(unknown)}")
+        if any(not (isinstance(c, int | float) and c > 0)
+               for c in self.channel_capacity_tps.values()):
+            raise ValueError("channel capacities must be > 0 calls/s")
 
     def _validate_qos(self) -> None:
         self.tiers = {str(k): str(v) for k, v in self.tiers.items()}
@@ -157,6 +175,8 @@ class Settings:
                 raise ValueError(f"unknown settings in {path}: {sorted(unknown)}")
             if "banks" in values:
                 values["banks"] = tuple(values["banks"])
+            if "bank_channels" in values:
+                values["bank_channels"] = tuple(values["bank_channels"])
             _check_types(path, values)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validate()

@@ -77,7 +77,7 @@ async def attempt(call: Callable[[], Awaitable[object]]) -> tuple[str, float, ob
         result = await call()
         kind = "ANSWER"
     except Unavailable as err:
-        assert err.metadata == {"bank_id": BANK}
+        assert err.metadata == {"bank_id": BANK, "channel": "direct"}
         kind, result = err.reason, err
     except BankBusy as err:
         kind, result = "OVER_CAPACITY", err

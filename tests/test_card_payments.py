@@ -47,7 +47,7 @@ def bank_stack(tmp_path):
 async def set_faults(stack: Stack, **faults) -> None:
     bank = BankClient(stack.bank.target, timeout_s=5)
     try:
-        await bank.set_faults(**faults)
+        await bank.set_faults("", faults)
     finally:
         await bank.close()
 

@@ -117,9 +117,11 @@ def _stats(**kw) -> LedgerStats:
     return LedgerStats(**{**base, **kw})
 
 
-def _bank(bank_id: str, state: str) -> dict:
-    return {"bank_id": bank_id, "limit": 500, "in_flight": 2, "latency_ms_p99": 250.0,
-            "error_rate": 0.125, "breaker_state": state}
+def _bank(bank_id: str, state: str, channel: str = "direct") -> dict:
+    return {"bank_id": bank_id, "channel": channel, "limit": 500, "in_flight": 2,
+            "latency_ms_p99": 250.0, "error_rate": 0.125, "breaker_state": state,
+            "traffic_share": 0.25 if channel == "direct" else 0.75, "calls": 40,
+            "rerouted_in": 0 if channel == "direct" else 9}
 
 
 def _admission() -> AdmissionState:
@@ -132,7 +134,8 @@ def test_state_series_come_from_the_snapshot():
     """Writer, bus, butler, admission and degradation series show the snapshot's values."""
     m = Metrics()
     qos = QosStatus([TopicLag("credit", 7, 1000.0)],
-                    [_bank("icbc", "open"), _bank("ccb", "closed")], 3, _admission())
+                    [_bank("icbc", "open"), _bank("icbc", "closed", "clearing"),
+                     _bank("ccb", "closed")], 3, _admission())
     m.update(Snapshot(qos, _stats(), {"balance_cache": 4}, 12, 99))
     page = samples(m.render().decode())
     assert value(page, "hongbao_writer_requests_total") == 40
@@ -140,10 +143,15 @@ def test_state_series_come_from_the_snapshot():
     assert value(page, "hongbao_writer_queue_wait_seconds_total") == 0.75
     assert value(page, "hongbao_bus_lag", topic="credit") == 7
     assert value(page, "hongbao_bus_rate_per_second", topic="credit") == 1000
-    assert [value(page, "hongbao_butler_state", bank="icbc", state=s)
+    assert [value(page, "hongbao_butler_state", bank="icbc", channel="direct", state=s)
             for s in ("closed", "open", "half_open")] == [0, 1, 0]
-    assert value(page, "hongbao_bank_latency_p99_seconds", bank="icbc") == 0.25
-    assert value(page, "hongbao_bank_error_rate", bank="ccb") == 0.125
+    assert [value(page, "hongbao_butler_state", bank="icbc", channel="clearing", state=s)
+            for s in ("closed", "open", "half_open")] == [1, 0, 0]
+    assert value(page, "hongbao_bank_traffic_share", bank="icbc", channel="clearing") == 0.75
+    assert value(page, "hongbao_bank_rerouted_total", bank="icbc", channel="clearing") == 9
+    assert value(page, "hongbao_bank_latency_p99_seconds", bank="icbc",
+                 channel="direct") == 0.25
+    assert value(page, "hongbao_bank_error_rate", bank="ccb", channel="direct") == 0.125
     assert value(page, "hongbao_admission_level") == 300
     assert value(page, "hongbao_admission_window_delay_seconds") == 0.0125
     assert value(page, "hongbao_admission_windows_total") == 17
@@ -231,13 +239,14 @@ def test_a_running_gateway_exposes_its_state(stack):
             "hongbao_admission_level", "hongbao_degraded_total"} <= names(before)
     assert {dict(labels)["topic"] for name, labels in before
             if name == "hongbao_bus_lag"} == {"credit", "payment-unknown"}
-    banks = {dict(labels)["bank"] for name, labels in before if name == "hongbao_butler_state"}
-    assert banks == set(Settings().banks)
-    for bank in banks:  # exactly one breaker state per bank, and a fresh bank is closed
-        assert value(before, "hongbao_butler_state", bank=bank, state="closed") == 1
-        assert sum(value(before, "hongbao_butler_state", bank=bank, state=s)
+    steered = {(dict(labels)["bank"], dict(labels)["channel"]) for name, labels in before
+               if name == "hongbao_butler_state"}
+    assert steered == {(b, ch) for b in Settings().banks for ch in ("direct", "clearing")}
+    for bank, ch in steered:  # one breaker state per channel; a fresh one is closed
+        assert value(before, "hongbao_butler_state", bank=bank, channel=ch, state="closed") == 1
+        assert sum(value(before, "hongbao_butler_state", bank=bank, channel=ch, state=s)
                    for s in ("open", "half_open")) == 0
-        assert value(before, "hongbao_butler_limit", bank=bank) > 0
+        assert value(before, "hongbao_butler_limit", bank=bank, channel=ch) > 0
 
     _money_moves(stack)
     after = scrape(port)
@@ -248,7 +257,8 @@ def test_a_running_gateway_exposes_its_state(stack):
     assert value(after, "hongbao_gate_envelopes") >= 1
     assert value(after, "hongbao_credit_applied_total") >= 1
     assert value(after, "hongbao_bus_lag", topic="credit") == 0
-    assert value(after, "hongbao_butler_in_flight", bank="icbc") == 0
+    assert value(after, "hongbao_butler_in_flight", bank="icbc", channel="direct") == 0
+    assert value(after, "hongbao_bank_calls_total", bank="icbc", channel="direct") >= 1
 
 
 # -- the Grafana dashboard -----------------------------------------------------------------

@@ -337,9 +337,14 @@ def _check_sets(r: ClusterReport, g: Gathered) -> None:
             _check_own_balances(r, name, listing, g.addresses)
     if total != 0:
         r.bad(f"the accounts of all SETs sum to {total} fen, not 0")
+    by_channel: dict[str, int] = defaultdict(int)
+    for a in g.audits.values():
+        for ch, fen in a.totals.get("channel_in_fen", {}).items():
+            by_channel[ch] += fen
     r.totals = {"sets": len(g.addresses), "account_sum_fen": total,
                 "clearing_in_fen": sum(a.totals.get("clearing_in_fen", 0)
-                                       for a in g.audits.values())}
+                                       for a in g.audits.values()),
+                "channel_in_fen": dict(sorted(by_channel.items()))}
 
 
 def _check_own_balances(r: ClusterReport, name: str, listing: InterSetCredits,

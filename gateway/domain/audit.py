@@ -84,6 +84,9 @@ class Report:
         if self.bank is not None:
             lines.append(f"bank merchant   {self.bank['merchant_balance_fen']:>12} fen   "
                          f"(expected {self.bank['expected_fen']})")
+            lines.extend(f"  via {ch:<11} {row['merchant_balance_fen']:>12} fen   "
+                         f"(expected {row['expected_fen']})"
+                         for ch, row in self.bank.get("channels", {}).items())
         if self.balanced:
             lines.append("BALANCED: every fen is accounted for")
         else:
@@ -164,7 +167,7 @@ def audit(tx: Tx) -> Report:
     total = _check_accounts(r, s)
     pending_expected, totals = _check_envelopes(r, s)
     pending_fen = _check_pending(r, s, pending_expected)
-    clearing_in = _check_payments(r, s)
+    clearing_in, channel_in = _check_payments(r, s)
     unlock_fen = _check_unlocks(r, s)
     accounts = s.accounts
     r.totals = {
@@ -172,6 +175,7 @@ def audit(tx: Tx) -> Report:
         "envelopes": len(s.envelopes), **totals, "pending_fen": pending_fen,
         "wallet_fen": sum(v for k, v in accounts.items() if k.startswith(keys.WALLET)),
         "clearing_in_fen": sum(clearing_in.values()), "payments": len(s.payments),
+        "channel_in_fen": dict(sorted(channel_in.items())),
         "payments_imported": len(s.imported_payments),
         "payments_by_status": _by_status(s.payments),
         "unlocks": len(s.unlocks), "unlock_fen": unlock_fen,
@@ -328,9 +332,10 @@ def _check_pending(r: Report, s: _Snapshot, expected: dict[bytes, int]) -> int:
     return pending_fen
 
 
-def _check_payments(r: Report, s: _Snapshot) -> dict[str, int]:
-    """Check 5; returns the money each bank's settled payments brought in."""
+def _check_payments(r: Report, s: _Snapshot) -> tuple[dict[str, int], dict[str, int]]:
+    """Check 5; returns the money settled payments brought in, per bank and per channel."""
     clearing_in: dict[str, int] = defaultdict(int)
+    channel_in: dict[str, int] = defaultdict(int)
     in_flight_holds: set[bytes] = set()
     for p in s.imported_payments:
         if p.open:
@@ -338,12 +343,15 @@ def _check_payments(r: Report, s: _Snapshot) -> dict[str, int]:
     for p in s.payments:
         if p.open:
             r.in_flight.append({"payment_id": p.payment_id, "bank_id": p.bank_id,
-                                "kind": str(p.kind), "amount_fen": p.amount_fen,
-                                "status": p.status.name})
+                                "channel": p.channel, "kind": str(p.kind),
+                                "amount_fen": p.amount_fen, "status": p.status.name})
         if p.kind == PaymentKind.WITHDRAW:
-            clearing_in[p.bank_id] -= _check_withdrawal(r, s, p, in_flight_holds)
+            paid_out = _check_withdrawal(r, s, p, in_flight_holds)
+            clearing_in[p.bank_id] -= paid_out
+            channel_in[p.channel] -= paid_out
         elif p.status == PaymentStatus.SUCCEEDED:
             clearing_in[p.bank_id] += p.amount_fen
+            channel_in[p.channel] += p.amount_fen
             if s.transfers.get(keys.card_in_tid(p.payment_id.encode())) != p.amount_fen:
                 r.bad(f"payment {p.payment_id} succeeded without its transfer")
         elif keys.card_in_tid(p.payment_id.encode()) in s.transfers:
@@ -356,7 +364,7 @@ def _check_payments(r: Report, s: _Snapshot) -> dict[str, int]:
             if -bal != clearing_in.get(bank, 0):
                 r.bad(f"bank clearing {acct.decode()} is {bal}, settled payments say "
                       f"{-clearing_in.get(bank, 0)}")
-    return clearing_in
+    return clearing_in, channel_in
 
 
 def _check_withdrawal(r: Report, s: _Snapshot, p: Payment, in_flight_holds: set[bytes]

@@ -82,6 +82,7 @@ class NoticeKind(enum.IntEnum):
     REFUNDED = 4
     EXPIRED_REFUND = 5
     CREDITED = 6
+    CARD_SWITCHED = 7
 
 
 # What a user reads in their notification feed, defined once for every backend.
@@ -91,6 +92,7 @@ NOTICE_TEXT = {
     NoticeKind.LOCKED: "the bank order is locked: it can never be charged",
     NoticeKind.REFUNDED: "the bank took the money and has returned it to your card",
     NoticeKind.CREDITED: "a red envelope share reached your wallet",
+    NoticeKind.CARD_SWITCHED: "the card could not pay; trying your next card",
 }
 
 
@@ -284,10 +286,19 @@ class Payment:
     updated_at_ms: int = 0
     envelope_id: str = ""  # the envelope a card payment funds
     attempts: int = 0  # resolver attempts that found the bank unclear
+    # The bank channel the order id was (or is about to be) sent through: the only one the
+    # bank may know it by, so the resolver asks there. "direct" or "clearing".
+    channel: str = "direct"
 
     @property
     def open(self) -> bool:
         return self.status in OPEN_PAYMENT_STATES
+
+
+# A card payment FAILED for one of these is known not to have moved money: refused before
+# anything reached the bank, or declined by it. Another card may take over (AUTO).
+SWITCHABLE_REASONS = frozenset({"BANK_BUSY", "BANK_CIRCUIT_OPEN", "BANK_CHANNEL_DOWN",
+                                "CARD_DECLINED", "CARD_INSUFFICIENT_FUNDS"})
 
 
 class PaymentBegun(NamedTuple):

@@ -125,7 +125,7 @@ def pack_payment(p: Payment, fingerprint: bytes, due_ms: int = 0) -> bytes:
         "id": p.payment_id, "u": p.user_id, "k": str(p.kind), "c": p.card_id, "bk": p.bank_id,
         "a": p.amount_fen, "s": int(p.status), "r": p.reason, "t0": p.created_at_ms,
         "t1": p.updated_at_ms, "fp": fingerprint.hex(), "e": p.envelope_id, "due": due_ms,
-        "n": p.attempts,
+        "n": p.attempts, "ch": p.channel,
     }, separators=_COMPACT).encode()
 
 
@@ -133,7 +133,8 @@ def unpack_payment(raw: bytes) -> tuple[Payment, bytes, int]:
     """The payment, its request fingerprint and its due time in the resolver's queue."""
     d = json.loads(raw)
     p = Payment(d["id"], d["u"], PaymentKind(d["k"]), d["c"], d["bk"], d["a"],
-                PaymentStatus(d["s"]), d["r"], d["t0"], d["t1"], d.get("e", ""), d.get("n", 0))
+                PaymentStatus(d["s"]), d["r"], d["t0"], d["t1"], d.get("e", ""), d.get("n", 0),
+                d.get("ch", "direct"))  # a payment saved before channels went direct
     return p, bytes.fromhex(d["fp"]), d.get("due", 0)
 
 

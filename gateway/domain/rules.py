@@ -29,6 +29,7 @@ from gateway.domain.keys import (
 )
 from gateway.domain.model import (
     SLOT_MOVE_KIND,
+    SWITCHABLE_REASONS,
     CardEnvelope,
     CreditKind,
     EnvelopeStatus,
@@ -352,12 +353,16 @@ def _save_payment(b: Books, p: Payment, fp: bytes, old_due_ms: int, due_ms: int)
 
 
 def begin_payment(b: Books, payment: Payment, fingerprint: bytes, due_in_ms: int,
-                  envelope: CardEnvelope | None) -> PaymentBegun:
+                  envelope: CardEnvelope | None, replaces: str = "") -> PaymentBegun:
     """Saves a payment intent before the bank is called (or returns the saved one).
 
     A withdrawal holds its amount at once (wallet -> hold), so the wallet
     cannot spend it twice while the bank works. A card-paid envelope is
     created PAYING (not grabbable) with its shares already split.
+
+    ``replaces`` names the payment of the same send an AUTO payment gives up on (it must
+    have FAILED for a reason in :data:`SWITCHABLE_REASONS`): the new one takes over the
+    send's request id, and the user is told (CARD_SWITCHED).
     """
     key = payment.payment_id.encode()
     raw = b.tx.get(keys.PAYMENTS, key)
@@ -366,6 +371,8 @@ def begin_payment(b: Books, payment: Payment, fingerprint: bytes, due_in_ms: int
         if saved_fp != fingerprint:
             raise errors.InvalidArgument(*_REUSED)
         return PaymentBegun(saved, False)
+    if replaces:
+        _give_up(b, replaces, payment)
     user = payment.user_id.encode()
     if payment.kind == PaymentKind.WITHDRAW:
         wallet = wallet_account(user)
@@ -381,6 +388,32 @@ def begin_payment(b: Books, payment: Payment, fingerprint: bytes, due_in_ms: int
     payment = dataclasses.replace(payment, created_at_ms=b.now_ms, updated_at_ms=b.now_ms)
     _save_payment(b, payment, fingerprint, 0, b.now_ms + due_in_ms)
     return PaymentBegun(payment, True)
+
+
+def _give_up(b: Books, old_id: str, new: Payment) -> None:
+    """Checks that the payment ``new`` replaces moved no money, and tells the user."""
+    old, _fp, _due = _load_payment(b, old_id)
+    if old.status != PaymentStatus.FAILED or old.reason not in SWITCHABLE_REASONS:
+        raise errors.FailedPrecondition(
+            "PAYMENT_NOT_REPLACEABLE", "only a payment known not to have moved money may be "
+            "taken over by another card", payment_id=old_id, status=old.status.name)
+    assert old.user_id == new.user_id and old.amount_fen == new.amount_fen, (old, new)
+    b.notify(new.user_id.encode(), NoticeKind.CARD_SWITCHED, new.amount_fen,
+             payment_id=new.payment_id, envelope_id=new.envelope_id,
+             message=f"card {old.card_id} could not pay ({old.reason}); paying with card "
+                     f"{new.card_id}")
+
+
+def switch_channel(b: Books, payment_id: str, channel: str) -> Payment:
+    """Names the bank channel a PENDING payment's order goes through next (the butler moved
+    it: the first one refused it before anything was recorded). A payment no longer
+    PENDING is returned unchanged: its handler must not send it anywhere."""
+    p, fp, due = _load_payment(b, payment_id)
+    if p.status != PaymentStatus.PENDING or p.channel == channel:
+        return p
+    moved = dataclasses.replace(p, channel=channel, updated_at_ms=b.now_ms)
+    _save_payment(b, moved, fp, due, due)
+    return moved
 
 
 def _create_card_envelope(b: Books, payment: Payment, e: CardEnvelope) -> None:

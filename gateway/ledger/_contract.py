@@ -148,15 +148,24 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     async def begin_payment(self, payment: Payment, fingerprint: bytes, due_in_ms: int,
-                            envelope: CardEnvelope | None = None) -> PaymentBegun:
+                            envelope: CardEnvelope | None = None,
+                            replaces: str = "") -> PaymentBegun:
         """Saves a payment intent (PENDING) before the bank is called.
 
         Returns it and whether this call created it; a retry gets the saved
         one (another payload under the same id raises InvalidArgument). A
         withdrawal holds its amount out of the wallet at once; a card-paid
         envelope is created PAYING, not grabbable. The intent is due for the
-        resolver after ``due_in_ms`` unless it is finished first.
+        resolver after ``due_in_ms`` unless it is finished first. ``replaces``:
+        the payment of the same send this one takes over from (AUTO's next card);
+        FailedPrecondition ``PAYMENT_NOT_REPLACEABLE`` unless that one FAILED
+        without moving money.
         """
+
+    @abc.abstractmethod
+    async def switch_channel(self, payment_id: str, channel: str) -> Payment:
+        """Names the bank channel a PENDING payment goes through next; a payment no longer
+        PENDING comes back unchanged (and must not be sent)."""
 
     @abc.abstractmethod
     async def finish_payment(self, payment_id: str, outcome: PaymentStatus, reason: str = "",
@@ -325,9 +334,13 @@ class BooksLedger(Ledger):
         return await self.write(rules.unlock_photo, viewer_id.encode(), request_id.encode(),
                                  fingerprint, owner_id.encode(), photo_id, amount_fen)
 
-    async def begin_payment(self, payment, fingerprint, due_in_ms, envelope=None):
+    async def begin_payment(self, payment, fingerprint, due_in_ms, envelope=None,
+                            replaces=""):
         return await self.write(rules.begin_payment, payment, fingerprint, due_in_ms,
-                                 envelope)
+                                 envelope, replaces)
+
+    async def switch_channel(self, payment_id, channel) -> Payment:
+        return await self.write(rules.switch_channel, payment_id, channel)
 
     async def finish_payment(self, payment_id, outcome, reason="",
                              from_states=(PaymentStatus.PENDING,)) -> Payment:

@@ -279,7 +279,7 @@ def _inject(cluster: Cluster, fault: str, rng: random.Random) -> str:
     async def toggle() -> None:
         bank = BankClient(cluster.bank_target)
         try:
-            await bank.set_faults("", **faults)
+            await bank.set_faults("", faults)
             await asyncio.sleep(rng.uniform(1.0, 3.0))
             await bank.set_faults("")
         finally:

@@ -103,7 +103,7 @@ async def _run_all(coros, phase: str, progress: Progress) -> list:
 async def _set_faults(bank_target: str, **faults) -> None:
     bank = BankClient(bank_target, timeout_s=5)
     try:
-        await bank.set_faults(**faults)
+        await bank.set_faults("", faults)
     finally:
         await bank.close()
 

@@ -78,11 +78,13 @@ def render(q: admin_pb2.GetQosStatusResponse, previous: admin_pb2.GetQosStatusRe
     for topic in q.topics:
         bus.add_row(topic.topic, f"{topic.lag}", f"{topic.rate_per_second:,.0f}")
     banks = Table(title="banks", expand=True)
-    for col in ("bank", "breaker", "in flight / limit", "errors", "p99 ms"):
+    for col in ("bank", "channel", "breaker", "share", "in flight / limit", "errors",
+                "p99 ms", "rerouted in"):
         banks.add_column(col)
     for h in q.banks:
-        banks.add_row(h.bank_id, h.breaker_state, f"{h.in_flight} / {h.limit}",
-                      f"{h.error_rate:.1%}", f"{h.latency_ms_p99:.1f}")
+        banks.add_row(h.bank_id, h.channel or "direct", h.breaker_state,
+                      f"{h.traffic_share:.0%}", f"{h.in_flight} / {h.limit}",
+                      f"{h.error_rate:.1%}", f"{h.latency_ms_p99:.1f}", f"{h.rerouted_in}")
     return Group(head, tiers, notes, bus, banks)
 
 

@@ -214,7 +214,8 @@ async def _cross_check_bank_over_sets(report: ClusterReport, bank_target: str,
     the SETs' clearing accounts say came in, plus the in-flight payments of all SETs the
     bank settled. The same check as one SET's (``cross_check_bank``), on the sums. A SET
     that could not be read leaves the sum short, and is already a discrepancy."""
-    combined = Report(totals={"clearing_in_fen": report.totals["clearing_in_fen"]},
+    combined = Report(totals={"clearing_in_fen": report.totals["clearing_in_fen"],
+                              "channel_in_fen": report.totals.get("channel_in_fen", {})},
                       in_flight=report.in_flight_payments)
     bank = BankClient(bank_target, timeout_s=10, credentials=credentials)
     try:

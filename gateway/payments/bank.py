@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 
 import grpc
 
 from banksim import cards
 from banksim.v1 import bank_pb2, bank_pb2_grpc
+from gateway.errors import reason_of
 
 SETTLED = bank_pb2.ORDER_STATUS_SETTLED
+
+# The ways a bank is reached, in the butler's order of preference: the bank's own link,
+# then the clearing house (a network operator between the gateway and every bank). An order
+# id belongs to the channel the bank first recorded it through; the bank refuses the same
+# id through another one (FAILED_PRECONDITION WRONG_CHANNEL: a bug here, never routine).
+DIRECT = "direct"
+CLEARING = "clearing"
+CHANNELS = (DIRECT, CLEARING)
+_WIRE_CHANNEL = {DIRECT: bank_pb2.CHANNEL_DIRECT, CLEARING: bank_pb2.CHANNEL_CLEARING}
+_CHANNEL_NAME = {v: k for k, v in _WIRE_CHANNEL.items()}
 
 
 class OrderStatus(enum.IntEnum):
@@ -39,6 +51,9 @@ class BankTotals:
     total_debited_fen: int
     total_credited_fen: int
     total_refunded_fen: int
+    # The merchant balance per channel, over every bank (a bank simulator from before
+    # channels reports none).
+    channels: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def bank_of_card(card_id: str) -> str | None:
@@ -53,6 +68,12 @@ class BankUnclear(Exception):
 
 class BankBusy(Exception):
     """The bank refused the call before acting on it (over capacity)."""
+
+
+class ChannelDown(BankBusy):
+    """The channel refused the call before acting on it (UNAVAILABLE ``CHANNEL_DOWN``): as
+    definite as :class:`BankBusy`, nothing was recorded, so the order id is still free to go
+    through another channel."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,33 +107,43 @@ class BankClient:
     async def close(self) -> None:
         await self._channel.close(None)
 
-    async def debit(self, order_id: str, card_id: str, amount_fen: int) -> BankAnswer:
-        req = bank_pb2.DebitRequest(order_id=order_id, card_id=card_id, amount_fen=amount_fen)
+    async def debit(self, order_id: str, card_id: str, amount_fen: int,
+                    channel: str = DIRECT) -> BankAnswer:
+        req = bank_pb2.DebitRequest(order_id=order_id, card_id=card_id, amount_fen=amount_fen,
+                                    channel=_WIRE_CHANNEL[channel])
         return self._answer(await self._call(self._bank.Debit, req))
 
-    async def credit(self, order_id: str, card_id: str, amount_fen: int) -> BankAnswer:
-        req = bank_pb2.CreditRequest(order_id=order_id, card_id=card_id, amount_fen=amount_fen)
+    async def credit(self, order_id: str, card_id: str, amount_fen: int,
+                     channel: str = DIRECT) -> BankAnswer:
+        req = bank_pb2.CreditRequest(order_id=order_id, card_id=card_id, amount_fen=amount_fen,
+                                     channel=_WIRE_CHANNEL[channel])
         return self._answer(await self._call(self._bank.Credit, req))
 
-    async def query(self, order_id: str) -> OrderStatus:
-        resp = await self._call(self._bank.QueryOrder,
-                                bank_pb2.QueryOrderRequest(order_id=order_id))
+    async def query(self, order_id: str, channel: str = DIRECT) -> OrderStatus:
+        resp = await self._call(self._bank.QueryOrder, bank_pb2.QueryOrderRequest(
+            order_id=order_id, channel=_WIRE_CHANNEL[channel]))
         return OrderStatus(resp.status)
 
-    async def void(self, order_id: str) -> OrderStatus:
+    async def void(self, order_id: str, channel: str = DIRECT) -> OrderStatus:
         """Locks the order id; the answer is VOIDED, or SETTLED/REFUNDED if it had settled."""
-        resp = await self._call(self._bank.VoidOrder,
-                                bank_pb2.VoidOrderRequest(order_id=order_id))
+        resp = await self._call(self._bank.VoidOrder, bank_pb2.VoidOrderRequest(
+            order_id=order_id, channel=_WIRE_CHANNEL[channel]))
         return OrderStatus(resp.status)
 
-    async def refund(self, order_id: str) -> OrderStatus:
-        resp = await self._call(self._bank.Refund, bank_pb2.RefundRequest(order_id=order_id))
+    async def refund(self, order_id: str, channel: str = DIRECT) -> OrderStatus:
+        resp = await self._call(self._bank.Refund, bank_pb2.RefundRequest(
+            order_id=order_id, channel=_WIRE_CHANNEL[channel]))
         return OrderStatus(resp.status)
 
     async def totals(self) -> BankTotals:
         s = await self._call(self._admin.GetStats, bank_pb2.GetStatsRequest())
+        channels: dict[str, int] = {}
+        for bank in s.banks:
+            for ch in bank.channels:
+                name = _CHANNEL_NAME.get(ch.channel, DIRECT)
+                channels[name] = channels.get(name, 0) + ch.merchant_balance_fen
         return BankTotals(s.merchant_balance_fen, s.total_debited_fen, s.total_credited_fen,
-                          s.total_refunded_fen)
+                          s.total_refunded_fen, channels)
 
     # -- the simulator's controls (demo, tests, benchmarks) -------------------------
 
@@ -120,10 +151,14 @@ class BankClient:
         """The simulator's raw per-bank counters."""
         return await self._call(self._admin.GetStats, bank_pb2.GetStatsRequest())
 
-    async def set_faults(self, bank_id: str = "", **faults: float) -> None:
-        """Replaces the fault settings of one bank, or of all with ``bank_id`` empty."""
+    async def set_faults(self, bank_id: str = "", faults: Mapping[str, float] | None = None,
+                         *, channel: str = "", down: bool = False) -> None:
+        """Replaces the fault settings (banksim.v1.FaultConfig fields) of one bank, or of all
+        with ``bank_id`` empty, on ``channel`` or on every channel with it empty; ``down``
+        takes the channel down."""
         await self._call(self._admin.SetFaults, bank_pb2.SetFaultsRequest(
-            bank_id=bank_id, faults=bank_pb2.FaultConfig(**faults)))
+            bank_id=bank_id, faults=bank_pb2.FaultConfig(**(faults or {})), down=down,
+            channel=_WIRE_CHANNEL[channel] if channel else bank_pb2.CHANNEL_UNSPECIFIED))
 
     async def card_balance(self, card_id: str) -> int:
         """The card's balance at the bank (or the one it would open with)."""
@@ -136,6 +171,9 @@ class BankClient:
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise BankBusy(err.details()) from err
+            if (err.code() == grpc.StatusCode.UNAVAILABLE
+                    and reason_of(err) == "CHANNEL_DOWN"):
+                raise ChannelDown(err.details()) from err
             if err.code() in (grpc.StatusCode.INVALID_ARGUMENT,
                               grpc.StatusCode.FAILED_PRECONDITION):
                 raise  # a definite refusal of a malformed call: a bug upstream

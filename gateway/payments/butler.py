@@ -1,11 +1,36 @@
-"""The payment butler: every bank call of a process goes through it, one steward per bank.
+"""The payment butler: every bank call of a process goes through it, one steward per
+(bank, channel).
 
 Banks have a limited, known capacity, and a bank driven past it for long
 collapses (it stops answering for a while). The butler keeps each bank's
 traffic within what it can take and stops calling a bank that is failing,
 failing fast instead of piling calls onto it.
 
-Per bank:
+Every bank is reached through channels (``direct``, then ``clearing``: see
+``gateway.payments.bank``), and each channel of each bank is steered on its own, with its
+own capacity, bucket, queue, limit and breaker, as below ("the bank" there means one
+channel of it). Routing across them:
+
+- **A new money call** (Debit, Credit) goes through the channel its payment names unless
+  that one cannot take it now (breaker not closed, or no token and no in-flight place
+  while another channel has both); then it goes through the first channel in order of
+  preference that can. Before the call goes through another channel than the payment
+  names, the caller's ``switch`` hook records the new channel durably (the payment
+  intent), so whatever happens next, the gateway knows the one channel its order id was
+  sent through.
+- **Refused, it tries the next channel.** A call refused before anything reached the bank
+  (BANK_BUSY, BANK_CIRCUIT_OPEN from this butler) or refused by the bank before acting
+  (:class:`BankBusy`, :class:`ChannelDown`) left no trace of its order id at the bank, so
+  the same order goes through the next channel that can take it, after ``switch``. An
+  unclear result never moves: the bank may hold the order on that channel, and only a
+  query through that channel can say. With every channel tried, the last refusal is
+  raised. A caller with no ``switch`` (or a butler that is off) stays on its channel.
+- **A query** (the resolver's, the breaker's probe) goes through the channel the order
+  was sent through, and never another: the bank would answer WRONG_CHANNEL.
+- A channel answering :class:`ChannelDown` counts as a failure for its breaker, like an
+  unclear result (five in a row open it), but not as an overload signal for its limit.
+
+Per channel:
 
 - **Admission.** A token bucket refilled at the current limit (calls/s, at
   first the configured capacity) and only ``burst_s`` deep, so that no second
@@ -63,15 +88,25 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import structlog
 
 from gateway.errors import InvalidArgument, Unavailable
-from gateway.payments.bank import BankAnswer, BankBusy, BankUnclear, OrderStatus, bank_of_card
+from gateway.payments.bank import (
+    CHANNELS,
+    DIRECT,
+    BankAnswer,
+    BankBusy,
+    BankUnclear,
+    ChannelDown,
+    OrderStatus,
+    bank_of_card,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -85,17 +120,26 @@ HALF_OPEN = "half_open"
 _OK = "ok"  # a definite answer (settled, declined, a query's record)
 _BUSY = "busy"  # the bank refused: over capacity
 _UNCLEAR = "unclear"  # no definite answer: timeout, UNAVAILABLE, the butler's deadline
+_DOWN = "down"  # the channel refused: CHANNEL_DOWN (nothing recorded)
 _NEUTRAL = "neutral"  # the caller went away, or a bug upstream (a malformed call)
+
+# The butler's own refusals: nothing reached the bank.
+REFUSALS = frozenset({"BANK_BUSY", "BANK_CIRCUIT_OPEN"})
+
+# Records the channel a payment is about to go through, durably, before it does.
+Switch = Callable[[str], Awaitable[None]]
 
 _CARD_DECLINES = frozenset({"CARD_DECLINED", "CARD_INSUFFICIENT_FUNDS"})
 
 
 class BankLike(Protocol):
-    async def debit(self, order_id: str, card_id: str, amount_fen: int) -> BankAnswer: ...
+    async def debit(self, order_id: str, card_id: str, amount_fen: int,
+                    channel: str = DIRECT) -> BankAnswer: ...
 
-    async def credit(self, order_id: str, card_id: str, amount_fen: int) -> BankAnswer: ...
+    async def credit(self, order_id: str, card_id: str, amount_fen: int,
+                     channel: str = DIRECT) -> BankAnswer: ...
 
-    async def query(self, order_id: str) -> OrderStatus: ...
+    async def query(self, order_id: str, channel: str = DIRECT) -> OrderStatus: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -203,11 +247,13 @@ class _Window:
 
 
 class _Steward:
-    """One bank's live state: limit, bucket, queue, breaker, outcome window, counters."""
+    """One channel of one bank, live: limit, bucket, queue, breaker, outcome window,
+    counters."""
 
-    def __init__(self, bank_id: str, capacity_tps: float, opts: ButlerOptions,
+    def __init__(self, bank_id: str, channel: str, capacity_tps: float, opts: ButlerOptions,
                  now: float) -> None:
         self.bank_id = bank_id
+        self.channel = channel
         self.capacity_tps = capacity_tps
         self.floor_tps = min(capacity_tps, max(1.0, capacity_tps * opts.floor_fraction))
         self.limit_tps = capacity_tps
@@ -227,6 +273,7 @@ class _Steward:
         self.rejected_open = 0
         self.probes = 0
         self.opens = 0
+        self.rerouted_in = 0  # calls that came here because another channel could not
         # Breaker. The epoch changes at every transition; an outcome counts for the breaker
         # only if its call was admitted in the current epoch.
         self.state = CLOSED
@@ -258,6 +305,19 @@ class _Steward:
     def can_go(self) -> bool:
         return self.tokens >= 1 and self.in_flight < self.max_in_flight
 
+    def admits(self, probe_count: int) -> bool:
+        """Whether a new call could be admitted at all (now or after a wait): closed, or
+        half-open with real calls as the probes and a probe place left."""
+        if self.state == CLOSED:
+            return True
+        return (self.state == HALF_OPEN and not self.query_probing
+                and self.probes_in_flight + self.probe_successes < probe_count)
+
+    def free_now(self, now: float) -> bool:
+        """Closed and able to send a call this instant, with nobody queued before it."""
+        self.refill(now)
+        return self.state == CLOSED and not self.waiters and self.can_go()
+
     def wait_estimate_s(self) -> float:
         """How long a call joining the queue now would wait at the current rate."""
         return max(0.0, len(self.waiters) + 1 - self.tokens) / self.limit_tps
@@ -274,64 +334,151 @@ class PaymentButler:
 
     ``bank`` is a :class:`gateway.payments.bank.BankClient` or anything with the same async
     ``debit``, ``credit`` and ``query``; ``capacities_tps`` maps each bank id to the
-    calls per second it is known to take.
+    calls per second each of its channels is known to take, and ``channel_capacity_tps``
+    overrides that for a channel of every bank (``{"clearing": 500}``). ``channels``
+    lists the channels in order of preference.
     """
 
     def __init__(self, bank: BankLike, capacities_tps: Mapping[str, float],
                  options: ButlerOptions | None = None, *, enabled: bool = True,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 channels: Sequence[str] = CHANNELS,
+                 channel_capacity_tps: Mapping[str, float] | None = None) -> None:
         if not capacities_tps:
             raise ValueError("capacities_tps names no bank")
-        for bank_id, capacity in capacities_tps.items():
+        overrides = dict(channel_capacity_tps or {})
+        if not channels or len(set(channels)) != len(channels) or set(channels) - set(CHANNELS):
+            raise ValueError(f"channels must be distinct names of {', '.join(CHANNELS)}")
+        if set(overrides) - set(channels):
+            raise ValueError(f"channel_capacity_tps names unknown channels: "
+                             f"{sorted(set(overrides) - set(channels))}")
+        for name, capacity in [*capacities_tps.items(), *overrides.items()]:
             if not (isinstance(capacity, int | float) and math.isfinite(capacity)
                     and capacity > 0):
-                raise ValueError(f"capacity of bank {bank_id!r} must be > 0 calls/s")
+                raise ValueError(f"capacity of {name!r} must be > 0 calls/s")
         self._bank = bank
         self.options = options or ButlerOptions()
         self.enabled = enabled
         self._clock = clock
         now = clock()
-        self._stewards = {b: _Steward(b, float(c), self.options, now)
-                          for b, c in capacities_tps.items()}
+        # Per bank, its channels' stewards in order of preference.
+        self._banks = {b: [_Steward(b, ch, float(overrides.get(ch, c)), self.options, now)
+                           for ch in channels]
+                       for b, c in capacities_tps.items()}
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- the calls ----------------------------------------------------------------------------
 
-    async def debit(self, order_id: str, card_id: str, amount_fen: int) -> BankAnswer:
-        """Debit through the butler; BANK_BUSY / BANK_CIRCUIT_OPEN mean nothing was sent."""
-        return await self.run(bank_of(card_id),
-                              lambda: self._bank.debit(order_id, card_id, amount_fen),
-                              order_id=order_id)
+    async def debit(self, order_id: str, card_id: str, amount_fen: int,
+                    channel: str = DIRECT, switch: Switch | None = None) -> BankAnswer:
+        """Debit through the butler, from ``channel`` on (see the module docstring);
+        BANK_BUSY / BANK_CIRCUIT_OPEN mean nothing was sent."""
+        return await self._move(bank_of(card_id), channel, switch, order_id,
+                                lambda ch: self._bank.debit(order_id, card_id, amount_fen, ch))
 
-    async def credit(self, order_id: str, card_id: str, amount_fen: int) -> BankAnswer:
-        """Credit through the butler; BANK_BUSY / BANK_CIRCUIT_OPEN mean nothing was sent."""
-        return await self.run(bank_of(card_id),
-                              lambda: self._bank.credit(order_id, card_id, amount_fen),
-                              order_id=order_id)
+    async def credit(self, order_id: str, card_id: str, amount_fen: int,
+                     channel: str = DIRECT, switch: Switch | None = None) -> BankAnswer:
+        """Credit through the butler, from ``channel`` on; as :meth:`debit`."""
+        return await self._move(bank_of(card_id), channel, switch, order_id,
+                                lambda ch: self._bank.credit(order_id, card_id, amount_fen, ch))
 
-    async def query(self, order_id: str, card_id: str) -> OrderStatus:
-        """QueryOrder through the butler, steered to the bank of ``card_id``."""
-        return await self.run(bank_of(card_id), lambda: self._bank.query(order_id),
-                              order_id=order_id)
+    async def query(self, order_id: str, card_id: str, channel: str = DIRECT) -> OrderStatus:
+        """QueryOrder through the butler, on the channel the order went through."""
+        return await self.run(bank_of(card_id), lambda: self._bank.query(order_id, channel),
+                              order_id=order_id, channel=channel)
+
+    def route(self, bank_id: str, preferred: str | None = None) -> str | None:
+        """The channel a new call to ``bank_id`` would take now: ``preferred`` (by default
+        the first) if it can send at once, else the first that can, else the first that
+        admits calls at all (it will queue); None when no channel admits any."""
+        chans = self._channels(bank_id)
+        if not self.enabled:
+            return preferred or chans[0].channel
+        s = self._pick(chans, preferred or chans[0].channel, set())
+        return None if s is None else s.channel
+
+    def usable(self, bank_id: str) -> bool:
+        """Whether some channel of ``bank_id`` admits calls (False: each breaker is open)."""
+        return self.route(bank_id) is not None
 
     async def run(self, bank_id: str, call: Callable[[], Awaitable[T]], *,
-                  order_id: str | None = None) -> T:
-        """Makes ``call()`` (one call to bank ``bank_id``) under the butler's steering.
+                  order_id: str | None = None, channel: str = DIRECT) -> T:
+        """Makes ``call()`` (one call to bank ``bank_id`` through ``channel``) under the
+        butler's steering, without moving it to another channel.
 
-        For calls the named helpers do not cover (VoidOrder, Refund). ``order_id``,
-        when the call concerns one, becomes the breaker's probe id once the bank has
-        answered it definitely.
+        ``order_id``, when the call concerns one, becomes the breaker's probe id once the
+        channel has answered it definitely.
         """
-        steward = self._stewards.get(bank_id)
-        if steward is None:
+        return await self._through(self._steward(bank_id, channel), call, order_id)
+
+    def _channels(self, bank_id: str) -> list[_Steward]:
+        chans = self._banks.get(bank_id)
+        if chans is None:
             raise InvalidArgument("UNKNOWN_BANK", f"the butler knows no bank {bank_id!r}",
                                   bank_id=bank_id)
+        return chans
+
+    def _steward(self, bank_id: str, channel: str) -> _Steward:
+        for s in self._channels(bank_id):
+            if s.channel == channel:
+                return s
+        raise InvalidArgument("UNKNOWN_CHANNEL", f"the butler steers no {channel!r} channel "
+                              f"to bank {bank_id!r}", bank_id=bank_id, channel=channel)
+
+    def _pick(self, chans: list[_Steward], preferred: str, tried: set[str]) -> _Steward | None:
+        """The channel for the next attempt (see :meth:`route`), among those not tried."""
+        candidates = [s for s in chans
+                      if s.channel not in tried and s.admits(self.options.probe_count)]
+        if not candidates:
+            return None
+        now = self._clock()
+        first = next((s for s in candidates if s.channel == preferred), candidates[0])
+        if first.free_now(now):
+            return first
+        return next((s for s in candidates if s.free_now(now)), first)
+
+    async def _move(self, bank_id: str, channel: str, switch: Switch | None,
+                    order_id: str, call: Callable[[str], Awaitable[BankAnswer]]) -> BankAnswer:
+        """A money call, routed and moved on refusal as the module docstring says."""
+        chans = self._channels(bank_id)
+        if switch is None or not self.enabled:
+            s = self._steward(bank_id, channel)
+            return await self._through(s, functools.partial(call, s.channel), order_id)
+        tried: set[str] = set()
+        refusal: Exception | None = None
+        while True:
+            s = self._pick(chans, channel, tried) or self._not_admitted(chans, tried, refusal)
+            if s.channel != channel:
+                await switch(s.channel)
+                s.rerouted_in += 1
+                log.info("bank_channel_switch", bank_id=bank_id, order_id=order_id,
+                         came_from=channel, to=s.channel)
+                channel = s.channel
+            try:
+                return await self._through(s, functools.partial(call, s.channel), order_id)
+            except Unavailable as err:
+                if err.reason not in REFUSALS:
+                    raise
+                refusal = err
+            except BankBusy as err:  # ChannelDown included: the bank recorded nothing
+                refusal = err
+            tried.add(s.channel)
+
+    def _not_admitted(self, chans: list[_Steward], tried: set[str],
+                      refusal: Exception | None) -> _Steward:
+        """Raises the last refusal, or BANK_CIRCUIT_OPEN when no channel admitted the call."""
+        if refusal is not None:
+            raise refusal
+        raise self._reject_open(chans[0], all_channels=True)
+
+    async def _through(self, s: _Steward, call: Callable[[], Awaitable[T]],
+                       order_id: str | None) -> T:
         if not self.enabled:
-            return await self._send(steward, call, order_id, epoch=None, deadline_s=None)
+            return await self._send(s, call, order_id, epoch=None, deadline_s=None)
         started = self._clock()
-        epoch = await self._admit(steward, started)
+        epoch = await self._admit(s, started)
         remaining_s = self.options.call_timeout_s - (self._clock() - started)
-        return await self._send(steward, call, order_id, epoch, max(remaining_s, 0.001))
+        return await self._send(s, call, order_id, epoch, max(remaining_s, 0.001))
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -417,13 +564,16 @@ class PaymentButler:
 
     def _reject_busy(self, s: _Steward, why: str) -> Unavailable:
         s.rejected_busy += 1
-        return Unavailable("BANK_BUSY", f"bank {s.bank_id} is at its limit: {why}; "
-                           "nothing was sent", bank_id=s.bank_id)
+        return Unavailable("BANK_BUSY", f"bank {s.bank_id} ({s.channel} channel) is at its "
+                           f"limit: {why}; nothing was sent", bank_id=s.bank_id,
+                           channel=s.channel)
 
-    def _reject_open(self, s: _Steward) -> Unavailable:
+    def _reject_open(self, s: _Steward, *, all_channels: bool = False) -> Unavailable:
         s.rejected_open += 1
-        return Unavailable("BANK_CIRCUIT_OPEN", f"bank {s.bank_id} is failing; nothing was sent",
-                           bank_id=s.bank_id)
+        if all_channels:
+            return Unavailable("BANK_CIRCUIT_OPEN", f"bank {s.bank_id} is failing on every "
+                               "channel; nothing was sent", bank_id=s.bank_id)
+        return _open_refusal(s)
 
     # -- the call and its outcome -------------------------------------------------------------
 
@@ -449,6 +599,9 @@ class PaymentButler:
             if order_id is not None and _routes_to(result, s.bank_id):
                 s.probe_order_id = order_id
             return result
+        except ChannelDown:
+            outcome = _DOWN
+            raise
         except BankBusy:
             outcome = _BUSY
             raise
@@ -473,7 +626,7 @@ class PaymentButler:
             return
         now = self._clock()
         failed = outcome != _OK
-        s.window.add(now, failed=failed, overload=failed)
+        s.window.add(now, failed=failed, overload=failed and outcome != _DOWN)
         s.latencies_ms.append(latency_s * 1000.0)
 
     def _steer(self, s: _Steward, outcome: str, epoch: int, probe: bool) -> None:
@@ -500,10 +653,10 @@ class PaymentButler:
         if outcome == _OK:
             s.consecutive_failures = 0
             return
-        if outcome == _UNCLEAR:
+        if outcome in (_UNCLEAR, _DOWN):
             s.consecutive_failures += 1
         if s.consecutive_failures >= self.options.breaker_consecutive_failures:
-            self._open(s, f"{s.consecutive_failures} unclear results in a row")
+            self._open(s, f"{s.consecutive_failures} unclear or down results in a row")
             return
         answered, failed, _ = s.window.totals(now)
         if (answered >= self.options.breaker_min_calls
@@ -538,8 +691,9 @@ class PaymentButler:
         s.tokens = min(s.tokens, s.burst)
         s.limit_changes += 1
         if now - s.last_limit_log >= self.options.log_interval_s:
-            log.info("bank_limit", bank_id=s.bank_id, limit_tps=round(limit_tps, 1),
-                     capacity_tps=s.capacity_tps, went=went, changes=s.limit_changes)
+            log.info("bank_limit", bank_id=s.bank_id, channel=s.channel,
+                     limit_tps=round(limit_tps, 1), capacity_tps=s.capacity_tps, went=went,
+                     changes=s.limit_changes)
             s.last_limit_log = now
             s.limit_changes = 0
         if s.waiters and s.timer is not None:
@@ -564,11 +718,9 @@ class PaymentButler:
             fut = s.waiters.popleft()
             if not fut.done():
                 s.rejected_open += 1
-                fut.set_result(Unavailable(
-                    "BANK_CIRCUIT_OPEN", f"bank {s.bank_id} is failing; nothing was sent",
-                    bank_id=s.bank_id))
+                fut.set_result(_open_refusal(s))
         self._maybe_decrease(s, now, force=True)
-        log.warning("bank_breaker", bank_id=s.bank_id, state=OPEN, why=why,
+        log.warning("bank_breaker", bank_id=s.bank_id, channel=s.channel, state=OPEN, why=why,
                     cool_down_s=s.cool_down_s, limit_tps=round(s.limit_tps, 1))
         self._spawn(self._recover(s, s.epoch))
 
@@ -580,7 +732,7 @@ class PaymentButler:
         s.query_probing = False
         s.consecutive_failures = 0
         s.window.clear()  # the failures that opened it must not open it again
-        log.info("bank_breaker", bank_id=s.bank_id, state=CLOSED,
+        log.info("bank_breaker", bank_id=s.bank_id, channel=s.channel, state=CLOSED,
                  limit_tps=round(s.limit_tps, 1))
 
     async def _recover(self, s: _Steward, epoch: int) -> None:
@@ -592,7 +744,7 @@ class PaymentButler:
         s.epoch += 1
         probe_id = s.probe_order_id
         s.query_probing = probe_id is not None
-        log.info("bank_breaker", bank_id=s.bank_id, state=HALF_OPEN,
+        log.info("bank_breaker", bank_id=s.bank_id, channel=s.channel, state=HALF_OPEN,
                  probe="query" if probe_id else "next calls")
         if probe_id is None:
             return
@@ -611,13 +763,13 @@ class PaymentButler:
         s.in_flight += 1
         try:
             async with asyncio.timeout(self.options.probe_timeout_s):
-                await self._bank.query(order_id)
+                await self._bank.query(order_id, s.channel)
             return True
         except (BankBusy, BankUnclear, TimeoutError):
             return False
         except Exception as exc:  # any failed probe means "not healthy yet":
             # letting it escape would end the recovery task and leave the breaker half-open.
-            log.warning("bank_probe_error", bank_id=s.bank_id, error=repr(exc))
+            log.warning("bank_probe_error", bank_id=s.bank_id, channel=s.channel, error=repr(exc))
             return False
         finally:
             self._release(s)
@@ -630,30 +782,56 @@ class PaymentButler:
     # -- health and shutdown ------------------------------------------------------------------
 
     def health(self) -> list[dict[str, Any]]:
-        """Per bank: limit (calls/s), in_flight, queued, latency_ms_p99, error_rate,
-        breaker_state, calls, rejected_fast and a few more counters."""
+        """Per channel of each bank (banks in order, channels in order of preference):
+        limit (calls/s), in_flight, queued, latency_ms_p99, error_rate, breaker_state,
+        traffic_share (of the bank's calls answered over the breaker's window), calls,
+        rejected_fast and a few more counters."""
         now = self._clock()
         out = []
-        for s in self._stewards.values():
-            answered, failed, _ = s.window.totals(now)
-            out.append({
-                "bank_id": s.bank_id,
-                "limit": int(s.limit_tps),
-                "capacity": int(s.capacity_tps),
-                "in_flight": s.in_flight,
-                "max_in_flight": s.max_in_flight,
-                "queued": len(s.waiters),
-                "latency_ms_p99": round(s.p99_ms(), 3),
-                "error_rate": failed / answered if answered else 0.0,
-                "breaker_state": s.state,
-                "calls": s.calls,
-                "rejected_fast": s.rejected_busy + s.rejected_open,
-                "rejected_busy": s.rejected_busy,
-                "rejected_open": s.rejected_open,
-                "breaker_opens": s.opens,
-                "probes": s.probes,
-                "enabled": self.enabled,
-            })
+        for chans in self._banks.values():
+            windows = [s.window.totals(now) for s in chans]
+            bank_answered = sum(w[0] for w in windows)
+            for s, (answered, failed, _) in zip(chans, windows, strict=True):
+                out.append(self._row(s, answered, failed, bank_answered))
+        return out
+
+    def _row(self, s: _Steward, answered: int, failed: int,
+             bank_answered: int) -> dict[str, Any]:
+        return {
+            "bank_id": s.bank_id,
+            "channel": s.channel,
+            "limit": int(s.limit_tps),
+            "capacity": int(s.capacity_tps),
+            "in_flight": s.in_flight,
+            "max_in_flight": s.max_in_flight,
+            "queued": len(s.waiters),
+            "latency_ms_p99": round(s.p99_ms(), 3),
+            "error_rate": failed / answered if answered else 0.0,
+            "breaker_state": s.state,
+            "traffic_share": answered / bank_answered if bank_answered else 0.0,
+            "calls": s.calls,
+            "rerouted_in": s.rerouted_in,
+            "rejected_fast": s.rejected_busy + s.rejected_open,
+            "rejected_busy": s.rejected_busy,
+            "rejected_open": s.rejected_open,
+            "breaker_opens": s.opens,
+            "probes": s.probes,
+            "enabled": self.enabled,
+        }
+
+    def troubled_banks(self, error_rate: float) -> list[str]:
+        """Banks with no closed channel, or whose closed channels all fail at least
+        ``error_rate`` of their calls: a bank the butler has routed around is not one."""
+        now = self._clock()
+        out = []
+        for bank_id, chans in self._banks.items():
+            ok = False
+            for s in chans:
+                answered, failed, _ = s.window.totals(now)
+                if s.state == CLOSED and not (answered and failed / answered > error_rate):
+                    ok = True
+            if not ok:
+                out.append(bank_id)
         return out
 
     async def close(self) -> None:
@@ -663,10 +841,15 @@ class PaymentButler:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        for s in self._stewards.values():
+        for s in (s for chans in self._banks.values() for s in chans):
             if s.timer is not None:
                 s.timer.cancel()
                 s.timer = None
+
+
+def _open_refusal(s: _Steward) -> Unavailable:
+    return Unavailable("BANK_CIRCUIT_OPEN", f"bank {s.bank_id} ({s.channel} channel) is "
+                       "failing; nothing was sent", bank_id=s.bank_id, channel=s.channel)
 
 
 def _routes_to(result: Any, bank_id: str) -> bool:

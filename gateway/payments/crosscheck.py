@@ -6,7 +6,7 @@ from typing import Protocol
 
 from gateway.domain.audit import Report
 from gateway.domain.model import PaymentKind
-from gateway.payments.bank import BankTotals, OrderStatus
+from gateway.payments.bank import DIRECT, BankTotals, OrderStatus
 
 
 class BankView(Protocol):
@@ -14,7 +14,7 @@ class BankView(Protocol):
 
     async def totals(self) -> BankTotals: ...
 
-    async def query(self, order_id: str) -> OrderStatus: ...
+    async def query(self, order_id: str, channel: str = DIRECT) -> OrderStatus: ...
 
 
 async def cross_check_bank(report: Report, bank: BankView) -> None:
@@ -23,12 +23,16 @@ async def cross_check_bank(report: Report, bank: BankView) -> None:
     (withdrawals count negative)."""
     totals = await bank.totals()
     settled_in_flight = 0
+    expected_by_channel = dict(report.totals.get("channel_in_fen", {}))
     for item in report.in_flight:
-        status = await bank.query(item["payment_id"])
+        channel = item.get("channel", DIRECT)
+        status = await bank.query(item["payment_id"], channel)
         item["bank_status"] = f"ORDER_STATUS_{status.name}"
         if status == OrderStatus.SETTLED:
             sign = -1 if item["kind"] == PaymentKind.WITHDRAW else 1
             settled_in_flight += sign * item["amount_fen"]
+            expected_by_channel[channel] = (expected_by_channel.get(channel, 0)
+                                            + sign * item["amount_fen"])
     expected = report.totals["clearing_in_fen"] + settled_in_flight
     report.bank = {
         "merchant_balance_fen": totals.merchant_balance_fen, "expected_fen": expected,
@@ -40,3 +44,20 @@ async def cross_check_bank(report: Report, bank: BankView) -> None:
     if totals.merchant_balance_fen != expected:
         report.bad(f"the bank holds {totals.merchant_balance_fen} fen for the gateway, the "
                    f"gateway's books say {expected}")
+    if totals.channels:
+        _per_channel(report, totals.channels, expected_by_channel)
+
+
+def _per_channel(report: Report, bank: dict[str, int], books: dict[str, int]) -> None:
+    """The same check per channel: what the bank took through each channel against the
+    payments the gateway sent through it. A payment booked on the wrong channel, or sent
+    through one and recorded with another, shows here even when the sum is right."""
+    rows = {ch: {"merchant_balance_fen": bank.get(ch, 0), "expected_fen": books.get(ch, 0)}
+            for ch in sorted(set(bank) | set(books))}
+    assert report.bank is not None
+    report.bank["channels"] = rows
+    for ch, row in rows.items():
+        if row["merchant_balance_fen"] != row["expected_fen"]:
+            report.bad(f"through the {ch} channel the bank holds "
+                       f"{row['merchant_balance_fen']} fen for the gateway, the gateway's "
+                       f"books say {row['expected_fen']}")

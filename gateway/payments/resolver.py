@@ -96,10 +96,13 @@ class Resolver(BackgroundLoop):
                                                    "HANDLER_DID_NOT_FINISH")
             if p.status != PaymentStatus.UNKNOWN:
                 return
-        status = await self._bank.query(payment_id)
+        # Every call through the channel the order was sent through: the bank knows it there
+        # only (a payment saved before channels existed went direct).
+        channel = p.channel
+        status = await self._bank.query(payment_id, channel)
         if p.kind == PaymentKind.WITHDRAW:
             if status != SETTLED:
-                status = await self._bank.void(payment_id)
+                status = await self._bank.void(payment_id, channel)
                 crash_point("resolver_void")
             if status == SETTLED:
                 await self._finish(payment_id, PaymentStatus.SUCCEEDED)
@@ -109,13 +112,13 @@ class Resolver(BackgroundLoop):
                 raise BankUnclear(f"withdrawal order is {status.name}")
             return
         if status not in (SETTLED, REFUNDED):
-            status = await self._bank.void(payment_id)
+            status = await self._bank.void(payment_id, channel)
             crash_point("resolver_void")
         if status == VOIDED:
             await self._finish(payment_id, PaymentStatus.FAILED, "LOCKED")
             return
         if status == SETTLED:
-            status = await self._bank.refund(payment_id)
+            status = await self._bank.refund(payment_id, channel)
             crash_point("resolver_refund")
         if status == REFUNDED:
             await self._finish(payment_id, PaymentStatus.REFUNDED)

@@ -150,10 +150,7 @@ def build_governor(settings: Settings, ledger: Ledger, butler: PaymentButler | N
                             stats.cpu_s_total)
 
     def bank_trouble() -> bool:
-        if butler is None:
-            return False
-        return any(h["breaker_state"] != "closed" or h["error_rate"] > settings.qos_bank_error_rate
-                   for h in butler.health())
+        return butler is not None and bool(butler.troubled_banks(settings.qos_bank_error_rate))
 
     pin = settings.qos_pin_level if settings.qos_pin_level >= 0 else None
     return Governor(
@@ -184,7 +181,9 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
     if bank is not None:
         butler = PaymentButler(bank, settings.capacities(),
                                ButlerOptions(call_timeout_s=settings.bank_timeout_s),
-                               enabled=settings.butler_enabled)
+                               enabled=settings.butler_enabled,
+                               channels=settings.bank_channels,
+                               channel_capacity_tps=settings.channel_capacity_tps)
     credit = resolver = None
     background: list[BackgroundLoop] = []
     if run_background:
@@ -197,7 +196,8 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
                                 max_backoff_s=settings.resolver_max_backoff_s)
             background.append(resolver)
     governor = build_governor(settings, ledger, butler, pressure)
-    cards = CardPayments(ledger, settings, butler if butler is not None else bank)
+    bound = BoundCards(ledger, settings)
+    cards = CardPayments(ledger, settings, butler, bound)
     gateway = Gateway(
         settings=settings,
         sending=Sending(ledger, settings, cards),
@@ -209,7 +209,7 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
         operations=Operations(ledger, butler, bank,
                               {"credit": credit, "payment-unknown": resolver}, governor),
         limits=UserRateLimiter(settings.user_rate_per_s, settings.user_burst),
-        bound=BoundCards(ledger, settings))
+        bound=bound)
     metrics = Metrics()
     interceptors = [AdmissionInterceptor(governor, metrics, tier_table(settings.tiers)),
                     LoggingInterceptor(access_log=settings.access_log,

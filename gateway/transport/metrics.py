@@ -285,24 +285,32 @@ def _bus(qos: QosStatus) -> Iterator[Metric]:
 
 
 def _banks(rows: list[dict]) -> Iterator[Metric]:
-    state = _gauge("hongbao_butler_state", "1 for the bank's breaker state, 0 for the others",
-                   ("bank", "state"))
-    in_flight = _gauge("hongbao_butler_in_flight", "Calls at the bank now", ("bank",))
-    limit = _gauge("hongbao_butler_limit", "Calls per second the butler lets through",
-                   ("bank",))
-    errors = _gauge("hongbao_bank_error_rate", "Share of the bank's recent calls that failed",
-                    ("bank",))
-    p99 = _gauge("hongbao_bank_latency_p99_seconds", "The bank's recent p99 latency",
-                 ("bank",))
+    """One series per channel of each bank (labels ``bank``, ``channel``)."""
+    labels = ("bank", "channel")
+    state = _gauge("hongbao_butler_state", "1 for the channel's breaker state, 0 for the others",
+                   (*labels, "state"))
+    in_flight = _gauge("hongbao_butler_in_flight", "Calls at the bank now", labels)
+    limit = _gauge("hongbao_butler_limit", "Calls per second the butler lets through", labels)
+    errors = _gauge("hongbao_bank_error_rate", "Share of the channel's recent calls that failed",
+                    labels)
+    p99 = _gauge("hongbao_bank_latency_p99_seconds", "The channel's recent p99 latency", labels)
+    share = _gauge("hongbao_bank_traffic_share",
+                   "Share of the bank's recent calls that went through the channel", labels)
+    calls = _counter("hongbao_bank_calls", "Calls sent to the bank through the channel", labels)
+    rerouted = _counter("hongbao_bank_rerouted", "Calls moved to the channel because the "
+                        "preferred one could not take them", labels)
     for row in rows:
-        bank = row["bank_id"]
+        key = [row["bank_id"], row["channel"]]
         for name in BREAKER_STATES:
-            state.add_metric([bank, name], 1 if row["breaker_state"] == name else 0)
-        in_flight.add_metric([bank], row["in_flight"])
-        limit.add_metric([bank], row["limit"])
-        errors.add_metric([bank], row["error_rate"])
-        p99.add_metric([bank], row["latency_ms_p99"] / 1000)
-    yield from (state, in_flight, limit, errors, p99)
+            state.add_metric([*key, name], 1 if row["breaker_state"] == name else 0)
+        in_flight.add_metric(key, row["in_flight"])
+        limit.add_metric(key, row["limit"])
+        errors.add_metric(key, row["error_rate"])
+        p99.add_metric(key, row["latency_ms_p99"] / 1000)
+        share.add_metric(key, row["traffic_share"])
+        calls.add_metric(key, row["calls"])
+        rerouted.add_metric(key, row["rerouted_in"])
+    yield from (state, in_flight, limit, errors, p99, share, calls, rerouted)
 
 
 def _degradations(a: AdmissionState | None, served: dict[str, int]) -> Iterator[Metric]:

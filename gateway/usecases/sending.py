@@ -10,9 +10,12 @@ from gateway import errors
 from gateway.config import Settings
 from gateway.domain.keys import fingerprint, new_envelope_id, split_seed
 from gateway.domain.model import (
+    SWITCHABLE_REASONS,
     CardEnvelope,
     EnvelopeKind,
+    Payment,
     PaymentKind,
+    PaymentStatus,
     PayMethod,
     SendResult,
 )
@@ -90,12 +93,17 @@ class Sending:
                                     max_count=s.max_count)
 
     async def send(self, user_id: str, cmd: SendCommand) -> SendResult:
-        """Pays for an envelope: from the wallet whenever it covers the amount."""
+        """Pays for an envelope: from the wallet whenever it covers the amount.
+
+        PAY_METHOD_AUTO short of balance pays by card: ``card_id`` if named, then the
+        user's bound cards in order of preference, each only while its bank has a channel
+        that takes payments, the next one only when the earlier one is known not to have
+        moved money (see :meth:`_auto_by_card`).
+        """
         expires_in_s = self._check(cmd)
         method = cmd.pay_method or PayMethod.AUTO
         shares = self._split(cmd)
-        fp = fingerprint("send", cmd.total_fen, cmd.count, cmd.kind, cmd.greeting, method,
-                         cmd.card_id, cmd.expires_in_s)
+        fp = fp_of(cmd)
         existing = None
         if cmd.card_id:
             existing = await self._ledger.send_result(user_id, cmd.request_id, fp)
@@ -105,12 +113,25 @@ class Sending:
             short = (existing is None
                      and (await self._ledger.balance(user_id)).balance_fen < cmd.total_fen)
             if short or (existing is not None and existing.paid_via == PayMethod.CARD):
-                method = PayMethod.CARD
+                return await self._auto_by_card(user_id, cmd, expires_in_s, shares, fp,
+                                                existing)
         if method == PayMethod.CARD:
             return await self._send_by_card(user_id, cmd, expires_in_s, shares, fp, existing)
-        return await self._ledger.send_from_balance(
-            user_id, cmd.request_id, fp, total_fen=cmd.total_fen, count=cmd.count,
-            kind=cmd.kind, greeting=cmd.greeting, expires_in_s=expires_in_s, shares=shares)
+        try:
+            result = await self._ledger.send_from_balance(
+                user_id, cmd.request_id, fp, total_fen=cmd.total_fen, count=cmd.count,
+                kind=cmd.kind, greeting=cmd.greeting, expires_in_s=expires_in_s,
+                shares=shares)
+        except errors.FailedPrecondition as short_of:
+            # AUTO without a card named: the bound cards take over, if there are any.
+            if (method != PayMethod.AUTO or short_of.reason != "INSUFFICIENT_BALANCE"
+                    or not await self._cards.usable_cards(user_id)):
+                raise
+            return await self._auto_by_card(user_id, cmd, expires_in_s, shares, fp, None)
+        if method == PayMethod.AUTO and result.paid_via == PayMethod.CARD:
+            # A retry of an AUTO send that a bound card paid (or tried to).
+            return await self._auto_by_card(user_id, cmd, expires_in_s, shares, fp, result)
+        return result
 
     async def _send_by_card(self, user_id: str, cmd: SendCommand, expires_in_s: int,
                             shares: list[int], fp: bytes,
@@ -120,10 +141,66 @@ class Sending:
         if existing is not None:
             await self._cards.refuse_if_refused(existing.payment_id)
             return existing
+        return await self._pay_with(user_id, cmd, expires_in_s, shares, fp, cmd.card_id, "")
+
+    async def _pay_with(self, user_id: str, cmd: SendCommand, expires_in_s: int,
+                        shares: list[int], fp: bytes, card_id: str,
+                        replaces: str) -> SendResult:
         envelope = CardEnvelope(new_envelope_id(user_id), cmd.count, cmd.kind, cmd.greeting,
                                 expires_in_s, shares, cmd.request_id, fp)
         payment = await self._cards.pay(user_id, PaymentKind.ENVELOPE, cmd.request_id,
-                                        cmd.card_id, cmd.total_fen, envelope)
+                                        card_id, cmd.total_fen, envelope, replaces=replaces)
         state = await self._ledger.envelope_state(payment.envelope_id)
         return SendResult(payment.envelope_id, state.status if state else 0, PayMethod.CARD,
                           payment.payment_id)
+
+    async def _auto_by_card(self, user_id: str, cmd: SendCommand, expires_in_s: int,
+                            shares: list[int], fp: bytes,
+                            existing: SendResult | None) -> SendResult:
+        """AUTO's card chain: ``card_id``, then the bound cards, most preferred first.
+
+        A card whose bank has no channel taking payments is passed over without a payment.
+        A card's payment that FAILED before any money moved (the butler or the bank refused
+        it at once, or the bank declined it) hands over to the next card: a new payment
+        (its own order id) replaces it as the send's, in one ledger write that also tells
+        the user (CARD_SWITCHED). An unclear result stops the chain: the money may have
+        moved, and the resolver will say. A retry goes on from the send's latest payment.
+        """
+        chain = list(dict.fromkeys(
+            [c for c in (cmd.card_id,) if c] + await self._cards.usable_cards(user_id)))
+        replaces = ""
+        if existing is not None:
+            latest = await self._ledger.get_payment(existing.payment_id)
+            if latest is None or not _switchable(latest):
+                await self._cards.refuse_if_refused(existing.payment_id)
+                return existing
+            replaces = latest.payment_id
+            chain = chain[chain.index(latest.card_id) + 1:] if latest.card_id in chain else chain
+        refusal: errors.GatewayError | None = None
+        for card_id in chain:
+            if not self._cards.usable(card_id):
+                continue
+            try:
+                return await self._pay_with(user_id, cmd, expires_in_s, shares, fp, card_id,
+                                            replaces)
+            except (errors.Unavailable, errors.FailedPrecondition) as err:
+                if err.reason not in SWITCHABLE_REASONS or "payment_id" not in err.metadata:
+                    raise
+                refusal, replaces = err, err.metadata["payment_id"]
+        if refusal is not None:
+            raise refusal
+        if existing is not None:
+            await self._cards.refuse_if_refused(existing.payment_id)
+        raise errors.Unavailable(
+            "BANK_CIRCUIT_OPEN", "no card of yours has a bank that takes payments now; "
+            "nothing was saved or sent", 0, other_cards="")
+
+
+def fp_of(cmd: SendCommand) -> bytes:
+    """The send's request fingerprint (its idempotency record's), for any pay method."""
+    return fingerprint("send", cmd.total_fen, cmd.count, cmd.kind, cmd.greeting,
+                       cmd.pay_method or PayMethod.AUTO, cmd.card_id, cmd.expires_in_s)
+
+
+def _switchable(p: Payment) -> bool:
+    return p.status == PaymentStatus.FAILED and p.reason in SWITCHABLE_REASONS

@@ -20,7 +20,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                   for t in status.topics]
         banks = [pb.BankHealth(bank_id=h["bank_id"], limit=h["limit"], in_flight=h["in_flight"],
                                latency_ms_p99=h["latency_ms_p99"], error_rate=h["error_rate"],
-                               breaker_state=h["breaker_state"])
+                               breaker_state=h["breaker_state"], channel=h["channel"],
+                               traffic_share=h["traffic_share"], calls=h["calls"],
+                               rerouted_in=h["rerouted_in"], capacity=h["capacity"])
                  for h in status.banks]
         response = pb.GetQosStatusResponse(topics=topics, banks=banks,
                                            writer_queue_depth=status.writer_queue_depth)
