@@ -145,6 +145,17 @@ async def abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoRetur
 
 def reason_of(rpc_error: grpc.RpcError) -> str | None:
     """The ErrorInfo reason of a failed call, for clients and tests."""
+    info = error_info_of(rpc_error)
+    return None if info is None else info.reason
+
+
+def metadata_of(rpc_error: grpc.RpcError) -> dict[str, str]:
+    """The ErrorInfo metadata of a failed call (e.g. ``other_cards`` of BANK_CIRCUIT_OPEN)."""
+    info = error_info_of(rpc_error)
+    return {} if info is None else dict(info.metadata)
+
+
+def error_info_of(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     status = rpc_status.from_call(rpc_error)  # type: ignore[arg-type]
     if status is None:
         return None
@@ -152,5 +163,5 @@ def reason_of(rpc_error: grpc.RpcError) -> str | None:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return info.reason
+            return info
     return None

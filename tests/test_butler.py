@@ -15,7 +15,14 @@ from banksim.v1 import bank_pb2 as pb
 from banksim.v1 import bank_pb2_grpc
 from gateway.errors import InvalidArgument, Unavailable
 from gateway.ops.procs import Proc, banksim_proc
-from gateway.payments.bank import BankAnswer, BankBusy, BankClient, BankUnclear, OrderStatus
+from gateway.payments.bank import (
+    BankAnswer,
+    BankBusy,
+    BankClient,
+    BankUnclear,
+    ChannelDown,
+    OrderStatus,
+)
 from gateway.payments.butler import ButlerOptions, PaymentButler
 from tests.conftest import run
 
@@ -328,3 +335,59 @@ def test_unknown_bank_is_refused_without_a_call():
         await butler.close()
 
     run(scenario())
+
+
+def test_a_refused_call_moves_to_the_next_channel_only_with_a_switch(bank):
+    """The direct channel is down: a debit with a ``switch`` hook is moved to clearing
+    (the hook hears of it first) and the bank records the order there alone; without the
+    hook the refusal (ChannelDown) comes back and nothing is recorded. A query goes
+    through the order's own channel; through the other the bank refuses it as a bug."""
+    async def scenario():
+        async with butler_on(bank) as (butler, link):
+            await link.client.set_faults(BANK, {"capacity_tps": CAPACITY_TPS},
+                                         channel="direct", down=True)
+            heard: list[str] = []
+
+            async def switch(channel: str) -> None:
+                heard.append(channel)
+
+            moved = await butler.debit("mv-1", f"{BANK}-0001", 5, "direct", switch)
+            with pytest.raises(ChannelDown):
+                await butler.debit("mv-2", f"{BANK}-0001", 5, "direct")
+            on_clearing = await butler.query("mv-1", f"{BANK}-0001", "clearing")
+            never = await butler.query("mv-2", f"{BANK}-0001", "clearing")
+            await link.client.set_faults(BANK, {"capacity_tps": CAPACITY_TPS})
+            with pytest.raises(grpc.aio.AioRpcError) as wrong:
+                await link.client.query("mv-1", "direct")
+            rows = {h["channel"]: h for h in butler.health()}
+            return moved, heard, on_clearing, never, wrong.value, rows, butler.route(BANK)
+
+    moved, heard, on_clearing, never, wrong, rows, route = run(scenario())
+    assert moved.settled and heard == ["clearing"]
+    assert on_clearing == OrderStatus.SETTLED and never == OrderStatus.NOT_FOUND
+    assert wrong.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert rows["clearing"]["rerouted_in"] == 1 and rows["direct"]["calls"] == 2
+    assert route == "direct", "a closed direct channel with room is preferred again"
+
+
+def test_route_prefers_a_channel_with_room_and_none_when_every_breaker_is_open():
+    """route(): the preferred channel while it can send at once; the other when it cannot;
+    None (and usable() False) when no channel admits a call."""
+    class NoBank:
+        async def query(self, *args):
+            raise BankUnclear("no")
+
+    async def scenario():
+        butler = PaymentButler(NoBank(), {BANK: 10.0}, ButlerOptions(burst_s=0.01))
+        first = butler.route(BANK)
+        direct = butler._steward(BANK, "direct")
+        direct.tokens = 0  # no token now: full
+        full = butler.route(BANK)
+        for s in butler._channels(BANK):
+            butler._open(s, "test")
+        shut = butler.route(BANK), butler.usable(BANK)
+        await butler.close()
+        return first, full, shut
+
+    first, full, shut = run(scenario())
+    assert (first, full, shut) == ("direct", "clearing", (None, False))
