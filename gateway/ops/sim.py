@@ -32,13 +32,14 @@ from gateway.sim.shrink import shrink
 
 def _batch(seeds: list[int], mutant: str) -> dict:
     """Runs seeds in one process; returns the counters and the failing seeds."""
-    out: dict = {"scenarios": 0, "outcomes": Counter(), "faults": Counter(), "crashes": 0,
-                 "checks": 0, "failed": []}
+    out: dict = {"scenarios": 0, "outcomes": Counter(), "faults": Counter(),
+                 "routing": Counter(), "crashes": 0, "checks": 0, "failed": []}
     for seed in seeds:
         r = run_plan(generate(seed), mutant)
         out["scenarios"] += 1
         out["outcomes"].update(r.outcomes)
         out["faults"].update(r.faults_injected)
+        out["routing"].update(r.routing)
         out["crashes"] += len(r.crashes)
         out["checks"] += r.checks
         if not r.ok:
@@ -49,8 +50,8 @@ def _batch(seeds: list[int], mutant: str) -> dict:
 def run_seeds(start: int, count: int, mutant: str, jobs: int) -> dict:
     seeds = list(range(start, start + count))
     chunks = [seeds[i::jobs] for i in range(jobs)]
-    total: dict = {"scenarios": 0, "outcomes": Counter(), "faults": Counter(), "crashes": 0,
-                   "checks": 0, "failed": []}
+    total: dict = {"scenarios": 0, "outcomes": Counter(), "faults": Counter(),
+                   "routing": Counter(), "crashes": 0, "checks": 0, "failed": []}
     if jobs == 1:
         parts = [_batch(seeds, mutant)]
     else:
@@ -61,6 +62,7 @@ def run_seeds(start: int, count: int, mutant: str, jobs: int) -> dict:
             total[k] += p[k]
         total["outcomes"].update(p["outcomes"])
         total["faults"].update(p["faults"])
+        total["routing"].update(p["routing"])
         total["failed"] += p["failed"]
     total["failed"].sort()
     return total
@@ -71,7 +73,7 @@ def render(total: dict, start: int, count: int, mutant: str, seconds: float) -> 
               + (f", mutant {mutant}" if mutant != "none" else ""))
     t.add_column("measure")
     t.add_column("value")
-    o, f = total["outcomes"], total["faults"]
+    o, f, r = total["outcomes"], total["faults"], total["routing"]
     failed = len(total["failed"])
     for name, value in (
             ("scenarios", f"{total['scenarios']:,} in {seconds:.1f} s "
@@ -79,6 +81,8 @@ def render(total: dict, start: int, count: int, mutant: str, seconds: float) -> 
             ("calls by outcome", ", ".join(f"{k} {o[k]:,}"
                                            for k in ("ok", "fail", "unknown", "skipped"))),
             ("bank faults injected", ", ".join(f"{k} {v:,}" for k, v in sorted(f.items()))),
+            ("bank orders by channel", f"direct {r['via direct']:,}, clearing "
+                                       f"{r['via clearing']:,}; calls moved {r['moved']:,}"),
             ("process crashes", f"{total['crashes']:,}"),
             ("invariant checks", f"{total['checks']:,}"),
             ("result", "PASS" if not failed else f"FAIL ({failed} scenarios)")):

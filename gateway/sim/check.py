@@ -1,6 +1,9 @@
 """The invariants at the end of a run, after the world settled.
 
 - ``books``: the conservation audit passes (after every call too, see ``run``);
+- ``channel``: the bank never refused a call WRONG_CHANNEL (an order id goes through one
+  channel, and the gateway asks about it there only: a refusal fails the run the moment
+  it happens, see ``run``), and every bank order is on the channel its payment names;
 - ``bank-agrees``: what the bank holds for the gateway equals the books (reconcile's
   check 6), and every payment agrees with its bank order: succeeded <-> settled,
   refunded <-> refunded, failed <-> never settled; the bank has no order the books do
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
 
 # Refusals a card payment records: a retry must meet them again.
 _RECORDED = frozenset({"CARD_DECLINED", "CARD_INSUFFICIENT_FUNDS", "BANK_ORDER_VOIDED",
-                       "BANK_ORDER_ID_REUSED", "BANK_BUSY"})
+                       "BANK_ORDER_ID_REUSED", "BANK_BUSY", "BANK_CHANNEL_DOWN"})
 _AGREES = {PaymentStatus.SUCCEEDED: (OrderStatus.SETTLED,),
            PaymentStatus.REFUNDED: (OrderStatus.REFUNDED,),
            PaymentStatus.FAILED: (OrderStatus.NOT_FOUND, OrderStatus.DECLINED,
@@ -54,6 +57,10 @@ async def final(sim: Sim) -> None:
 async def books_and_bank(sim: Sim, when: str) -> None:
     w = sim.world
     sim.checks += 1
+    if sim.bank.wrong_channel:
+        w.fail("channel", f"{when}: the bank refused {len(sim.bank.wrong_channel)} calls "
+               f"WRONG_CHANNEL, the first: {sim.bank.wrong_channel[0]}")
+        return
     report = await w.store.audit()
     await cross_check_bank(report, sim.bank)
     if not report.balanced:
@@ -68,6 +75,11 @@ async def books_and_bank(sim: Sim, when: str) -> None:
         if p.open or status not in _AGREES[p.status]:
             w.fail("bank-agrees", f"{when}: payment {p.payment_id} ({p.kind}) is "
                    f"{p.status.name}, the bank's order is {status.name}")
+            return
+        owner = sim.bank.owner(p.payment_id)
+        if owner not in (None, p.channel):
+            w.fail("channel", f"{when}: payment {p.payment_id} ({p.kind}) names the "
+                   f"{p.channel} channel, the bank holds its order on {owner}")
             return
     stray = [o for o, order in sim.bank.orders.items()
              if o not in ids and order.status == OrderStatus.SETTLED]

@@ -1,6 +1,11 @@
 """A scenario, written down: what the clients do, when the bank misbehaves, where the
 process dies. A plan is a pure function of its seed (:func:`generate`), is what the
-shrinker makes smaller, and is saved as JSON to replay a failure exactly.
+shrinker makes smaller, and is saved as JSON to replay a failure exactly (a plan saved
+before the bank had channels loads with every channel up).
+
+A fault phase may take bank channels down (``Faults.down_channels``): most often the
+direct one, so payments move to the clearing channel and the resolver must ask there;
+sometimes the clearing one alone, or both.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from gateway.sim.world import POINTS
 
 KINDS = ("topup", "withdraw", "send", "grab", "retry")
 _WEIGHTS = (3.0, 1.5, 3.0, 4.0, 1.5)
+# The channels a fault phase takes down, and how often.
+_DOWN = ((), ("direct",), ("clearing",), ("direct", "clearing"))
+_DOWN_WEIGHTS = (0.55, 0.30, 0.07, 0.08)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +73,7 @@ class Plan:
         d = json.loads(text)
         return cls(d["seed"], d["users"], d["opening_fen"],
                    tuple(Op(**o) for o in d["ops"]),
-                   tuple((t, Faults(**f)) for t, f in d["faults"]),
+                   tuple((t, Faults.from_json(f)) for t, f in d["faults"]),
                    tuple((p, n) for p, n in d["crashes"]),
                    tuple(d["bank_restarts"]), d["restart_s"])
 
@@ -79,7 +87,8 @@ def _faults(rng: random.Random) -> Faults:
     return Faults(busy=rng.choice(p), timeout=rng.choice(p), decline=rng.choice(p),
                   lost_response=rng.choice(p), late_debit=rng.choice(p),
                   down=rng.random() < 0.15, latency_s=rng.choice((0.005, 0.02, 0.2)),
-                  late_s=rng.choice((0.5, 4.0, 12.0)))
+                  late_s=rng.choice((0.5, 4.0, 12.0)),
+                  down_channels=rng.choices(_DOWN, _DOWN_WEIGHTS)[0])
 
 
 def _deadline(rng: random.Random) -> float:
@@ -117,7 +126,8 @@ def _op(rng: random.Random, i: int, t: float, users: int, earlier: list[Op]) -> 
 
 def generate(seed: int) -> Plan:
     """The scenario of ``seed``: 2-5 users, 8-40 calls over 40 simulated seconds, up to
-    four fault phases, up to three crashes, perhaps a bank restart."""
+    four fault phases (each perhaps with channels down), up to three crashes, perhaps a
+    bank restart."""
     rng = random.Random(seed)
     users = rng.randint(2, 5)
     times = sorted(round(rng.uniform(0.0, 40.0), 3) for _ in range(rng.randint(8, 40)))

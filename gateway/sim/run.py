@@ -4,10 +4,11 @@ The clients send their calls at the plan's times to whichever process is alive, 
 keep a Jepsen-style history: every call is ``ok``, ``fail`` (a definite refusal, with
 its reason), ``unknown`` (the process died, or the client's deadline passed, while it
 was in flight) or ``skipped`` (what it needed never existed). After every call the
-books are audited. When the last call is answered, the bank's faults go off and the
-world settles: the resolver finishes every unclear payment, the credits drain, every
-envelope expires. Then ``gateway.sim.check`` checks the end state and retries every
-call once with its request id.
+books are audited, and a call the bank refuses WRONG_CHANNEL fails the run the moment
+it happens (``channel``). When the last call is answered, the bank's faults go off (its
+channels up) and the world settles: the resolver finishes every unclear payment, the
+credits drain, every envelope expires. Then ``gateway.sim.check`` checks the end state
+and retries every call once with its request id.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Result:
     failures: list[tuple[str, str]]
     outcomes: Counter
     faults_injected: Counter
+    routing: Counter      # bank orders by channel ("via direct", "via clearing"), "moved"
     crashes: list[str]
     checks: int
     trace: list[str]
@@ -120,6 +122,8 @@ class Sim:
         self.settings = Settings()
         self.bank = SimBank(random.Random(plan.seed * 7919 + 1), opening_fen=plan.opening_fen,
                             timeout_s=self.settings.bank_timeout_s)
+        self.bank.on_wrong_channel = lambda what: self.world.fail(
+            "channel", f"the bank refused WRONG_CHANNEL: {what}")
         self.mutant = MUTANTS[mutant]()
         self.calls: dict[int, Call] = {}
         self.checks = 0
@@ -295,5 +299,12 @@ def run_plan(plan: Plan, mutant: str = "none", *, trace_logs: bool = False) -> R
             sim.world.trace += traceback.format_exc().splitlines()
     w = sim.world
     outcomes = Counter(c.outcome for c in sim.calls.values())
-    return Result(plan, w.failures, outcomes, Counter(sim.bank.injected), w.crashed,
-                  sim.checks, w.trace, time.perf_counter() - started)
+    return Result(plan, w.failures, outcomes, Counter(sim.bank.injected), routing(sim.bank),
+                  w.crashed, sim.checks, w.trace, time.perf_counter() - started)
+
+
+def routing(bank: SimBank) -> Counter:
+    """The bank's orders by the channel they came through, and the calls a payer moved."""
+    found = Counter(f"via {order.channel}" for order in bank.orders.values())
+    found["moved"] = bank.moved
+    return found

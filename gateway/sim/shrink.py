@@ -2,11 +2,12 @@
 
 Greedy, in the manner of delta debugging: try the plan without a chunk of its calls
 (halves, then quarters, ... then single calls), without each fault phase, crash and
-bank restart, with each fault phase's probabilities zeroed one at a time and each short
-client deadline made the default; keep any smaller plan whose first failed check is
-the same, and start over from it, until nothing smaller fails or the budget of runs is
-spent. A call that needed a removed one (a grab of a removed send, a retry of a removed
-call) is skipped when the plan runs, so every candidate is a valid plan.
+bank restart, with each fault phase's probabilities zeroed (and its channels brought
+up) one at a time and each short client deadline made the default; keep any smaller
+plan whose first failed check is the same, and start over from it, until nothing
+smaller fails or the budget of runs is spent. A call that needed a removed one (a grab
+of a removed send, a retry of a removed call) is skipped when the plan runs, so every
+candidate is a valid plan.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _without_one(plan: Plan, field: str) -> Iterator[Plan]:
 
 def _simpler(plan: Plan) -> Iterator[Plan]:
     for i, (t, f) in enumerate(plan.faults):
-        for name in ("busy", "timeout", "decline", "lost_response", "late_debit", "down"):
+        for name in ("busy", "timeout", "decline", "lost_response", "late_debit", "down",
+                     "down_channels"):
             if getattr(f, name):
                 calmer = dataclasses.replace(f, **{name: type(getattr(f, name))()})
                 yield dataclasses.replace(
