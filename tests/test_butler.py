@@ -391,3 +391,35 @@ def test_route_prefers_a_channel_with_room_and_none_when_every_breaker_is_open()
 
     first, full, shut = run(scenario())
     assert (first, full, shut) == ("direct", "clearing", (None, False))
+
+
+def test_a_silent_channel_is_passed_over_before_its_calls_time_out(bank):
+    """The direct channel stops answering (every call held to its deadline): once calls
+    have been out there for ``stall_s`` with no definite answer, new calls go through
+    clearing, long before the held ones time out and the breaker can count them."""
+    async def scenario():
+        async with butler_on(bank, timeout_s=3.0, stall_s=0.2) as (butler, link):
+            await link.client.set_faults(BANK, {"capacity_tps": CAPACITY_TPS,
+                                                "timeout_rate": 1.0}, channel="direct")
+            heard: list[str] = []
+
+            async def switch(channel: str) -> None:
+                heard.append(channel)
+
+            held = asyncio.ensure_future(attempt(lambda: butler.debit(
+                "held-1", f"{BANK}-0001", 1, "direct", switch)))
+            await asyncio.sleep(0.05)
+            early = butler.route(BANK)
+            await asyncio.sleep(0.3)
+            late = butler.route(BANK)
+            moved = await butler.debit("next-1", f"{BANK}-0002", 1, "direct", switch)
+            stalled = {h["channel"]: h["stalled"] for h in butler.health()}
+            kind, _, _ = await held
+            await link.client.set_faults(BANK, {"capacity_tps": CAPACITY_TPS})
+            return early, late, moved, heard, stalled, kind
+
+    early, late, moved, heard, stalled, kind = run(scenario())
+    assert (early, late) == ("direct", "clearing")
+    assert moved.settled and heard == ["clearing"]
+    assert stalled == {"direct": True, "clearing": False}
+    assert kind == "UNCLEAR", "the held call stays where it was sent, and ends unclear"

@@ -25,6 +25,11 @@ channel of it). Routing across them:
   unclear result never moves: the bank may hold the order on that channel, and only a
   query through that channel can say. With every channel tried, the last refusal is
   raised. A caller with no ``switch`` (or a butler that is off) stays on its channel.
+- **A silent channel is passed over at once.** A channel with calls out and no definite
+  answer from it for ``stall_s`` (a bank that stopped answering: its calls will end
+  unclear, but only at their deadline, and only then can the breaker count them) takes no
+  new call while another channel can send at once. The calls already sent stay where they
+  are; the breaker opens as they time out.
 - **A query** (the resolver's, the breaker's probe) goes through the channel the order
   was sent through, and never another: the bank would answer WRONG_CHANNEL.
 - A channel answering :class:`ChannelDown` counts as a failure for its breaker, like an
@@ -175,6 +180,9 @@ class ButlerOptions:
     max_cool_down_s: float = 30.0
     probe_count: int = 3
     probe_timeout_s: float = 1.0
+    # A channel with calls out and no definite answer for this long is passed over by new
+    # calls while another channel can take them (a channel that went silent).
+    stall_s: float = 0.5
     # Latencies kept per bank for latency_ms_p99 (the most recent ones).
     latency_window: int = 1024
     # At most one limit-change log line per bank per interval.
@@ -182,7 +190,7 @@ class ButlerOptions:
 
     def __post_init__(self) -> None:
         positive = ("call_timeout_s", "burst_s", "concurrency_window_s", "decrease_interval_s",
-                    "cool_down_s", "probe_timeout_s", "log_interval_s")
+                    "cool_down_s", "probe_timeout_s", "log_interval_s", "stall_s")
         for name in positive:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -274,6 +282,11 @@ class _Steward:
         self.probes = 0
         self.opens = 0
         self.rerouted_in = 0  # calls that came here because another channel could not
+        # Calls sent and not ended, and since when the channel has been answering nothing
+        # definite while it had some out (the last answer, or the moment it became busy).
+        self.sent_open = 0
+        self.quiet_since = now
+        self._stall_s = opts.stall_s
         # Breaker. The epoch changes at every transition; an outcome counts for the breaker
         # only if its call was admitted in the current epoch.
         self.state = CLOSED
@@ -314,9 +327,14 @@ class _Steward:
                 and self.probes_in_flight + self.probe_successes < probe_count)
 
     def free_now(self, now: float) -> bool:
-        """Closed and able to send a call this instant, with nobody queued before it."""
+        """Closed, answering, and able to send a call this instant, with nobody queued
+        before it."""
         self.refill(now)
-        return self.state == CLOSED and not self.waiters and self.can_go()
+        return (self.state == CLOSED and not self.waiters and self.can_go()
+                and not self.stalled(now))
+
+    def stalled(self, now: float) -> bool:
+        return self.sent_open > 0 and now - self.quiet_since > self._stall_s
 
     def wait_estimate_s(self) -> float:
         """How long a call joining the queue now would wait at the current rate."""
@@ -435,7 +453,14 @@ class PaymentButler:
         first = next((s for s in candidates if s.channel == preferred), candidates[0])
         if first.free_now(now):
             return first
-        return next((s for s in candidates if s.free_now(now)), first)
+        free = next((s for s in candidates if s.free_now(now)), None)
+        if free is not None:
+            return free
+        # Nothing can send at once: queue on the preferred channel, unless it is silent
+        # and another is not.
+        if first.stalled(now):
+            return next((s for s in candidates if not s.stalled(now)), first)
+        return first
 
     async def _move(self, bank_id: str, channel: str, switch: Switch | None,
                     order_id: str, call: Callable[[str], Awaitable[BankAnswer]]) -> BankAnswer:
@@ -584,6 +609,9 @@ class PaymentButler:
         if epoch is None:
             s.in_flight += 1
         t0 = self._clock()
+        if s.sent_open == 0:
+            s.quiet_since = t0  # idle until now: not silent
+        s.sent_open += 1
         outcome = _NEUTRAL
         try:
             if deadline_s is None:
@@ -609,6 +637,7 @@ class PaymentButler:
             outcome = _UNCLEAR
             raise
         finally:
+            s.sent_open -= 1
             latency_s = self._clock() - t0
             if epoch is None:
                 s.in_flight -= 1
@@ -626,6 +655,8 @@ class PaymentButler:
             return
         now = self._clock()
         failed = outcome != _OK
+        if outcome != _UNCLEAR:
+            s.quiet_since = now  # a definite answer: the channel speaks
         s.window.add(now, failed=failed, overload=failed and outcome != _DOWN)
         s.latencies_ms.append(latency_s * 1000.0)
 
@@ -809,6 +840,7 @@ class PaymentButler:
             "error_rate": failed / answered if answered else 0.0,
             "breaker_state": s.state,
             "traffic_share": answered / bank_answered if bank_answered else 0.0,
+            "stalled": s.stalled(self._clock()),
             "calls": s.calls,
             "rerouted_in": s.rerouted_in,
             "rejected_fast": s.rejected_busy + s.rejected_open,
