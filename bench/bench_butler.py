@@ -11,6 +11,22 @@ Goals: with the butler, the bank never sees more than its capacity + 5% in any s
 ``peak_tps``, counted per second of its clock) and never collapses; without it, it collapses.
 
     python bench/bench_butler.py [--capacity-tps 200] [--factor 10] [--duration-s 8]
+
+**The takeover run** (``--takeover``): a real gateway process and a bank simulator
+(one bank, both channels) under steady card traffic: TopUps started open loop at
+``--rate`` per second for ``--duration-s`` (10) seconds, from many users and cards. At
+``--kill-at-s`` (3) the bank's direct channel is killed: ``--kill down`` takes it down
+(every call through it is refused at once, CHANNEL_DOWN), ``--kill silent`` makes it
+answer nothing (every call times out: an unclear result). Per second it prints the
+payments started and how those that ended came out; then the payments completed per
+second before, in the second after, and after the kill, the p50/p99 latency of each
+phase, when the butler's direct breaker opened (GetQosStatus, polled every 50 ms), the
+time to route around the failure (from the kill until every later payment completed),
+and the money: each request asked again until final, the bank's per-channel totals
+against the payments that succeeded (zero lost, zero doubled), and ``hongbao reconcile
+--bank`` over the gateway's books.
+
+    python bench/bench_butler.py --takeover [--rate 200] [--kill down|silent]
 """
 
 from __future__ import annotations
@@ -19,6 +35,7 @@ import argparse
 import asyncio
 import math
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -167,11 +184,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capacity-tps", type=float, default=200.0)
     parser.add_argument("--factor", type=float, default=10.0, help="offered load / capacity")
-    parser.add_argument("--duration-s", type=float, default=8.0)
+    parser.add_argument("--duration-s", type=float, default=None,
+                        help="seconds of load (default 8, or 10 with --takeover)")
     parser.add_argument("--collapse-after-s", type=float, default=2.0)
     parser.add_argument("--collapse-for-s", type=float, default=5.0)
     parser.add_argument("--latency-ms", type=float, default=5.0)
+    parser.add_argument("--takeover", action="store_true",
+                        help="the takeover run: kill the direct channel under card traffic")
+    parser.add_argument("--rate", type=float, default=200.0, help="takeover: TopUps/s")
+    parser.add_argument("--kill-at-s", type=float, default=3.0)
+    parser.add_argument("--kill", choices=("down", "silent"), default="down")
     args = parser.parse_args(argv)
+    if args.takeover:
+        here = str(Path(__file__).resolve().parent)
+        if here not in sys.path:
+            sys.path.insert(0, here)  # takeover.py beside this file
+        from takeover import takeover  # the gateway stack, loaded for this run only
+        args.duration_s = args.duration_s or 10.0
+        if not (0 < args.kill_at_s < args.duration_s <= 30 and 0 < args.rate <= 1000):
+            parser.error("--kill-at-s < --duration-s <= 30, 0 < --rate <= 1000")
+        return takeover(args)
+    args.duration_s = args.duration_s or 8.0
     if not (0 < args.duration_s <= 15 and 0 < args.capacity_tps <= 2000 and args.factor > 0):
         parser.error("duration 0..15 s, capacity 0..2000 calls/s, factor > 0")
 
