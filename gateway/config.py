@@ -35,6 +35,9 @@ class Settings:
     # capacity for every bank where it differs from the bank's (e.g. `clearing = 500`).
     bank_channels: tuple[str, ...] = ("direct", "clearing")
     channel_capacity_tps: dict = dataclasses.field(default_factory=dict)
+    # A channel with calls out and no definite answer for this long gets no new calls
+    # while another channel can take them (it went silent; its calls end at their deadline).
+    bank_stall_s: float = 0.5
     # false sends every bank call straight through (for measuring what the butler saves).
     butler_enabled: bool = True
     # Wait before asking the bank about an unclear result (`--resolve-delay-s`).
@@ -124,6 +127,8 @@ class Settings:
         return self
 
     def _validate_channels(self) -> None:
+        if not 0 < self.bank_stall_s <= 60:
+            raise ValueError("bank_stall_s must be in (0, 60]")
         known = ("direct", "clearing")
         chans = self.bank_channels
         if not chans or len(set(chans)) != len(chans) or set(chans) - set(known):

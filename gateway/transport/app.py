@@ -180,7 +180,8 @@ def build_app(settings: Settings, keyring: tickets.KeyRing, ledger: Ledger, *,
     butler = None
     if bank is not None:
         butler = PaymentButler(bank, settings.capacities(),
-                               ButlerOptions(call_timeout_s=settings.bank_timeout_s),
+                               ButlerOptions(call_timeout_s=settings.bank_timeout_s,
+                                             stall_s=settings.bank_stall_s),
                                enabled=settings.butler_enabled,
                                channels=settings.bank_channels,
                                channel_capacity_tps=settings.channel_capacity_tps)
