@@ -28,22 +28,6 @@ PS = wallet_pb2
 NK = notification_pb2
 
 
-@pytest.fixture
-def bank_stack(tmp_path):
-    """The stack with a short bank deadline and resolve delay, so faults resolve in seconds."""
-    config = tmp_path / "gateway.toml"
-    config.write_text("bank_timeout_s = 1.0\nresolve_delay_s = 0.5\n"
-                      "resolver_max_backoff_s = 2.0\n")
-    s = Stack(tmp_path)
-    try:
-        s.bank.start()
-        s.start_gateway("--config", str(config))
-        yield s
-        s.assert_balanced()
-    finally:
-        s.stop()
-
-
 async def set_faults(stack: Stack, **faults) -> None:
     bank = BankClient(stack.bank.target, timeout_s=5)
     try:

@@ -263,6 +263,9 @@ def test_hongbao_qos_shows_the_level_and_the_tiers(stack, tmp_path):
     p3 = next(line for line in out.splitlines() if "P3" in line and "│" in line)
     assert "yes" in p3
     assert "icbc" in out and "credit" in out and "noncore_stepdown" in out
+    icbc = [line for line in out.splitlines() if "icbc" in line]
+    assert [("direct" in line, "clearing" in line) for line in icbc] == [
+        (True, False), (False, True)], "one row per channel, direct first"
     bad = subprocess.run(
         [sys.executable, "-m", "gateway.ops.cli", "qos", "--target", stack.target,
          "--ticket", stack.ticket("a", scopes=("read",)), "--once"],
