@@ -350,7 +350,15 @@ def test_expiry_returns_the_unclaimed_rest_once(ledger):
     assert (first, second) == (1, 0)
     assert late.outcome == GrabOutcome.EXPIRED
     assert balance == (1000 - got.amount_fen, 0)
-    assert_balanced(ledger)
+    report = assert_balanced(ledger)
+    # Where the money went, from the journal: in from the card, into the envelope, one
+    # share grabbed (and credited, or still pending), the rest back to the sender.
+    flows = report.totals["flows_fen"]
+    assert flows["top_up:clearing->wallet"] == 1000
+    assert flows["envelope_sent:wallet->escrow"] == 1000
+    assert flows["grab:escrow->pending"] == got.amount_fen
+    assert flows["expiry_refund:escrow->wallet"] == 1000 - got.amount_fen
+    assert flows.get("envelope_credit:pending->wallet", 0) in (0, got.amount_fen)
 
 
 def test_unknown_envelope_is_not_found(ledger):

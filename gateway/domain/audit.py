@@ -45,7 +45,7 @@ from collections import defaultdict
 
 import hotpath
 from gateway.domain import keys, records
-from gateway.domain.model import EnvelopeStatus, Payment, PaymentKind, PaymentStatus
+from gateway.domain.model import EnvelopeStatus, Payment, PaymentKind, PaymentStatus, TxKind
 from gateway.domain.store import Tx, scan_prefix
 
 
@@ -113,6 +113,21 @@ class _Snapshot:
     unlock_moves: dict[bytes, tuple[int, bytes, bytes]]
     # Photo incomes other SETs' unlocks sent here: unlock tid -> (amount, x:<from>, wallet).
     photo_credits_in: dict[bytes, tuple[int, bytes, bytes]]
+    flows: dict[str, int]
+
+
+_SIDES = ((keys.WALLET, "wallet"), (keys.PENDING, "pending"), (keys.ESCROW, "escrow"),
+          (keys.CLEARING, "clearing"), (keys.HOLD, "hold"), (keys.INTERSET, "interset"))
+
+
+def _flow(kind: int, debit: bytes, credit: bytes) -> str:
+    """A transfer's flow: ``<kind>:<from>-><to>``, the accounts by type (wallet, pending,
+    escrow, clearing, hold, interset), e.g. ``envelope_sent:clearing->escrow`` for a
+    card-paid send."""
+    def side(acct: bytes) -> str:
+        return next((name for prefix, name in _SIDES if acct.startswith(prefix)), "other")
+    name = TxKind(kind).name.lower() if kind in TxKind._value2member_map_ else f"kind_{kind}"
+    return f"{name}:{side(debit)}->{side(credit)}"
 
 
 def _read(tx: Tx) -> _Snapshot:
@@ -121,8 +136,10 @@ def _read(tx: Tx) -> _Snapshot:
     transfers: dict[bytes, int] = {}
     unlock_moves: dict[bytes, tuple[int, bytes, bytes]] = {}
     photo_credits_in: dict[bytes, tuple[int, bytes, bytes]] = {}
+    flows: dict[str, int] = defaultdict(int)
     for tid, raw in tx.scan(keys.TRANSFERS):
-        amount, _at, _kind, debit, credit, _ref = hotpath.unpack_transfer(raw)
+        amount, _at, kind, debit, credit, _ref = hotpath.unpack_transfer(raw)
+        flows[_flow(kind, debit, credit)] += amount
         replay[debit] -= amount
         replay[credit] += amount
         transfers[tid] = amount
@@ -142,7 +159,7 @@ def _read(tx: Tx) -> _Snapshot:
         accounts, replay, transfers, grabs_by_env,
         {gkey for _seq, gkey in tx.scan(keys.CREDIT_OUTBOX)},
         list(tx.scan(keys.ENVELOPES)), payments[0], payments[1],
-        _read_unlocks(tx), unlock_moves, photo_credits_in)
+        _read_unlocks(tx), unlock_moves, photo_credits_in, dict(sorted(flows.items())))
 
 
 def _read_unlocks(tx: Tx) -> dict[bytes, tuple[int, bytes, bytes]]:
@@ -184,6 +201,8 @@ def audit(tx: Tx) -> Report:
         "interset_fen": {k[len(keys.INTERSET):].decode(): v for k, v in accounts.items()
                          if k.startswith(keys.INTERSET)},
         "remote_credits_waiting": _check_remote_outbox(r, tx, s),
+        # Money moved, by flow (see _flow): where every yuan went, from the journal.
+        "flows_fen": s.flows,
         **_check_moved(r, tx, s),
     }
     return r
