@@ -1,9 +1,10 @@
 """Overload: one gateway worker offered up to 3x its capacity, admission control on and off.
 
 A real bank simulator and ONE gateway worker (pinned to CPU 0 with ``taskset`` when
-this process may use two CPUs or more); the load generators are separate processes
-(multiprocessing, spawned), each with its own asyncio loop and ``gateway.client.Client``,
-pinned to the other CPU(s) with this process and the bank simulator.
+this process may use two CPUs or more); the load generators (``gateway.ops.loadgen``) are
+separate processes (multiprocessing, spawned), each with its own asyncio loop and
+``gateway.client.Client``, pinned to the other CPU(s) with this process and the bank
+simulator.
 
 1. Capacity: on a gateway with admission off, a closed loop of P0 calls (envelope sends
    and grabs of those envelopes, by users topped up beforehand; 1 s deadline) with
@@ -11,7 +12,7 @@ pinned to the other CPU(s) with this process and the bank simulator.
    seconds after a warm-up.
 2. The ramp, open loop (calls started on schedule whatever became of earlier ones):
    total offered rate 0.5C -> 3C in steps, held at 3C, then back to 0.5C, in a fixed
-   mix of calls (``MIX``) by hundreds of users, every call with a 1 s deadline. Run
+   mix of calls (``loadgen.MIX``) by hundreds of users, every call with a 1 s deadline. Run
    twice, each on a fresh data dir: admission ON (server defaults, clients
    ``throttle=True``: they drop locally what the last level sheds, and throttle
    adaptively) and OFF (``qos_enabled = false``, clients ``throttle=False``). A task
@@ -32,8 +33,7 @@ last, full admission (level 511) <= 5 s after the offered load is back at <= C (
 this mix 1.0C is below the worker's capacity: the way up serves it whole). The OFF run
 shows what admission prevents. Writes a PNG report and the raw per-second figures as
 JSON beside it. One generator per load CPU by default: two Python gRPC clients sharing
-a CPU spend about 60 % more CPU per call than one. The generators are spawned from this
-file, so run it as a script:
+a CPU spend about 60 % more CPU per call than one. Run it as a script:
 
     python bench/bench_overload.py [--out bench/overload.png] [--step-s 5] [--users 400]
 """
@@ -46,265 +46,31 @@ import contextlib
 import itertools
 import json
 import math
-import multiprocessing
 import os
-import queue
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from gateway.client import Client
-from gateway.errors import reason_of
+from gateway.ops.loadgen import DEADLINE_S, KINDS, MIX, OUTCOMES, TIERS, merge, spawn
 from gateway.ops.procs import Proc, banksim_proc, gateway_proc
 from gateway.qos.controller import MAX_LEVEL, USER_LEVELS
 from gateway.security import tickets
-from hongbao.v1 import (
-    admin_pb2,
-    envelope_pb2,
-    moments_pb2,
-    notification_pb2,
-    wallet_pb2,
-)
+from hongbao.v1 import admin_pb2, wallet_pb2
 
 HERE = Path(__file__).resolve().parent
-TIERS = ("P0", "P1", "P2", "P3")
-# The mix, by calls: (kind, tier, weight in %).
-MIX = (
-    ("send", 0, 6), ("grab", 0, 24),  # P0 30 %: one send (5 shares) per four grabs
-    ("get_envelope", 1, 15),  # P1 15 %
-    ("balance", 2, 25), ("list", 2, 15),  # P2 40 %
-    ("unlock", 3, 12), ("watch", 3, 3),  # P3 15 %: photo unlocks, short notification streams
-)
-KINDS = tuple(k for k, _, _ in MIX)
-TIER_OF = {k: t for k, t, _ in MIX}
-P0_SHARE = sum(w for _, t, w in MIX if t == 0) / 100
 # The ramp: total offered rate as multiples of C, one entry per step.
 RAMP = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.0, 3.0, 2.0, 1.0, 0.5, 0.5)
-OUTCOMES = ("ok", "degraded", "shed", "shed_locally", "throttled", "deadline", "cancelled",
-            "other")
-OK, DEGRADED, SHED, SHED_LOCALLY, THROTTLED, DEADLINE, CANCELLED, OTHER = range(8)
-_LOCAL = {"SHED": SHED, "SHED_LOCALLY": SHED_LOCALLY, "THROTTLED_LOCALLY": THROTTLED}
-
-DEADLINE_S = 1.0
 TOP_UP_FEN = 100_000  # per user; sends cost 50 fen, unlocks 100 fen
-ENVELOPE_FEN, ENVELOPE_SHARES = 50, 5
-POOL = 64  # envelopes a generator grabs from (its most recent sends)
-PRESENDS = 20  # envelopes each generator sends before the clock starts
-WATCH_MORE, WATCH_GAP_S = 20, 0.05  # a stream reads its first event, then <= 20 more
-MAX_INFLIGHT = 6_000  # calls a generator has started and not finished; past it: unsent
-TICK_S = 0.002  # the open loop's scheduling tick
 POLL_S = 0.2
-START_TIMEOUT_S = 60.0
 GOALS = {"p0_goodput": 0.90, "p0_p99_ms": 100.0, "recovery_s": 5.0}
 
-
-# -- load generator (runs in its own process) ---------------------------------------------
-
-
-class _Load:
-    """One generator's calls and tallies: ``tally[second][tier][1 + outcome]``, index 0
-    counting the calls offered."""
-
-    def __init__(self, client: Client, users: list[str], metas: list[Any], gid: int,
-                 seconds: int, seed: int) -> None:
-        self.client, self.users, self.metas, self.gid = client, users, metas, gid
-        self.rng = random.Random(seed)
-        self.tally = [[[0] * (1 + len(OUTCOMES)) for _ in TIERS] for _ in range(seconds)]
-        self.by_kind = [[[0] * (1 + len(OUTCOMES)) for _ in KINDS] for _ in range(seconds)]
-        self.cpu_s = [0.0] * seconds  # this process's CPU time (all its threads) per second
-        self.lat_ms: list[list[float]] = [[] for _ in range(seconds)]
-        self.lag_ms = [0.0] * seconds  # the generator's own loop lag, worst per second
-        self.unsent = [0] * seconds  # due but not started (MAX_INFLIGHT)
-        self.others: Counter[str] = Counter()
-        self.pool: deque[str] = deque(maxlen=POOL)
-        self.last_event: dict[int, int] = {}
-        self.seq = 0
-        self._cum = [sum(w for _, _, w in MIX[:i + 1]) for i in range(len(MIX))]
-
-    def pick(self, p0_only: bool = False) -> str:
-        if p0_only:
-            return "send" if self.rng.random() < 0.2 else "grab"
-        return self.rng.choices(KINDS, cum_weights=self._cum)[0]
-
-    def rid(self, tag: str) -> str:
-        self.seq += 1
-        return f"g{self.gid}-{tag}{self.seq}"
-
-    async def call(self, kind: str, second: int) -> None:
-        """One call of ``kind`` by a random user, tallied in ``second``."""
-        user = self.rng.randrange(len(self.users))
-        tier = TIER_OF[kind]
-        if kind in ("grab", "get_envelope") and not self.pool:
-            kind = "send"
-        by_kind = self.by_kind[second][KINDS.index(kind)]
-        by_kind[0] += 1
-        started = time.perf_counter()
-        try:
-            stale = await getattr(self, "_" + kind)(user, self.metas[user])
-            outcome = DEGRADED if stale else OK
-        except grpc.aio.AioRpcError as err:
-            outcome = self._classify(err)
-        self.tally[second][tier][1 + outcome] += 1
-        by_kind[1 + outcome] += 1
-        if tier == 0 and outcome == OK:
-            self.lat_ms[second].append((time.perf_counter() - started) * 1000.0)
-
-    def _classify(self, err: grpc.aio.AioRpcError) -> int:
-        code = err.code()
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DEADLINE
-        if code == grpc.StatusCode.CANCELLED:
-            return CANCELLED
-        reason = reason_of(err) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
-        if reason in _LOCAL:
-            return _LOCAL[reason]
-        self.others[f"{code.name}:{reason or reason_of(err)}"] += 1
-        return OTHER
-
-    async def _send(self, user: int, meta: Any) -> bool:
-        r = await self.client.envelopes.SendEnvelope(envelope_pb2.SendEnvelopeRequest(
-            request_id=self.rid("s"), total_fen=ENVELOPE_FEN, count=ENVELOPE_SHARES,
-            kind=envelope_pb2.ENVELOPE_KIND_LUCKY, pay_method=envelope_pb2.PAY_METHOD_BALANCE),
-            metadata=meta, timeout=DEADLINE_S)
-        self.pool.append(r.envelope_id)
-        return False
-
-    async def _grab(self, user: int, meta: Any) -> bool:
-        await self.client.envelopes.GrabEnvelope(envelope_pb2.GrabEnvelopeRequest(
-            envelope_id=self.rng.choice(self.pool), request_id=self.rid("g")),
-            metadata=meta, timeout=DEADLINE_S)
-        return False
-
-    async def _get_envelope(self, user: int, meta: Any) -> bool:
-        await self.client.envelopes.GetEnvelope(envelope_pb2.GetEnvelopeRequest(
-            envelope_id=self.rng.choice(self.pool)), metadata=meta, timeout=DEADLINE_S)
-        return False
-
-    async def _balance(self, user: int, meta: Any) -> bool:
-        r = await self.client.wallet.GetBalance(wallet_pb2.GetBalanceRequest(), metadata=meta,
-                                                timeout=DEADLINE_S)
-        return r.stale
-
-    async def _list(self, user: int, meta: Any) -> bool:
-        r = await self.client.wallet.ListTransactions(
-            wallet_pb2.ListTransactionsRequest(page_size=20), metadata=meta, timeout=DEADLINE_S)
-        return r.stale
-
-    async def _unlock(self, user: int, meta: Any) -> bool:
-        owner = (user + 1 + self.rng.randrange(len(self.users) - 1)) % len(self.users)
-        await self.client.moments.UnlockPhoto(moments_pb2.UnlockPhotoRequest(
-            request_id=self.rid("u"), photo_id=f"ph{self.rng.randrange(1000)}",
-            owner_id=self.users[owner]), metadata=meta, timeout=DEADLINE_S)
-        return False
-
-    async def _watch(self, user: int, meta: Any) -> bool:
-        """A short stream: resumes just before the last event this generator saw for the
-        user (so one always comes), reads it and what follows within 50 ms, hangs up."""
-        after = max(0, self.last_event.get(user, 1) - 1)
-        call = self.client.notifications.WatchNotifications(
-            notification_pb2.WatchNotificationsRequest(after_event_id=after), metadata=meta,
-            timeout=DEADLINE_S)
-        last, n = 0, 0
-        try:
-            async with asyncio.timeout(None) as budget:  # armed at the first event
-                async for r in call:
-                    last, n = r.notification.event_id, n + 1
-                    if budget.when() is None:
-                        budget.reschedule(asyncio.get_running_loop().time() + WATCH_GAP_S)
-                    if n > WATCH_MORE:
-                        break
-        except TimeoutError:
-            pass  # the budget after the first event; no first event ends in DEADLINE_EXCEEDED
-        finally:
-            call.cancel()
-        self.last_event[user] = last
-        return False
-
-
-async def _open_loop(load: _Load, rates: list[float], t0: float) -> set[asyncio.Task]:
-    """Starts calls on schedule (``rates[s]`` calls/s in second s); returns those in flight."""
-    tasks: set[asyncio.Task] = set()
-    cum = [0.0]
-    for r in rates:
-        cum.append(cum[-1] + r)
-    started, wake = 0, time.monotonic()
-    while (elapsed := (now := time.monotonic()) - t0) < len(rates):
-        s = max(0, int(elapsed))
-        load.lag_ms[s] = max(load.lag_ms[s], (now - wake) * 1000.0)
-        load.cpu_s[s] = time.process_time()
-        due = int(cum[s] + (elapsed - s) * rates[s]) if elapsed >= 0 else 0
-        while started < due:
-            started += 1
-            if len(tasks) >= MAX_INFLIGHT:
-                load.unsent[s] += 1
-                continue
-            kind = load.pick()
-            load.tally[s][TIER_OF[kind]][0] += 1
-            task = asyncio.ensure_future(load.call(kind, s))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        wake = time.monotonic() + TICK_S
-        await asyncio.sleep(TICK_S)
-    return tasks
-
-
-async def _closed_loop(load: _Load, in_flight: int, seconds: int, t0: float) -> set:
-    """``in_flight`` callers, each starting its next P0 call when the last one ends."""
-    async def caller() -> None:
-        while (elapsed := time.monotonic() - t0) < seconds:
-            s = max(0, int(elapsed))
-            load.tally[s][0][0] += 1
-            await load.call(load.pick(p0_only=True), s)
-
-    await asyncio.gather(*(caller() for _ in range(in_flight)))
-    return set()
-
-
-async def _generate(spec: dict, inbox: Any, outbox: Any) -> None:
-    users = spec["users"]
-    metas = [Client.bearer(t) for t in spec["tickets"]]
-    seconds = len(spec["rates"]) if spec["rates"] else spec["seconds"]
-    async with Client(spec["target"], throttle=spec["throttle"]) as client:
-        load = _Load(client, users, metas, spec["gid"], seconds, spec["seed"])
-        for _ in range(PRESENDS):
-            user = load.rng.randrange(len(users))
-            await load._send(user, metas[user])
-        outbox.put(("ready", spec["gid"], None))
-        t0 = await asyncio.to_thread(inbox.get, True, START_TIMEOUT_S)
-        if spec["rates"]:
-            tasks = await _open_loop(load, spec["rates"], t0)
-        else:
-            tasks = await _closed_loop(load, spec["in_flight"], seconds, t0)
-        if tasks:  # every call ends by its deadline; the bound is a backstop
-            await asyncio.wait(tasks, timeout=DEADLINE_S + 2.0)
-        throttle = client.throttle
-        outbox.put(("result", spec["gid"], {
-            "tally": load.tally, "lat_ms": [[round(x, 3) for x in s] for s in load.lat_ms],
-            "lag_ms": load.lag_ms, "unsent": load.unsent, "others": dict(load.others),
-            "by_kind": load.by_kind, "cpu_s": load.cpu_s,
-            "throttle": None if throttle is None else {
-                "shed_locally": throttle.shed_locally,
-                "throttled_locally": throttle.throttled_locally},
-        }))
-
-
-def _generator_main(spec: dict, inbox: Any, outbox: Any) -> None:
-    """A generator process: pinned to the load CPUs before grpc starts any thread."""
-    if spec["cpus"]:
-        os.sched_setaffinity(0, spec["cpus"])
-    try:
-        asyncio.run(_generate(spec, inbox, outbox))
-    except BaseException as exc:
-        outbox.put(("error", spec["gid"], repr(exc)))
-        raise
 
 
 # -- the stack: bank simulator, one gateway worker ------------------------------------------
@@ -453,69 +219,32 @@ async def _poll(target: str, admin: str, pid: int, t0_box: list[float],
                 await asyncio.wait_for(stop.wait(), max(0.0, due - time.monotonic()))
 
 
-def _collect(procs: list, outbox: Any, kind: str, deadline: float) -> dict[int, Any]:
-    """Waits for one ``kind`` message from every generator; raises on an error or a
-    generator that died or ran out of time."""
-    got: dict[int, Any] = {}
-    while len(got) < len(procs):
-        try:
-            msg, gid, payload = outbox.get(timeout=0.5)
-        except queue.Empty:
-            dead = [p.pid for p in procs if not p.is_alive()]
-            if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"generators {dead or 'late'} while waiting for {kind}"
-                                   ) from None
-            continue
-        if msg == "error":
-            raise RuntimeError(f"generator {gid}: {payload}")
-        if msg == kind:
-            got[gid] = payload
-    return got
-
-
-async def _drive(stack: _Stack, specs: list[dict], admin: str, seconds: float,
-                 load_cpus: set[int] | None) -> tuple[list[dict], list[dict]]:
+async def _drive(stack: _Stack, specs: list[dict], admin: str) -> tuple[list[dict], list[dict]]:
     """Spawns the generators, starts them together, polls the level while they run."""
-    ctx = multiprocessing.get_context("spawn")
-    outbox = ctx.Queue()
-    inboxes = [ctx.Queue() for _ in specs]
-    procs = [ctx.Process(target=_generator_main, args=({**s, "cpus": load_cpus}, ib, outbox),
-                         daemon=True) for s, ib in zip(specs, inboxes, strict=True)]
     rows: list[dict] = []
     stop, t0_box = asyncio.Event(), []
     assert stack.gateway is not None
+    gens = await asyncio.to_thread(spawn, specs)
     try:
-        for p in procs:
-            p.start()
-        await asyncio.to_thread(_collect, procs, outbox, "ready",
-                                time.monotonic() + START_TIMEOUT_S)
         await _settle(stack.target, admin)
         poller = asyncio.ensure_future(_poll(stack.target, admin, stack.gateway.pid, t0_box,
                                              stop, rows))
-        t0 = time.monotonic() + 0.5
-        t0_box.append(t0)
-        for ib in inboxes:
-            ib.put(t0)
-        results = await asyncio.to_thread(_collect, procs, outbox, "result",
-                                          t0 + seconds + DEADLINE_S + 30.0)
+        t0_box.append(gens.start(0.5))
+        results = await asyncio.to_thread(gens.results)
         stop.set()
         await poller
     finally:
         stop.set()
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-    return [results[g] for g in sorted(results)], rows
+        gens.close()
+    return results, rows
 
 
 def _specs(stack: _Stack, users: list[str], user_tickets: list[str], generators: int,
-           throttle: bool, rates: list[float] | None = None, seconds: int = 0,
-           in_flight: int = 0) -> list[dict]:
+           throttle: bool, load_cpus: set[int] | None, rates: list[float] | None = None,
+           seconds: int = 0, in_flight: int = 0) -> list[dict]:
     return [{"target": stack.target, "users": users, "tickets": user_tickets, "gid": g,
              "seed": 1000 + g, "throttle": throttle, "seconds": seconds, "in_flight": in_flight,
-             "rates": [r / generators for r in rates] if rates else []}
+             "rates": [r / generators for r in rates] if rates else [], "cpus": load_cpus}
             for g in range(generators)]
 
 
@@ -531,13 +260,12 @@ def _stage(root: Path, qos_enabled: bool, throttle: bool, args: argparse.Namespa
         admin = stack.tickets(["ops"], ["admin"])[0]
         asyncio.run(_top_up(stack.target, user_tickets))
         if rates:
-            specs = _specs(stack, users, user_tickets, args.generators, throttle, rates)
-            seconds = len(rates)
+            specs = _specs(stack, users, user_tickets, args.generators, throttle, cpus[1], rates)
         else:
-            seconds = args.warmup_s + args.capacity_s
-            specs = _specs(stack, users, user_tickets, args.generators, False,
-                           seconds=seconds, in_flight=args.in_flight // args.generators)
-        results, polls = asyncio.run(_drive(stack, specs, admin, seconds, cpus[1]))
+            specs = _specs(stack, users, user_tickets, args.generators, False, cpus[1],
+                           seconds=args.warmup_s + args.capacity_s,
+                           in_flight=args.in_flight // args.generators)
+        results, polls = asyncio.run(_drive(stack, specs, admin))
         reconciled = stack.reconcile()
     finally:
         stack.stop()
@@ -558,12 +286,9 @@ def _pct(values: list[float], q: float) -> float | None:
 def _seconds(stage: dict, rates: list[float], capacity: float) -> list[dict]:
     """The generators' tallies merged, one row per second, with the polled level."""
     results, rows = stage["results"], []
-    for s in range(len(results[0]["tally"])):
-        tiers = {}
-        for t, name in enumerate(TIERS):
-            counts = [sum(r["tally"][s][t][i] for r in results) for i in range(1 + len(OUTCOMES))]
-            tiers[name] = {"offered": counts[0], **dict(zip(OUTCOMES, counts[1:], strict=True))}
-        lat = [x for r in results for x in r["lat_ms"][s]]
+    merged = merge(results)
+    for s in range(merged["seconds"]):
+        tiers, lat = merged["tiers"][s], merged["p0_lat_ms"][s]
         polls = [p for p in stage["polls"] if p["t"] is not None and s <= p["t"] < s + 1]
         levels = [p["level"] for p in polls if p.get("level") is not None]
         rows.append({
@@ -659,8 +384,8 @@ def _peak_kinds(stage: dict, hold: list[dict]) -> dict:
 
 def _figures(stage: dict, rows: list[dict], capacity: float, step_s: int,
              load_cpus: int) -> dict:
-    """The goals' figures. P0 offers P0_SHARE * 3C at the peak (0.90 C with this mix), so
-    ">= 0.90 of C" would need every P0 call served: goodput is compared with
+    """The goals' figures. P0 offers loadgen.P0_SHARE * 3C at the peak (0.90 C with this
+    mix), so ">= 0.90 of C" would need every P0 call served: goodput is compared with
     min(C, P0 offered), which is the same test whenever P0 alone could fill the worker."""
     hold = _hold(rows, step_s)
     p0 = [r["tiers"]["P0"] for r in hold]
@@ -941,8 +666,7 @@ def _run_all(args: argparse.Namespace, root: Path, cpus: tuple) -> dict:
                         "figures": _figures(stage, rows, c, args.step_s,
                                             len(cpus[1] or {0})),
                         "client_refusals": [r["throttle"] for r in stage["results"]],
-                        "other_errors": dict(sum((Counter(r["others"]) for r in
-                                                  stage["results"]), Counter()))}
+                        "other_errors": merge(stage["results"])["others"]}
         print(f"ramp with admission {name.upper()} done; {stage['reconcile']}", flush=True)
     return report
 
