@@ -8,6 +8,7 @@ Backend-specific behaviour (LMDB's map growth) is at the end.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from pathlib import Path
@@ -679,3 +680,35 @@ def test_envelope_ids_carry_the_senders_slot_and_old_ids_stay_valid():
     for bad in ("env_4ff0123456789abcdef0123", "env_0123", "env_" + "g" * 20):
         with pytest.raises(errors.InvalidArgument):
             check_envelope_id(bad)
+
+
+def test_the_writer_queue_depth_stays_exact_under_writes_from_many_threads(tmp_path):
+    """Writes from the event loop and from other threads at once, while the writer thread
+    commits them: afterwards the depth is exactly 0 (it is never negative: a negative
+    depth broke GetQosStatus, whose field is unsigned)."""
+    led = LmdbLedger(tmp_path, max_batch=8)
+    seen: list[int] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: a lost update shows at once
+    try:
+        def sync_writes() -> None:
+            for _ in range(300):
+                led._writer.submit_sync(_noop)
+                seen.append(led._writer.depth)
+
+        async def loop_writes() -> None:
+            for _ in range(30):
+                await asyncio.gather(*(led.write(_noop) for _ in range(20)))
+                seen.append(led._writer.depth)
+
+        threads = [threading.Thread(target=sync_writes) for _ in range(3)]
+        for t in threads:
+            t.start()
+        run(loop_writes())
+        for t in threads:
+            t.join(30)
+        assert led._writer.depth == 0 and min(seen) >= 0
+        assert led._writer.requests == 3 * 300 + 30 * 20
+    finally:
+        sys.setswitchinterval(interval)
+        led.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import queue
 import threading
 import time
@@ -110,7 +111,14 @@ class GroupCommitWriter:
         # The rules' notion of now (expiry, timestamps); tests inject a clock.
         self._clock_ms = clock_ms or _wall_ms
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._depth = 0  # approximate; guarded by the GIL for += / -=
+        # Requests queued and not yet committed: submitted minus done, two counters each
+        # moved by one side. (One shared ``+= 1`` / ``-= n`` from two threads loses
+        # updates, as the GIL does not make them atomic: seen as a negative depth.)
+        # ``next()`` of an itertools.count is atomic; the last value stored may lag a
+        # racing submit by one, which the next submit corrects.
+        self._submit_seq = itertools.count(1)
+        self._submitted = 0
+        self._done = 0  # moved by the writer thread alone
         self._closed = False
         self.batches = 0
         self.requests = 0
@@ -125,16 +133,16 @@ class GroupCommitWriter:
     @property
     def depth(self) -> int:
         """Requests queued and not yet committed."""
-        return self._depth
+        return max(0, self._submitted - self._done)
 
     def _admit(self) -> None:
         if self._closed:
             raise errors.Unavailable("SHUTTING_DOWN", "the gateway is shutting down")
-        if self._depth >= self._queue_limit:
+        if self.depth >= self._queue_limit:
             raise errors.ResourceExhausted(
                 "WRITER_QUEUE_FULL", "too many writes waiting", retry_after_ms=50
             )
-        self._depth += 1
+        self._submitted = next(self._submit_seq)
 
     async def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Runs ``fn(batch, *args)`` in the next group commit; returns after the commit."""
@@ -198,7 +206,7 @@ class GroupCommitWriter:
             self.queue_wait_s_total += started * len(batch) - sum(r.queued_at for r in batch)
             results = self._commit(batch)
             self.cpu_s_total += time.thread_time() - cpu
-            self._depth -= len(batch)
+            self._done += len(batch)
             self.batches += 1
             self.requests += len(batch)
             self.batch_size_max = max(self.batch_size_max, len(batch))
