@@ -58,6 +58,7 @@ from typing import Any
 import grpc
 
 from gateway.client import Client
+from gateway.ops import loadgen
 from gateway.ops.loadgen import DEADLINE_S, KINDS, MIX, OUTCOMES, TIERS, merge, spawn
 from gateway.ops.procs import Proc, banksim_proc, gateway_proc
 from gateway.qos.controller import MAX_LEVEL, USER_LEVELS
@@ -74,14 +75,6 @@ GOALS = {"p0_goodput": 0.90, "p0_p99_ms": 100.0, "recovery_s": 5.0}
 
 
 # -- the stack: bank simulator, one gateway worker ------------------------------------------
-
-
-def _cpus() -> tuple[set[int] | None, set[int] | None]:
-    """(server CPUs, load CPUs); (None, None) when there is only one CPU to use."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None, None
-    return {cpus[0]}, set(cpus[1:])
 
 
 class _Stack:
@@ -643,7 +636,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     "temporary folder, removed at the end)")
     args = ap.parse_args(argv)
     if args.generators is None:
-        args.generators = len(_cpus()[1] or {0})
+        args.generators = len(loadgen.split_cpus()[1] or {0})
     if args.users < 2 or args.generators < 1 or args.step_s < 1 or args.in_flight < 1:
         ap.error("--users >= 2, --generators >= 1, --step-s >= 1, --in-flight >= 1")
     return args
@@ -673,7 +666,7 @@ def _run_all(args: argparse.Namespace, root: Path, cpus: tuple) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
-    cpus = _cpus()
+    cpus = loadgen.split_cpus()
     if cpus[1] is not None:  # children (generators, bank simulator) inherit the mask
         os.sched_setaffinity(0, cpus[1])
     started = time.monotonic()

@@ -1,372 +1,333 @@
-"""``hongbao demo``: a Spring-Festival-eve evening, end to end, on loopback.
+"""``hongbao demo``: the Spring-Festival story, end to end, on loopback.
 
-Starts the bank simulator and the gateway as real processes on an embedded
-LMDB in a temporary folder; a few hundred users top up from their cards,
-senders pay group envelopes from their wallets, and everyone in each group
-races to grab; then, with the bank misbehaving, users pay envelopes by card
-and withdraw, and every unclear payment is resolved. Prints a summary, runs
-``hongbao reconcile`` against the live books and the bank, and stops every
-process it started.
+Starts the bank simulator and the gateway (or, with ``--cluster``, a local cluster: three
+NATS JetStream nodes and three SETs) as real processes on embedded LMDB in a folder of
+its own, and tells the story phase by phase (``gateway.ops.demo_story``): top-ups, the
+evening's envelopes and grab races, the midnight peak with admission control at work
+(``gateway.ops.demo_peak``; in cluster mode a SET is killed and restarted during it),
+card payments while a bank fails, the expiry of what was never grabbed, and the
+reconcile against the bank. Each phase has a live progress bar and a one-line result.
+
+Then it writes the report to ``--out`` (default: a new temporary folder, printed):
+``report.html`` (self-contained) with the PNGs beside it (``gateway.ops.report``), and
+``record.json``, everything the report was drawn from, including the reconcile's own
+figures (the ledger's ``flows_fen``) next to what the demo counted. Every process it
+started is stopped by its pid, whatever happens.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import os
 import random
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-import grpc
+from rich.console import Console
 
-from gateway.client import Client, call_patiently
-from gateway.errors import reason_of
-from gateway.ops.procs import banksim_proc, gateway_proc
-from gateway.payments.bank import BankClient
-from gateway.qos.controller import MAX_LEVEL
+from gateway.client import Client
+from gateway.ops import demo_peak, demo_story, loadgen
+from gateway.ops.clusterproc import LocalCluster
+from gateway.ops.procs import Proc, banksim_proc, gateway_proc
 from gateway.security import tickets
-from hongbao.v1 import admin_pb2, envelope_pb2, wallet_pb2
 
-Metadata = tuple[tuple[str, str], ...]  # a call's metadata: here, its ticket
-
-USERS = 300
-SENDERS = 60
-GROUP_SIZE = 40
-TOP_UP_FEN = 50_000
-CONCURRENCY = 128
-CARD_PAYERS = 120
-# The bank misbehaves during the card phase: each a probability per new order.
-CARD_FAULTS = {"decline_rate": 0.05, "timeout_rate": 0.05, "lost_response_rate": 0.05,
-               "late_debit_rate": 0.05, "late_debit_delay_ms": 500, "latency_ms": 20}
-ENV_STATE = {envelope_pb2.ENVELOPE_STATUS_ACTIVE: "succeeded",
-             envelope_pb2.ENVELOPE_STATUS_PAY_UNKNOWN: "unknown",
-             envelope_pb2.ENVELOPE_STATUS_PAYING: "paying",
-             envelope_pb2.ENVELOPE_STATUS_REFUNDED: "refunded",
-             envelope_pb2.ENVELOPE_STATUS_FAILED: "failed (order locked)",
-             envelope_pb2.ENVELOPE_STATUS_SOLD_OUT: "succeeded",
-             envelope_pb2.ENVELOPE_STATUS_EXPIRED: "succeeded"}
-PAY_STATE = {wallet_pb2.PAYMENT_STATUS_SUCCEEDED: "succeeded",
-             wallet_pb2.PAYMENT_STATUS_UNKNOWN: "unknown",
-             wallet_pb2.PAYMENT_STATUS_PENDING: "pending",
-             wallet_pb2.PAYMENT_STATUS_REFUNDED: "refunded",
-             wallet_pb2.PAYMENT_STATUS_FAILED: "failed (order locked)"}
+# Short bank deadline and resolve delay, so unclear payments settle while you watch.
+GATEWAY_CONFIG = ("bank_timeout_s = 1.0\nresolve_delay_s = 1.0\nresolver_max_backoff_s = 2.0\n"
+                  "expiry_sweep_s = 0.5\n")
+KILLED_SET = "s3"
 
 
-class Progress:
-    def __init__(self) -> None:
-        self.tty = sys.stdout.isatty()
-
-    def show(self, phase: str, done: int, total: int) -> None:
-        if self.tty:
-            width = 30
-            filled = width * done // max(total, 1)
-            sys.stdout.write(f"\r  {phase:<22} [{'#' * filled}{'.' * (width - filled)}] "
-                             f"{done}/{total}")
-            sys.stdout.flush()
-
-    def end(self, phase: str, total: int, seconds: float) -> None:
-        if self.tty:
-            sys.stdout.write("\r" + " " * 78 + "\r")
-        print(f"  {phase:<22} {total:>6} in {seconds:6.2f} s")
-
-
-def _pct(sorted_ms: list[float], p: float) -> float:
-    if not sorted_ms:
-        return 0.0
-    return sorted_ms[min(len(sorted_ms) - 1, int(p * len(sorted_ms)))]
-
-
-async def _run_all(coros, phase: str, progress: Progress) -> list:
-    sem = asyncio.Semaphore(CONCURRENCY)
-    done = 0
-    total = len(coros)
-    started = time.monotonic()
-
-    async def one(c):
-        nonlocal done
-        async with sem:
-            r = await c
-        done += 1
-        if done % 25 == 0 or done == total:
-            progress.show(phase, done, total)
-        return r
-
-    results = await asyncio.gather(*(one(c) for c in coros))
-    progress.end(phase, total, time.monotonic() - started)
-    return results
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hongbao demo", description=__doc__.splitlines()[0])
+    p.add_argument("--users", type=int, default=300, help="users (default 300)")
+    p.add_argument("--envelopes", type=int, default=60, help="group envelopes (default 60)")
+    p.add_argument("--peak-seconds", type=int, default=15,
+                   help="seconds of the midnight peak's ramp (default 15)")
+    p.add_argument("--out", type=Path, help="where the report goes (default: a new "
+                   "temporary folder, printed at the end)")
+    p.add_argument("--no-plots", action="store_true", help="the report without plots")
+    p.add_argument("--cluster", action="store_true",
+                   help="three SETs on a 3-node NATS JetStream cluster, one killed mid-peak")
+    p.add_argument("--generators", type=int, default=1,
+                   help="load-generator processes for the peak (default 1: on two cores, "
+                   "a second one takes CPU from the gateway it measures)")
+    p.add_argument("--seed", type=int, help="the story's random seed (default: random)")
+    args = p.parse_args(argv)
+    if not 20 <= args.users <= 100_000:
+        p.error("--users must be in 20..100000")
+    if not 5 <= args.envelopes <= args.users:
+        p.error("--envelopes must be in 5..--users")
+    if not 3 <= args.peak_seconds <= 120:
+        p.error("--peak-seconds must be in 3..120")
+    if not 1 <= args.generators <= 8:
+        p.error("--generators must be in 1..8")
+    return args
 
 
-async def _set_faults(bank_target: str, **faults) -> None:
-    bank = BankClient(bank_target, timeout_s=5)
-    try:
-        await bank.set_faults("", faults)
-    finally:
-        await bank.close()
+class Stack:
+    """The processes of one run: the bank simulator and one gateway, or a local cluster."""
 
-
-async def _card_phase(c: Client, bank_target: str, users: list[str], meta: dict,
-                      rng: random.Random, progress: Progress) -> dict:
-    """Card-paid envelopes and withdrawals with the bank misbehaving; every one resolved."""
-    await _set_faults(bank_target, **CARD_FAULTS)
-    payers = rng.sample(users, CARD_PAYERS)
-
-    def envelope_req(i: int, u: str):
-        return envelope_pb2.SendEnvelopeRequest(
-            request_id=f"card-{i}", total_fen=1_000, count=5,
-            kind=envelope_pb2.ENVELOPE_KIND_LUCKY, card_id=f"icbc-{7000 + i}",
-            pay_method=envelope_pb2.PAY_METHOD_CARD, greeting="新春快乐")
-
-    def withdraw_req(i: int, u: str):
-        return wallet_pb2.WithdrawRequest(request_id=f"wd-{i}", card_id=f"ccb-{8000 + i}",
-                                          amount_fen=2_000)
-
-    async def first(i: int, u: str):
-        try:
-            if i % 2 == 0:
-                r = await c.envelopes.SendEnvelope(envelope_req(i, u), metadata=meta[u],
-                                                   timeout=10)
-                return ENV_STATE.get(r.status, "other")
-            r = await c.wallet.Withdraw(withdraw_req(i, u), metadata=meta[u], timeout=10)
-            return PAY_STATE.get(r.status, "other")
-        except grpc.aio.AioRpcError as err:
-            return reason_of(err) or err.code().name
-
-    initial = await _run_all([first(i, u) for i, u in enumerate(payers)],
-                             "card payments (faults)", progress)
-    await _set_faults(bank_target)
-    final = list(initial)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        open_ = [i for i, s in enumerate(final) if s in ("unknown", "paying", "pending")]
-        if not open_:
-            break
-        await asyncio.sleep(0.5)
-        for i in open_:
-            final[i] = await first(i, payers[i])
-    unknown = [i for i, s in enumerate(initial) if s == "unknown"]
-    return {"total": len(payers), "initial": Counter(initial),
-            "resolved": Counter(final[i] for i in unknown), "still_open": sum(
-                1 for s in final if s in ("unknown", "paying", "pending"))}
-
-
-async def _scenario(target: str, bank_target: str, data_dir: Path,
-                    rng: random.Random) -> dict:
-    """The whole evening against a running gateway; returns what the summary prints."""
-    users = [f"user{i:04d}" for i in range(USERS)]
-    meta, admin = _tickets(data_dir, users)
-    progress = Progress()
-    stats: dict = {"grab_ms": [], "outcomes": {}, "errors": {}}
-    async with Client(target) as c:
-        await _top_ups(c, users, meta, rng, progress)
-        plans = _envelope_plans(users, rng)
-        envelope_ids = await _send_envelopes(c, plans, meta, progress, stats)
-        await _grab_rush(c, users, envelope_ids, meta, rng, progress, stats)
-        stats["credit_lag"] = await _credit_backlog(c, admin)
-        stats["card"] = await _card_phase(c, bank_target, users, meta, rng, progress)
-        stats["views"] = await _envelope_views(c, envelope_ids[:60], meta[users[0]])
-        stats.update(await _wallet_totals(c, users, meta))
-    return stats
-
-
-def _tickets(data_dir: Path, users: list[str]) -> tuple[dict[str, Metadata], Metadata]:
-    """Each user's call metadata (a ticket for pay, grab and read) and the operator's."""
-    ring = tickets.KeyRing.load_or_create(data_dir)
-    meta = {u: Client.bearer(tickets.mint(ring, u, ["pay", "grab", "read"], 3600)[0])
-            for u in users}
-    admin = Client.bearer(tickets.mint(ring, "operator", ["admin"], 3600)[0])
-    return meta, admin
-
-
-async def _top_ups(c: Client, users: list[str], meta: dict[str, Metadata],
-                   rng: random.Random, progress: Progress) -> None:
-    """Every user tops up TOP_UP_FEN from a card of a random bank."""
-    async def top_up(u: str) -> wallet_pb2.TopUpResponse:
-        card = f"{rng.choice(['icbc', 'ccb', 'abc', 'boc'])}-{rng.randrange(10**15, 10**16)}"
-        req = wallet_pb2.TopUpRequest(request_id=f"topup-{u}", card_id=card,
-                                      amount_fen=TOP_UP_FEN)
-        return await c.wallet.TopUp(req, metadata=meta[u], timeout=30)
-
-    await _run_all([top_up(u) for u in users], "top-ups", progress)
-
-
-def _envelope_plans(users: list[str], rng: random.Random
-                    ) -> list[tuple[str, envelope_pb2.SendEnvelopeRequest]]:
-    """SENDERS group envelopes paid from wallets: (sender, request), mostly LUCKY."""
-    senders = rng.sample(users, SENDERS)
-    plans = []
-    for i, s in enumerate(senders):
-        count = rng.randint(5, 30)
-        lucky = rng.random() < 0.8
-        total = rng.randint(count * 100, min(count * 2000, TOP_UP_FEN))
-        if not lucky:
-            total -= total % count
-        plans.append((s, envelope_pb2.SendEnvelopeRequest(
-            request_id=f"send-{i}", total_fen=total, count=count,
-            kind=envelope_pb2.ENVELOPE_KIND_LUCKY if lucky
-            else envelope_pb2.ENVELOPE_KIND_NORMAL,
-            greeting="恭喜发财, 大吉大利", pay_method=envelope_pb2.PAY_METHOD_AUTO)))
-    return plans
-
-
-async def _send_envelopes(c: Client, plans: list[tuple[str, envelope_pb2.SendEnvelopeRequest]],
-                          meta: dict[str, Metadata], progress: Progress,
-                          stats: dict) -> list[str]:
-    """Sends the planned envelopes; returns their ids and counts money and shares."""
-    async def send(s: str, req: envelope_pb2.SendEnvelopeRequest
-                   ) -> envelope_pb2.SendEnvelopeResponse:
-        return await c.envelopes.SendEnvelope(req, metadata=meta[s], timeout=30)
-
-    sent = await _run_all([send(s, r) for s, r in plans], "envelopes sent", progress)
-    stats["sent_fen"] = sum(r.total_fen for _s, r in plans)
-    stats["shares"] = sum(r.count for _s, r in plans)
-    return [r.envelope_id for r in sent]
-
-
-async def _grab_rush(c: Client, users: list[str], envelope_ids: list[str],
-                     meta: dict[str, Metadata], rng: random.Random, progress: Progress,
-                     stats: dict) -> None:
-    """GROUP_SIZE random users race for each envelope, all envelopes at once, shuffled."""
-    async def grab(u: str, env_id: str) -> int:
-        t0 = time.perf_counter()
-        try:
-            r = await c.envelopes.GrabEnvelope(
-                envelope_pb2.GrabEnvelopeRequest(envelope_id=env_id,
-                                                 request_id=f"g-{env_id}"),
-                metadata=meta[u], timeout=30)
-        except grpc.aio.AioRpcError as err:
-            key = reason_of(err) or err.code().name
-            stats["errors"][key] = stats["errors"].get(key, 0) + 1
-            return 0
-        stats["grab_ms"].append((time.perf_counter() - t0) * 1000)
-        name = envelope_pb2.GrabOutcome.Name(r.outcome).removeprefix("GRAB_OUTCOME_")
-        stats["outcomes"][name] = stats["outcomes"].get(name, 0) + 1
-        return r.amount_fen
-
-    attempts = [(u, e) for e in envelope_ids for u in rng.sample(users, GROUP_SIZE)]
-    rng.shuffle(attempts)
-    t0 = time.monotonic()
-    amounts = await _run_all([grab(u, e) for u, e in attempts], "grabs", progress)
-    stats["grab_s"] = time.monotonic() - t0
-    stats["attempts"] = len(attempts)
-    stats["grabbed_fen"] = sum(amounts)
-
-
-async def _credit_backlog(c: Client, admin: Metadata, timeout_s: float = 60.0) -> int:
-    """Waits (at most ``timeout_s``) for the bus consumers to catch up and for full
-    admission (the summary's reads must not be shed or answered from a cache); the credit
-    lag left."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        qos = await c.admin.GetQosStatus(admin_pb2.GetQosStatusRequest(), metadata=admin)
-        if all(t.lag == 0 for t in qos.topics) and qos.admission.level == MAX_LEVEL:
-            break
-        await asyncio.sleep(0.1)
-    return sum(t.lag for t in qos.topics if t.topic == "credit")
-
-
-async def _envelope_views(c: Client, envelope_ids: list[str], meta: Metadata) -> list:
-    """The envelopes as GetEnvelope shows them, one call after another."""
-    views = []
-    for env_id in envelope_ids:
-        v = await call_patiently(lambda e=env_id: c.envelopes.GetEnvelope(
-            envelope_pb2.GetEnvelopeRequest(envelope_id=e), metadata=meta))
-        views.append(v.envelope)
-    return views
-
-
-async def _wallet_totals(c: Client, users: list[str], meta: dict[str, Metadata]) -> dict:
-    """The money in all wallets: ``wallet_fen`` held and ``pending_fen`` on its way."""
-    balances = []
-    for u in users:
-        for _ in range(100):   # a stale answer (the degraded read under load) is not the total
-            b = await call_patiently(lambda u=u: c.wallet.GetBalance(wallet_pb2.GetBalanceRequest(),
-                                                                 metadata=meta[u]))
-            if not b.stale:
-                break
-            await asyncio.sleep(0.1)
-        balances.append((b.balance_fen, b.pending_credit_fen))
-    return {"wallet_fen": sum(b for b, _p in balances),
-            "pending_fen": sum(p for _b, p in balances)}
-
-
-def _print_summary(stats: dict) -> None:
-    ms = sorted(stats["grab_ms"])
-    fen = lambda v: f"{v / 100:,.2f} yuan"  # noqa: E731
-    print("\nWhat happened")
-    print(f"  users                  {USERS} (each topped up {fen(TOP_UP_FEN)} from a card)")
-    print(f"  envelopes              {SENDERS} "
-          f"({stats['shares']} shares, {fen(stats['sent_fen'])})")
-    print(f"  grab attempts          {stats['attempts']}  "
-          + "  ".join(f"{k}={v}" for k, v in sorted(stats["outcomes"].items())))
-    if stats["errors"]:
-        print(f"  grab errors            {stats['errors']}")
-    print(f"  money grabbed          {fen(stats['grabbed_fen'])}")
-    print(f"  grabs/s (client view)  {stats['attempts'] / max(stats['grab_s'], 1e-9):,.0f}")
-    print(f"  grab latency           p50 {_pct(ms, 0.50):.1f} ms   p99 {_pct(ms, 0.99):.1f} ms")
-    print(f"  credit backlog         {stats['credit_lag']} after the rush")
-    print(f"  wallets hold           {fen(stats['wallet_fen'])} "
-          f"(+ {fen(stats['pending_fen'])} pending)")
-    card = stats["card"]
-    fmt = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
-    print(f"  card payments          {card['total']} with bank faults on "
-          f"(half envelopes paid by card, half withdrawals)")
-    print(f"    first answers        {fmt(card['initial'])}")
-    print(f"    unknown, resolved as {fmt(card['resolved'])}")
-    print(f"    still unclear        {card['still_open']}")
-    print("\nBest luck (手气最佳), a few envelopes")
-    shown = 0
-    for v in stats["views"]:
-        if v.best_luck_user_id and v.kind == envelope_pb2.ENVELOPE_KIND_LUCKY and shown < 5:
-            best = max(g.amount_fen for g in v.grabs)
-            least = min(g.amount_fen for g in v.grabs)
-            print(f"  {v.envelope_id}  {v.count:>2} shares of {fen(v.total_fen):>14}: "
-                  f"{v.best_luck_user_id} got {fen(best)} (smallest {fen(least)})")
-            shown += 1
-
-
-def main() -> int:
-    rng = random.Random(secrets.randbits(64))
-    with tempfile.TemporaryDirectory(prefix="hongbao-demo-") as tmp:
-        root = Path(tmp)
-        print(f"Spring Festival eve on loopback (data in {root})")
-        bank = banksim_proc(root / "bank", log_path=root / "banksim.log")
+    def __init__(self, root: Path, cluster: bool) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         config = root / "gateway.toml"
-        # Short bank deadline and resolve delay, so unclear payments settle while you watch.
-        config.write_text("bank_timeout_s = 1.0\nresolve_delay_s = 1.0\n"
-                          "resolver_max_backoff_s = 2.0\n")
-        gw = gateway_proc(root / "gateway", "--config", str(config),
-                          log_path=root / "gateway.log")
-        try:
-            bank.start()
-            gw.cmd += ["--bank", bank.target]
-            gw.start()
-            print(f"  bank simulator pid {bank.pid} on {bank.target}; "
-                  f"gateway pid {gw.pid} on {gw.target}\n")
-            stats = asyncio.run(_scenario(gw.target, bank.target, root / "gateway", rng))
-            _print_summary(stats)
-            print("\nhongbao reconcile (live, cross-checked with the bank)")
-            rec = subprocess.run(
-                [sys.executable, "-m", "gateway.ops.cli", "reconcile", "--data-dir",
-                 str(root / "gateway"), "--bank", bank.target],
-                capture_output=True, text=True, timeout=120)
-            print("\n".join("  " + line for line in rec.stdout.splitlines()))
-            if rec.returncode != 0:
-                print(rec.stderr, file=sys.stderr)
-                return 1
-        except Exception:
-            for p, name in ((gw, "gateway.log"), (bank, "banksim.log")):
-                log = root / name
-                if log.exists():
-                    print(f"--- last lines of {name}", file=sys.stderr)
-                    print("\n".join(log.read_text().splitlines()[-20:]), file=sys.stderr)
+        config.write_text(GATEWAY_CONFIG)
+        self.cluster = LocalCluster(root / "cluster", 3, set_args=("--config", str(config))) \
+            if cluster else None
+        self.bank: Proc = self.cluster.bank if self.cluster is not None else banksim_proc(
+            root / "bank", log_path=root / "banksim.log")  # type: ignore[assignment]
+        self.gateway: Proc | None = None
+        self.load_cpus: set[int] | None = None
+        self._config = config
+
+    def start(self) -> None:
+        """Starts every process. One gateway gets the first CPU to itself (``taskset``)
+        when there are two or more: this process, the bank simulator and the peak's load
+        generators run on the others, so the peak measures the gateway, not their
+        contention (``loadgen.split_cpus``)."""
+        if self.cluster is not None:
+            self.cluster.start()
+            return
+        server, self.load_cpus = loadgen.split_cpus()
+        if self.load_cpus is not None:
+            os.sched_setaffinity(0, self.load_cpus)  # children started from now inherit it
+        self.bank.start()
+        self.gateway = gateway_proc(self.root / "gateway", "--config", str(self._config),
+                                    bank=self.bank.target, log_path=self.root / "gateway.log")
+        if server is not None and shutil.which("taskset"):
+            self.gateway.cmd = ["taskset", "-c", ",".join(map(str, server)), *self.gateway.cmd]
+        self.gateway.start()
+
+    @property
+    def targets(self) -> list[str]:
+        """Where clients call: the gateway, or the SETs that stay up (any SET serves any call)."""
+        if self.cluster is not None:
+            return [a for n, a in self.cluster.addresses.items() if n != KILLED_SET]
+        assert self.gateway is not None
+        return [self.gateway.target]
+
+    def ticket(self, user: str, scopes: tuple[str, ...]) -> str:
+        if self.cluster is not None:
+            return self.cluster.ticket(user, scopes)
+        ring = tickets.KeyRing.load_or_create(self.root / "gateway")
+        return tickets.mint(ring, user, list(scopes), 3600)[0]
+
+    def describe(self) -> str:
+        if self.cluster is not None:
+            sets = ", ".join(f"{n} on {a} (pid {s.proc.pid if s.proc else '?'})"
+                             for n, a, s in ((n, s.address, s)
+                                             for n, s in self.cluster.sets.items()))
+            return (f"bank simulator pid {self.bank.pid}; NATS "
+                    f"{', '.join(self.cluster.nats.urls)}; SETs {sets}")
+        assert self.gateway is not None
+        return (f"bank simulator pid {self.bank.pid} on {self.bank.target}; "
+                f"gateway pid {self.gateway.pid} on {self.gateway.target}")
+
+    def during_peak(self, peak_seconds: int) -> Callable[[float], Awaitable[dict]] | None:
+        """In cluster mode: SET s3 killed a third of the way into the peak, back at two
+        thirds; the marks are seconds from the peak's start."""
+        if self.cluster is None:
+            return None
+        victim = self.cluster.sets[KILLED_SET]
+
+        async def kill_and_restart(t0: float) -> dict[str, float]:
+            await asyncio.sleep(max(0.0, t0 + peak_seconds / 3 - time.monotonic()))
+            victim.kill()
+            killed = time.monotonic() - t0
+            await asyncio.sleep(max(0.0, t0 + 2 * peak_seconds / 3 - time.monotonic()))
+            await asyncio.to_thread(victim.start)
+            return {"killed": killed, "back": time.monotonic() - t0}
+        return kill_and_restart
+
+    def reconcile(self, json_out: bool) -> subprocess.CompletedProcess:
+        if self.cluster is not None:
+            set_file = self.cluster.sets["s1"].cluster_file
+            cmd = ["reconcile", "--cluster", str(set_file), "--key-file",
+                   str(self.cluster.key_file), "--bank", self.bank.target]
+        else:
+            cmd = ["reconcile", "--data-dir", str(self.root / "gateway"), "--bank",
+                   self.bank.target]
+        return subprocess.run([sys.executable, "-m", "gateway.ops.cli", *cmd,
+                               *(["--json"] if json_out else [])],
+                              capture_output=True, text=True, timeout=180)
+
+    def ledger(self) -> tuple[dict[str, int], dict[str, int]]:
+        """The ledger's own figures, summed over every SET: the flows (reconcile totals
+        ``flows_fen``) and what is left in wallets, envelopes and pending credits."""
+        dirs = ([s.data_dir for s in self.cluster.sets.values()] if self.cluster is not None
+                else [self.root / "gateway"])
+        flows: dict[str, int] = defaultdict(int)
+        left = {"wallet_fen": 0, "escrow_fen": 0, "pending_fen": 0}
+        for d in dirs:
+            out = subprocess.run([sys.executable, "-m", "gateway.ops.cli", "reconcile",
+                                  "--data-dir", str(d), "--json"],
+                                 capture_output=True, text=True, timeout=180)
+            totals = json.loads(out.stdout)["totals"]
+            for k, v in totals.get("flows_fen", {}).items():
+                flows[k] += v
+            for k in left:
+                left[k] += totals.get(k, 0)
+        return dict(flows), left
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+            return
+        if self.gateway is not None:
+            self.gateway.stop()
+        self.bank.stop()
+
+    def kill(self) -> None:
+        procs = ([g.proc for g in self.cluster.all_groups()] if self.cluster is not None
+                 else [self.gateway]) + [self.bank]
+        for p in procs:
+            if p is not None:
                 p.kill()
-            raise
-        finally:
-            gw.stop()
-            bank.stop()
-        print("\nstopped every process the demo started")
-    return 0
+
+
+async def _story(stack: Stack, args: argparse.Namespace, console: Console,
+                 rng: random.Random) -> dict[str, Any]:
+    users = [f"user{i:04d}" for i in range(args.users)]
+    raw = {u: stack.ticket(u, ("pay", "grab", "read")) for u in users}
+    admin = Client.bearer(stack.ticket("operator", ("admin",)))
+    async with Client(stack.targets[0]) as c:
+        s = demo_story.Story(c, stack.bank.target, users,
+                             {u: Client.bearer(t) for u, t in raw.items()}, admin, rng,
+                             console, args.envelopes)
+        s.tickets = raw
+        await demo_story.top_ups(s)
+        await demo_story.evening(s)
+        await demo_peak.peak(s, stack.targets, args.peak_seconds, args.generators,
+                             stack.during_peak(args.peak_seconds), stack.load_cpus)
+        await demo_story.card_phase(s)
+        await demo_story.expiry(s)
+        await demo_story.splits(s)
+        s.record["timeline"] = _timeline(s.record)
+        return s.record
+
+
+def _timeline(record: dict[str, Any]) -> dict[str, list]:
+    """Grabs per second and their latency p50/p99, over the whole run: the evening's
+    grabs one by one, the peak's per second (its P0 calls' latencies)."""
+    count: dict[int, int] = defaultdict(int)
+    lat: dict[int, list[float]] = defaultdict(list)
+    for t, ms in record["grabs"]:
+        count[int(t)] += 1
+        lat[int(t)].append(ms)
+    peak = record.get("peak", {})
+    for t, n, ms in zip(peak.get("t_s", []), peak.get("grab_ok", []),
+                        peak.get("p0_lat_ms", []), strict=False):
+        count[int(t)] += n
+        lat[int(t)].extend(ms)
+    seconds = range(min(count, default=0), max(count, default=-1) + 1)
+    ordered = {t: sorted(lat[t]) for t in seconds}
+    def q(t: int, p: float) -> float | None:  # a second without grabs has no latency
+        return demo_story.pct(ordered[t], p) if ordered[t] else None
+
+    return {"t_s": [t + 0.5 for t in seconds], "grabs_per_s": [count[t] for t in seconds],
+            "p50_ms": [q(t, 0.50) for t in seconds], "p99_ms": [q(t, 0.99) for t in seconds]}
+
+
+def _ledger_figures(stack: Stack, record: dict[str, Any], console: Console) -> bool:
+    """The reconcile against the bank (printed), and the ledger's flows for the report."""
+    started = time.monotonic()
+    shown = stack.reconcile(json_out=False)
+    balanced = shown.returncode == 0 and "BALANCED" in shown.stdout
+    flows, totals = stack.ledger()
+    pick = lambda prefix, to="": sum(v for k, v in flows.items()  # noqa: E731
+                                     if k.startswith(prefix) and k.endswith(to))
+    record["ledger"] = {"flows_fen": flows, **totals}
+    record["flows"] = {
+        "top_ups_fen": pick("top_up:clearing->wallet"),
+        "card_sends_fen": pick("envelope_sent:clearing->"),
+        "balance_sends_fen": pick("envelope_sent:wallet->"),
+        "grabs_credited_fen": pick("envelope_credit:", "->wallet"),
+        "expiry_refunds_fen": pick("expiry_refund:"),
+        "withdrawals_fen": pick("withdraw:hold->clearing"),
+        "unlocks_fen": pick("photo_unlock:"),
+        "wallets_fen": totals["wallet_fen"], "escrow_fen": totals["escrow_fen"],
+        "pending_fen": totals["pending_fen"]}
+    record["reconcile"] = {"balanced": balanced, "text": shown.stdout.strip()}
+    record["phases"].append({"name": "reconcile", "start_s": record["phases"][-1]["end_s"],
+                             "end_s": record["phases"][-1]["end_s"]
+                             + time.monotonic() - started,
+                             "result": "BALANCED" if balanced else "NOT BALANCED"})
+    console.print(f"  [bold]{'reconcile':<22}[/bold] "
+                  + ("[green]BALANCED[/green]: every fen is accounted for, the bank agrees"
+                     if balanced else "[red]NOT BALANCED[/red]"))
+    for line in shown.stdout.splitlines():
+        console.print("    " + line, highlight=False, markup=False)
+    if not balanced:
+        console.print(shown.stderr, markup=False)
+    return balanced
+
+
+def _summary(record: dict[str, Any], console: Console) -> None:
+    f = record["flows"]
+    y = demo_story.yuan
+    console.print("\n[bold]Where every yuan went[/bold] (from the ledger)")
+    for label, key in (("cards -> wallets (top-ups)", "top_ups_fen"),
+                       ("cards -> envelopes", "card_sends_fen"),
+                       ("wallets -> envelopes", "balance_sends_fen"),
+                       ("envelopes -> wallets (grabs)", "grabs_credited_fen"),
+                       ("envelopes -> senders (expiry)", "expiry_refunds_fen"),
+                       ("wallets -> cards (withdrawals)", "withdrawals_fen"),
+                       ("wallets -> wallets (unlocks)", "unlocks_fen"),
+                       ("left in wallets", "wallets_fen"), ("left in envelopes", "escrow_fen"),
+                       ("credits on their way", "pending_fen")):
+        console.print(f"  {label:<32} {y(f[key]):>18}")
+    console.print("\n[bold]Best luck[/bold] (手气最佳), a few envelopes")
+    for e in record.get("envelopes", [])[:5]:
+        best = max(e["shares_fen"], default=0)
+        console.print(f"  {e['id']}  {len(e['shares_fen']):>2} shares of "
+                      f"{y(e['total_fen']):>14}: {e['best_luck_user']} got {y(best)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    console = Console(highlight=False, soft_wrap=True)
+    seed = args.seed if args.seed is not None else secrets.randbits(32)
+    out = args.out or Path(tempfile.mkdtemp(prefix="hongbao-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    stack = Stack(out / "data", args.cluster)
+    title = "Spring Festival eve on loopback" + (" (cluster: 3 SETs)" if args.cluster else "")
+    console.print(f"[bold]{title}[/bold]: {args.users} users, {args.envelopes} envelopes, "
+                  f"seed {seed}; report and data in {out}")
+    try:
+        stack.start()
+        console.print(f"  {stack.describe()}\n")
+        record = asyncio.run(_story(stack, args, console, random.Random(seed)))
+        balanced = _ledger_figures(stack, record, console)
+    except BaseException:
+        _tails(out / "data", console)
+        stack.kill()
+        raise
+    finally:
+        stack.stop()
+    console.print("\nstopped every process the demo started")
+    record.update(title=title, mode="cluster" if args.cluster else "embedded", seed=seed,
+                  users=args.users, counted=dict(record["counted"]))
+    _summary(record, console)
+    (out / "record.json").write_text(json.dumps(record, indent=1, default=str))
+    from gateway.ops.report import write_report  # matplotlib: loaded only to draw
+    html = write_report(record, out, plots=not args.no_plots)
+    console.print(f"\nreport: {html}")
+    return 0 if balanced else 1
+
+
+def _tails(root: Path, console: Console) -> None:
+    """The last lines of every process log of the run, to see why it failed."""
+    for log in sorted(root.rglob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-15:]
+        console.print(f"--- last lines of {log.relative_to(root)}", markup=False)
+        console.print("\n".join(lines), markup=False)

@@ -75,7 +75,7 @@ from typing import Any
 
 import grpc
 
-from gateway.client import Client
+from gateway.client import Client, call_patiently
 from gateway.errors import reason_of
 from hongbao.v1 import envelope_pb2, moments_pb2, notification_pb2, wallet_pb2
 
@@ -156,9 +156,11 @@ class Load:
             self.lat_ms[second].append((time.perf_counter() - started) * 1000.0)
 
     async def presend(self) -> None:
-        """A send by a random user, untallied: fills the pool before the clock starts."""
+        """A send by a random user, untallied: fills the pool before the clock starts. A
+        send the server sheds (a worker still busy from earlier load) is made again after
+        its pushback: shedding changed nothing."""
         user = self.rng.randrange(len(self.users))
-        await self._send(user, self.metas[user])
+        await call_patiently(lambda: self._send(user, self.metas[user]))
 
     def _classify(self, err: grpc.aio.AioRpcError) -> int:
         code = err.code()
@@ -423,6 +425,17 @@ class Generators:
             if msg == kind:
                 got[gid] = payload
         return got
+
+
+def split_cpus() -> tuple[set[int] | None, set[int] | None]:
+    """(server CPUs, load CPUs) for a server measured under load on this machine: the first
+    CPU this process may use for the server, the others for the generators and everything
+    else; (None, None) when there is only one. Two processes on one CPU measure their
+    contention, not the server."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
 
 
 def spawn(specs: list[dict], ready_timeout_s: float = START_TIMEOUT_S) -> Generators:
