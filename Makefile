@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py protos_build.py $(wildcard protos/*/v1/*.proto) $(wildcard hotpath/*.pyx hotpath/*.pxd)
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: demo test lint bench bench-overload soak chaos sim protos clean install debug-test h2load redis \
-	nats-server cluster cluster-test
+	nats-server cluster cluster-test demo-cluster docs-images
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +20,16 @@ $(STAMP): $(SOURCES)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hongbao demo
+	$(VENV)/bin/hongbao demo $(DEMO_ARGS)
+
+demo-cluster: $(STAMP) nats-server
+	$(VENV)/bin/hongbao demo --cluster $(DEMO_ARGS)
+
+# The report's peak plot shown in the README: a fresh demo run with a fixed seed.
+docs-images: $(STAMP)
+	rm -rf build/docs-demo
+	$(VENV)/bin/hongbao demo --seed 2026 --out build/docs-demo
+	cp build/docs-demo/peak.png docs/demo-peak.png
 
 # h2load (Debian's nghttp2-client) is the overload test's load generator.
 H2LOAD := $(shell command -v h2load)
