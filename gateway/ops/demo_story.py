@@ -55,7 +55,8 @@ BANKS = ("icbc", "ccb", "abc", "boc")
 # The bank misbehaves during the card phase: each a probability per new order.
 CARD_FAULTS = {"decline_rate": 0.05, "timeout_rate": 0.05, "lost_response_rate": 0.05,
                "late_debit_rate": 0.05, "late_debit_delay_ms": 500, "latency_ms": 20}
-CARD_PHASE_S = 6.0
+CARD_PHASE_S = 6.0  # at most; a small run's card payments are spread over less (PACE_PER_S)
+PACE_PER_S = 20.0
 AUTO_FEN = TOP_UP_FEN + 10_000  # more than a wallet holds: AUTO pays by card
 OPEN_STATES = ("unknown", "paying", "pending")
 FIRST = {envelope_pb2.ENVELOPE_STATUS_ACTIVE: "succeeded",
@@ -293,15 +294,17 @@ class CardPay:
 
 async def card_phase(s: Story) -> None:
     """Card-paid envelopes, withdrawals and AUTO sends over the balance, paced over
-    CARD_PHASE_S with the bank misbehaving; a third of the way in icbc's direct channel
-    goes down, two thirds in all of icbc. Then every unclear payment is resolved."""
+    CARD_PHASE_S (less for a few payments) with the bank misbehaving; a third of the way
+    in icbc's direct channel goes down, two thirds in all of icbc. Then every unclear
+    payment is resolved."""
     pays = _card_payments(s)
     marks: dict[str, float] = {}
+    spread_s = min(CARD_PHASE_S, max(2.0, len(pays) / PACE_PER_S))
     async with s.phase("card payments", len(pays)) as ph:
         before = await _ccb_balances(s)
         await s.bank(CARD_FAULTS)
-        outage = asyncio.ensure_future(_outage(s, marks))
-        await _paced(s, ph, pays)
+        outage = asyncio.ensure_future(_outage(s, marks, spread_s))
+        await _paced(s, ph, pays, spread_s)
         await outage
         await s.bank()  # every fault off, icbc back
         await _resolve(s, pays)
@@ -365,9 +368,9 @@ async def _ask(p: CardPay) -> str:
             reason, "failed")
 
 
-async def _paced(s: Story, ph: Phase, pays: list[CardPay]) -> None:
-    """Starts the payments evenly over CARD_PHASE_S, each its own task."""
-    gap_s = CARD_PHASE_S / max(1, len(pays))
+async def _paced(s: Story, ph: Phase, pays: list[CardPay], spread_s: float) -> None:
+    """Starts the payments evenly over ``spread_s``, each its own task."""
+    gap_s = spread_s / max(1, len(pays))
 
     async def one(p: CardPay) -> None:
         p.first = await _ask(p)
@@ -381,11 +384,11 @@ async def _paced(s: Story, ph: Phase, pays: list[CardPay]) -> None:
     await asyncio.gather(*tasks)
 
 
-async def _outage(s: Story, marks: dict[str, float]) -> None:
-    await asyncio.sleep(CARD_PHASE_S / 3)
+async def _outage(s: Story, marks: dict[str, float], spread_s: float) -> None:
+    await asyncio.sleep(spread_s / 3)
     await s.bank(CARD_FAULTS, "icbc", channel="direct", down=True)
     marks["direct"] = round(s.now(), 3)
-    await asyncio.sleep(CARD_PHASE_S / 3)
+    await asyncio.sleep(spread_s / 3)
     await s.bank(CARD_FAULTS, "icbc", down=True)
     marks["bank"] = round(s.now(), 3)
 
