@@ -48,7 +48,9 @@ KILLED_SET = "s3"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hongbao demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="hongbao demo", description="The Spring-Festival story, end to end, on loopback: "
+        "live phases, a summary, and a report with plots (report.html) in --out.")
     p.add_argument("--users", type=int, default=300, help="users (default 300)")
     p.add_argument("--envelopes", type=int, default=60, help="group envelopes (default 60)")
     p.add_argument("--peak-seconds", type=int, default=15,
