@@ -180,13 +180,19 @@ def test_whole_bank_down_auto_completes_on_the_second_card(bank_stack):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await send(c, u, total, 3, rid="by-icbc", card_id=ICBC,
                            pay_method=envelope_pb2.PAY_METHOD_CARD)
+            # Another user whose only card is icbc's: AUTO says the bank, not the balance.
+            solo = bank_stack.meta("solo")
+            await bind(c, solo, ICBC)
+            with pytest.raises(grpc.aio.AioRpcError) as no_card:
+                await send(c, solo, total, 3, rid="solo")
             feed = await _take(c, u, 0, n_sends + 1, timeout_s=3)
             cards = (await card_balance(bank_stack, ICBC), await card_balance(bank_stack, CCB))
             rows = await qos_rows(c, bank_stack, "icbc")
             await faults(bank_stack, "icbc")
-            return sent, again, refused.value, feed, cards, rows
+            return sent, again, refused.value, feed, cards, rows, no_card.value
 
-    sent, again, refused, feed, (icbc, ccb), rows = run(scenario())
+    sent, again, refused, feed, (icbc, ccb), rows, no_card = run(scenario())
+    assert reason_of(no_card) == "BANK_CIRCUIT_OPEN", reason_of(no_card)
     assert all(s.paid_via == envelope_pb2.PAY_METHOD_CARD
                and s.status == envelope_pb2.ENVELOPE_STATUS_ACTIVE for s in sent)
     assert again.envelope_id == sent[0].envelope_id

@@ -127,12 +127,15 @@ class CardPayments:
         raise_refusal(payment)
         return payment
 
+    async def bound_cards(self, user_id: str) -> list[str]:
+        """The user's bound cards, most preferred first."""
+        return [] if self._bound is None else await self._bound.list(user_id)
+
     async def usable_cards(self, user_id: str, exclude: str = "") -> list[str]:
         """The user's bound cards, most preferred first, whose bank takes payments now."""
-        if self._bound is None or self._payer is None:
+        if self._payer is None:
             return []
-        return [c for c in await self._bound.list(user_id)
-                if c != exclude and self.usable(c)]
+        return [c for c in await self.bound_cards(user_id) if c != exclude and self.usable(c)]
 
     def usable(self, card_id: str) -> bool:
         """Whether a payment with ``card_id`` could reach its bank now (a channel admits)."""

@@ -123,9 +123,10 @@ class Sending:
                 kind=cmd.kind, greeting=cmd.greeting, expires_in_s=expires_in_s,
                 shares=shares)
         except errors.FailedPrecondition as short_of:
-            # AUTO without a card named: the bound cards take over, if there are any.
+            # AUTO without a card named: the bound cards take over, if there are any (with
+            # every one's bank failing, the answer is BANK_CIRCUIT_OPEN, not the balance).
             if (method != PayMethod.AUTO or short_of.reason != "INSUFFICIENT_BALANCE"
-                    or not await self._cards.usable_cards(user_id)):
+                    or not await self._cards.bound_cards(user_id)):
                 raise
             return await self._auto_by_card(user_id, cmd, expires_in_s, shares, fp, None)
         if method == PayMethod.AUTO and result.paid_via == PayMethod.CARD:
