@@ -272,6 +272,12 @@ class Notice:
     created_at_ms: int
 
 
+# A card payment FAILED for one of these is known not to have moved money: refused before
+# anything reached the bank, or declined by it. Another card may take over (AUTO).
+SWITCHABLE_REASONS = frozenset({"BANK_BUSY", "BANK_CIRCUIT_OPEN", "BANK_CHANNEL_DOWN",
+                                "CARD_DECLINED", "CARD_INSUFFICIENT_FUNDS"})
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Payment:
     payment_id: str
@@ -294,11 +300,10 @@ class Payment:
     def open(self) -> bool:
         return self.status in OPEN_PAYMENT_STATES
 
-
-# A card payment FAILED for one of these is known not to have moved money: refused before
-# anything reached the bank, or declined by it. Another card may take over (AUTO).
-SWITCHABLE_REASONS = frozenset({"BANK_BUSY", "BANK_CIRCUIT_OPEN", "BANK_CHANNEL_DOWN",
-                                "CARD_DECLINED", "CARD_INSUFFICIENT_FUNDS"})
+    @property
+    def replaceable(self) -> bool:
+        """FAILED without moving money (see SWITCHABLE_REASONS): another card may take over."""
+        return self.status == PaymentStatus.FAILED and self.reason in SWITCHABLE_REASONS
 
 
 class PaymentBegun(NamedTuple):

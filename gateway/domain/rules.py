@@ -29,7 +29,6 @@ from gateway.domain.keys import (
 )
 from gateway.domain.model import (
     SLOT_MOVE_KIND,
-    SWITCHABLE_REASONS,
     CardEnvelope,
     CreditKind,
     EnvelopeStatus,
@@ -345,10 +344,11 @@ def _load_payment(b: Books, payment_id: str) -> tuple[Payment, bytes, int]:
 def _save_payment(b: Books, p: Payment, fp: bytes, old_due_ms: int, due_ms: int) -> None:
     """Writes the payment and keeps its entry in the resolver's due index in step."""
     pid = p.payment_id.encode()
-    if old_due_ms:
-        b.tx.delete(keys.RESOLVE, keys.due_key(old_due_ms, pid))
-    if due_ms:
-        b.tx.put(keys.RESOLVE, keys.due_key(due_ms, pid), b"")
+    if old_due_ms != due_ms:
+        if old_due_ms:
+            b.tx.delete(keys.RESOLVE, keys.due_key(old_due_ms, pid))
+        if due_ms:
+            b.tx.put(keys.RESOLVE, keys.due_key(due_ms, pid), b"")
     b.tx.put(keys.PAYMENTS, pid, records.pack_payment(p, fp, due_ms))
 
 
@@ -393,7 +393,7 @@ def begin_payment(b: Books, payment: Payment, fingerprint: bytes, due_in_ms: int
 def _give_up(b: Books, old_id: str, new: Payment) -> None:
     """Checks that the payment ``new`` replaces moved no money, and tells the user."""
     old, _fp, _due = _load_payment(b, old_id)
-    if old.status != PaymentStatus.FAILED or old.reason not in SWITCHABLE_REASONS:
+    if not old.replaceable:
         raise errors.FailedPrecondition(
             "PAYMENT_NOT_REPLACEABLE", "only a payment known not to have moved money may be "
             "taken over by another card", payment_id=old_id, status=old.status.name)

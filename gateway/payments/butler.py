@@ -472,7 +472,10 @@ class PaymentButler:
         tried: set[str] = set()
         refusal: Exception | None = None
         while True:
-            s = self._pick(chans, channel, tried) or self._not_admitted(chans, tried, refusal)
+            picked = self._pick(chans, channel, tried)
+            if picked is None:  # every channel tried or shut: the last refusal, else the breakers'
+                raise refusal or self._reject_open(chans[0], all_channels=True)
+            s = picked
             if s.channel != channel:
                 await switch(s.channel)
                 s.rerouted_in += 1
@@ -488,13 +491,6 @@ class PaymentButler:
             except BankBusy as err:  # ChannelDown included: the bank recorded nothing
                 refusal = err
             tried.add(s.channel)
-
-    def _not_admitted(self, chans: list[_Steward], tried: set[str],
-                      refusal: Exception | None) -> _Steward:
-        """Raises the last refusal, or BANK_CIRCUIT_OPEN when no channel admitted the call."""
-        if refusal is not None:
-            raise refusal
-        raise self._reject_open(chans[0], all_channels=True)
 
     async def _through(self, s: _Steward, call: Callable[[], Awaitable[T]],
                        order_id: str | None) -> T:

@@ -13,9 +13,7 @@ from gateway.domain.model import (
     SWITCHABLE_REASONS,
     CardEnvelope,
     EnvelopeKind,
-    Payment,
     PaymentKind,
-    PaymentStatus,
     PayMethod,
     SendResult,
 )
@@ -172,7 +170,7 @@ class Sending:
         replaces = ""
         if existing is not None:
             latest = await self._ledger.get_payment(existing.payment_id)
-            if latest is None or not _switchable(latest):
+            if latest is None or not latest.replaceable:
                 await self._cards.refuse_if_refused(existing.payment_id)
                 return existing
             replaces = latest.payment_id
@@ -202,6 +200,3 @@ def fp_of(cmd: SendCommand) -> bytes:
     return fingerprint("send", cmd.total_fen, cmd.count, cmd.kind, cmd.greeting,
                        cmd.pay_method or PayMethod.AUTO, cmd.card_id, cmd.expires_in_s)
 
-
-def _switchable(p: Payment) -> bool:
-    return p.status == PaymentStatus.FAILED and p.reason in SWITCHABLE_REASONS
