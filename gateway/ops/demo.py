@@ -203,10 +203,8 @@ async def _story(stack: Stack, args: argparse.Namespace, console: Console,
     raw = {u: stack.ticket(u, ("pay", "grab", "read")) for u in users}
     admin = Client.bearer(stack.ticket("operator", ("admin",)))
     async with Client(stack.targets[0]) as c:
-        s = demo_story.Story(c, stack.bank.target, users,
-                             {u: Client.bearer(t) for u, t in raw.items()}, admin, rng,
-                             console, args.envelopes)
-        s.tickets = raw
+        s = demo_story.Story(c, stack.bank.target, users, raw, admin, rng, console,
+                             args.envelopes)
         await demo_story.top_ups(s)
         await demo_story.evening(s)
         await demo_peak.peak(s, stack.targets, args.peak_seconds, args.generators,

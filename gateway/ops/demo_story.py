@@ -59,18 +59,18 @@ CARD_PHASE_S = 6.0  # at most; a small run's card payments are spread over less 
 PACE_PER_S = 20.0
 AUTO_FEN = TOP_UP_FEN + 10_000  # more than a wallet holds: AUTO pays by card
 OPEN_STATES = ("unknown", "paying", "pending")
-FIRST = {envelope_pb2.ENVELOPE_STATUS_ACTIVE: "succeeded",
-         envelope_pb2.ENVELOPE_STATUS_PAY_UNKNOWN: "unknown",
-         envelope_pb2.ENVELOPE_STATUS_PAYING: "paying",
-         envelope_pb2.ENVELOPE_STATUS_REFUNDED: "refunded",
-         envelope_pb2.ENVELOPE_STATUS_FAILED: "locked",
-         envelope_pb2.ENVELOPE_STATUS_SOLD_OUT: "succeeded",
-         envelope_pb2.ENVELOPE_STATUS_EXPIRED: "succeeded",
-         wallet_pb2.PAYMENT_STATUS_SUCCEEDED + 100: "succeeded",
-         wallet_pb2.PAYMENT_STATUS_UNKNOWN + 100: "unknown",
-         wallet_pb2.PAYMENT_STATUS_PENDING + 100: "pending",
-         wallet_pb2.PAYMENT_STATUS_REFUNDED + 100: "refunded",
-         wallet_pb2.PAYMENT_STATUS_FAILED + 100: "locked"}
+ENVELOPE_STATE = {envelope_pb2.ENVELOPE_STATUS_ACTIVE: "succeeded",
+                  envelope_pb2.ENVELOPE_STATUS_PAY_UNKNOWN: "unknown",
+                  envelope_pb2.ENVELOPE_STATUS_PAYING: "paying",
+                  envelope_pb2.ENVELOPE_STATUS_REFUNDED: "refunded",
+                  envelope_pb2.ENVELOPE_STATUS_FAILED: "locked",
+                  envelope_pb2.ENVELOPE_STATUS_SOLD_OUT: "succeeded",
+                  envelope_pb2.ENVELOPE_STATUS_EXPIRED: "succeeded"}
+PAYMENT_STATE = {wallet_pb2.PAYMENT_STATUS_SUCCEEDED: "succeeded",
+                 wallet_pb2.PAYMENT_STATUS_UNKNOWN: "unknown",
+                 wallet_pb2.PAYMENT_STATUS_PENDING: "pending",
+                 wallet_pb2.PAYMENT_STATUS_REFUNDED: "refunded",
+                 wallet_pb2.PAYMENT_STATUS_FAILED: "locked"}
 
 
 def yuan(fen: int) -> str:
@@ -105,19 +105,19 @@ class Story:
     """The run's shared state: the client, the users and their tickets, the record."""
 
     def __init__(self, client: Client, bank_target: str, users: list[str],
-                 metas: dict[str, Metadata], admin: Metadata, rng: random.Random,
+                 tickets: dict[str, str], admin: Metadata, rng: random.Random,
                  console: Console, envelopes: int) -> None:
         self.c = client
         self.bank_target = bank_target
         self.users = users
-        self.meta = metas
+        self.tickets = tickets  # each user's ticket (the load generators take them so)
+        self.meta = {u: Client.bearer(t) for u, t in tickets.items()}  # a call's metadata
         self.admin = admin
         self.rng = rng
         self.console = console
         self.envelopes = envelopes
         self.t0 = time.monotonic()
         self.record: dict[str, Any] = {"phases": [], "grabs": [], "counted": Counter()}
-        self.tickets: dict[str, str] = {}  # each user's ticket itself (load generators)
         self.binders = users[:max(4, len(users) // 8)]
         self.short_lived: list[str] = []
         self.evening_envelopes: list[str] = []
@@ -347,7 +347,7 @@ def _sender(s: Story, u: str, req: envelope_pb2.SendEnvelopeRequest
             ) -> Callable[[], Awaitable[str]]:
     async def call() -> str:
         r = await s.c.envelopes.SendEnvelope(req, metadata=s.meta[u], timeout=10)
-        return FIRST.get(r.status, "other")
+        return ENVELOPE_STATE.get(r.status, "other")
     return call
 
 
@@ -355,7 +355,7 @@ def _withdrawer(s: Story, u: str, req: wallet_pb2.WithdrawRequest
                 ) -> Callable[[], Awaitable[str]]:
     async def call() -> str:
         r = await s.c.wallet.Withdraw(req, metadata=s.meta[u], timeout=10)
-        return FIRST.get(r.status + 100, "other")
+        return PAYMENT_STATE.get(r.status, "other")
     return call
 
 
