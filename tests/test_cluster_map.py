@@ -90,6 +90,8 @@ def test_init_show_move_through_the_command(nats_cluster):
     urls = ",".join(nats_cluster.urls)
     none = _cli("show", "--nats", urls)
     assert none.returncode == 2 and "no slot map yet" in none.stderr
+    no_history = _cli("show", "--nats", urls, "--history")
+    assert no_history.returncode == 2 and "no slot map yet" in no_history.stderr
     sets = [a for s, addr in SETS.items() for a in ("--set", f"{s}={addr}")]
     init = _cli("init", "--nats", urls, *sets)
     assert init.returncode == 0, init.stderr

@@ -123,6 +123,16 @@ async def _landed_between(js: Any, after: int, before: int) -> list[bytes]:
 
 
 async def history(js: Any) -> list[SlotMap]:
-    """The stored versions, oldest first (at most HISTORY)."""
-    kv = await bucket(js)
-    return [SlotMap.from_json(e.value) for e in await kv.history(KEY) if e.value]
+    """The stored versions, oldest first (at most HISTORY), read from the stream leader.
+
+    Not the key-value ``history``: it watches through an ephemeral consumer, and on a
+    replicated bucket that consumer can report nothing pending for a moment after an
+    update, so the watch ends empty ("no keys found", seen in tests/test_cluster_map.py).
+    The leader holds every acknowledged version; the bucket is small (one key, 64 kept).
+    """
+    await bucket(js)
+    info = await js.stream_info(f"KV_{BUCKET}")
+    first, last = info.state.first_seq, info.state.last_seq
+    if not last:
+        return []
+    return [SlotMap.from_json(data) for data in await _landed_between(js, first - 1, last + 1)]

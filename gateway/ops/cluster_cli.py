@@ -102,7 +102,10 @@ async def _run(args: argparse.Namespace) -> str:
                 return (await mapstore.move(js, parse_slots(args.slots), args.to)).describe()
             return (await _handoff(js, args)).describe()
         if args.history:
-            return "\n".join(m.describe() for m in await mapstore.history(js))
+            versions = await mapstore.history(js)
+            if not versions:
+                raise MapError("the cluster has no slot map yet: run `hongbao cluster init`")
+            return "\n".join(m.describe() for m in versions)
         return (await mapstore.load(js))[0].describe()
     finally:
         await nc.close()
