@@ -110,6 +110,10 @@ class Workload:
         return True
 
 
+async def _equals(value, want: int) -> bool:
+    return await value == want
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """One cluster for the module: each test restarts what it killed and uses its own
@@ -137,6 +141,11 @@ def test_a_dead_set_answers_set_down_elsewhere_and_its_credits_wait_in_the_strea
             envelope_pb2.SendEnvelopeRequest(request_id="x", total_fen=900, count=3,
                                              kind=envelope_pb2.ENVELOPE_KIND_NORMAL),
             metadata=w.meta(s2_sender)), user=s2_sender)).envelope_id
+        async def landed() -> int:
+            b = await w.cc.call(lambda c: c.wallet.GetBalance(
+                wallet_pb2.GetBalanceRequest(), metadata=w.meta(s1_user)), user=s1_user)
+            return b.balance_fen
+        start = await landed()   # s1_user only sends: nothing more comes to it until below
         cluster.sets["s1"].kill()
         via2 = w.cc.client(cluster.sets["s2"].address)
         plain = w.cluster.ticket(s1_user)
@@ -154,16 +163,11 @@ def test_a_dead_set_answers_set_down_elsewhere_and_its_credits_wait_in_the_strea
         await asyncio.sleep(0.5)
         cluster.sets["s1"].start()
         await w.settle()
-
-        async def landed():
-            b = await w.cc.call(lambda c: c.wallet.GetBalance(
-                wallet_pb2.GetBalanceRequest(), metadata=w.meta(s1_user)), user=s1_user)
-            return b
-        before = (await landed()).balance_fen
+        # The share s2 owed s1_user waited in the stream: it lands once s1 is back, once.
+        await _until(lambda: _equals(landed(), start + 300))
         await _until(w.credited)
         await asyncio.sleep(1.0)   # a redelivery, if any, would land now: it must not
-        assert (await landed()).balance_fen == before
-        return before
+        assert await landed() == start + 300
 
     asyncio.run(scenario())
     assert_sets_balanced(cluster)

@@ -82,11 +82,15 @@ def test_a_slot_moves_with_its_wallets_envelopes_and_request_ids(cluster):
             for u in (bob, carol):
                 await via.envelopes.GrabEnvelope(envelope_pb2.GrabEnvelopeRequest(
                     envelope_id=sends[0].envelope_id, request_id="g"), metadata=md(cluster, u))
-            await asyncio.sleep(1.0)   # the credits land
-            before = {u: (await via.wallet.GetBalance(wallet_pb2.GetBalanceRequest(),
-                                                      metadata=md(cluster, u))).balance_fen
-                      for u in (alice, bob)}
-            assert before == {alice: 10_000 - 2_400, bob: 400}
+            want = {alice: 10_000 - 2_400, bob: 400}
+            for _ in range(150):   # the credits land (within 15 s)
+                before = {u: (await via.wallet.GetBalance(wallet_pb2.GetBalanceRequest(),
+                                                          metadata=md(cluster, u))).balance_fen
+                          for u in (alice, bob)}
+                if before == want:
+                    break
+                await asyncio.sleep(0.1)
+            assert before == want
 
             stop, seen, balances = asyncio.Event(), [], set()
             watcher = asyncio.create_task(_watch(cc, cluster, alice, stop, seen, balances))
