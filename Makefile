@@ -46,7 +46,7 @@ ifeq ($(NATS_SERVER),)
 endif
 
 test: $(STAMP) h2load nats-server
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 	HONGBAO_HOTPATH=pure $(PY) -m pytest -q tests/test_ledger.py
 
 # A local cluster on loopback in the foreground (3 NATS nodes, the bank simulator, SETS SETs;
