@@ -40,7 +40,8 @@ def h2load(target: str, ticket: str, method: str, frame_file, *, clients: int, s
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-async def p0_sender(c: Client, meta, stop: asyncio.Event, outcomes: list) -> None:
+async def p0_sender(c: Client, meta, stop: asyncio.Event, outcomes: list,
+                    tag: str = "p0") -> None:
     """One 1-fen envelope every 20 ms, each with a 2 s deadline: (time, code)."""
     i = 0
     while not stop.is_set():
@@ -48,7 +49,8 @@ async def p0_sender(c: Client, meta, stop: asyncio.Event, outcomes: list) -> Non
         t = time.monotonic()
         try:
             await c.envelopes.SendEnvelope(envelope_pb2.SendEnvelopeRequest(
-                request_id=f"p0-{i}", total_fen=1, count=1, kind=envelope_pb2.ENVELOPE_KIND_LUCKY),
+                request_id=f"{tag}-{i}", total_fen=1, count=1,
+                kind=envelope_pb2.ENVELOPE_KIND_LUCKY),
                 metadata=meta, timeout=2.0)
             outcomes.append((t, "OK"))
         except grpc.aio.AioRpcError as err:
@@ -71,15 +73,16 @@ def test_an_overloaded_worker_sheds_p3_and_p2_first_and_keeps_p0(stack, tmp_path
     frame.write_bytes(EMPTY_FRAME)
     flooder = stack.ticket("flood", scopes=("read",))
 
-    async def scenario():
+    async def scenario(attempt: int):
         async with Client(stack.target) as c, Client(stack.target) as ops:
             sender = stack.meta("p0")
-            await top_up(c, sender, 1_000_000)
+            if attempt == 0:
+                await top_up(c, sender, 1_000_000)
             admin = stack.meta("ops", scopes=("admin",))
             stop, done = asyncio.Event(), asyncio.Event()
             outcomes: list = []
             rows: list = []
-            tasks = [asyncio.create_task(p0_sender(c, sender, stop, outcomes)),
+            tasks = [asyncio.create_task(p0_sender(c, sender, stop, outcomes, f"p0-{attempt}")),
                      asyncio.create_task(watch_status(ops, admin, done, rows))]
             floods = [h2load(stack.target, flooder, m, frame, clients=2, streams=64,
                              duration_s=FLOOD_S) for m in (
@@ -88,8 +91,8 @@ def test_an_overloaded_worker_sheds_p3_and_p2_first_and_keeps_p0(stack, tmp_path
                 "/hongbao.v1.NotificationService/WatchNotifications")]
             try:
                 await asyncio.sleep(FLOOD_S)
-                for f in floods:
-                    await asyncio.to_thread(f.wait, 30)
+                reports = [(await asyncio.to_thread(f.communicate, timeout=30))[0]
+                           for f in floods]
                 flood_end = time.monotonic()
                 stop.set()
                 await tasks[0]
@@ -105,14 +108,22 @@ def test_an_overloaded_worker_sheds_p3_and_p2_first_and_keeps_p0(stack, tmp_path
                         f.kill()
                         f.wait()
                 await asyncio.gather(*tasks, return_exceptions=True)
-            return outcomes, rows, flood_end
+            return outcomes, rows, flood_end, reports
 
-    outcomes, rows, flood_end = run(scenario())
+    # On a shared 2-core machine a flood once left the worker unsaturated in a CI run
+    # (nothing shed, level never lowered): the flood then runs a second time, and
+    # h2load's own counts go into the message if that one does not overload it either.
+    for attempt in range(2):
+        outcomes, rows, flood_end, reports = run(scenario(attempt))
+        sent = [line for r in reports for line in r.splitlines() if line.startswith("requests:")]
+        lower = [t for t, _, rej, served in rows
+                 if rej.get("P3", 0) + rej.get("P2", 0) > 0 or any(served.values())]
+        if lower:
+            break
     ok = sum(1 for _, code in outcomes if code == "OK")
     assert len(outcomes) >= 50 and ok / len(outcomes) >= 0.90, (ok, len(outcomes))
-    lower = [t for t, _, rej, served in rows
-             if rej.get("P3", 0) + rej.get("P2", 0) > 0 or any(served.values())]
-    assert lower, "nothing was shed or degraded: the flood did not overload the worker"
+    assert lower, ("nothing was shed or degraded: the flood did not overload the worker", sent,
+                   rows[::10])
     refused_p0 = [t for t, _, rej, _ in rows if rej.get("P0", 0) > 0]
     assert not refused_p0 or refused_p0[0] >= lower[0]
     back = [t for t, level, _, _ in rows if t > flood_end and level == MAX_LEVEL]
