@@ -73,6 +73,16 @@ class Stack:
         self.bank.stop()
 
 
+@pytest.fixture(scope="session")
+def shared_nats(tmp_path_factory):
+    """One NATS JetStream cluster (3 nodes) for the cluster tests that leave its nodes alone:
+    electing a meta leader takes seconds, so the suite starts it once. Each user clears it
+    first (``LocalCluster(nats=...)`` does that itself); the nodes stop at the session end."""
+    from gateway.ops.natsproc import NatsCluster
+    with NatsCluster(tmp_path_factory.mktemp("shared-nats")) as cluster:
+        yield cluster
+
+
 @pytest.fixture
 def stack(tmp_path):
     """A running bank simulator and gateway; books must balance at the end of every test."""

@@ -14,14 +14,13 @@ from gateway.cluster import bus
 from gateway.domain import keys
 from gateway.domain.model import CreditKind, NoticeKind, RemoteCredit, TxKind
 from gateway.ledger import LmdbLedger
-from gateway.ops.natsproc import NatsCluster
 from tests.test_ledger import _fund, _send
 
 
 @pytest.fixture(scope="module")
-def nats_cluster(tmp_path_factory):
-    with NatsCluster(tmp_path_factory.mktemp("nats")) as cluster:
-        yield cluster
+def nats_cluster(shared_nats):
+    shared_nats.clear()
+    return shared_nats
 
 
 def _sets(tmp_path):

@@ -29,8 +29,8 @@ def _same_slot(slot: int, prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("handoff"), sets=2)
+def cluster(tmp_path_factory, shared_nats):
+    c = LocalCluster(tmp_path_factory.mktemp("handoff"), sets=2, nats=shared_nats)
     with c:
         yield c
         assert_sets_balanced(c)

@@ -224,7 +224,8 @@ def meta(cluster: LocalCluster, user: str, scopes=("pay", "grab", "read")):
 
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
-    """Two SETs, each as groups a and b over one data directory."""
+    """Two SETs, each as groups a and b over one data directory, on a NATS cluster of their
+    own: this module's other tests clear the shared one while this fixture lives."""
     with LocalCluster(tmp_path_factory.mktemp("idc"), sets=2, idcs=2) as c:
         yield c
 
@@ -333,13 +334,14 @@ def _role_lines(*groups) -> list[dict]:
 
 
 def test_one_worker_of_both_groups_holds_the_background_role_and_b_takes_it_from_a(
-        tmp_path):
+        tmp_path, shared_nats):
     """Both groups of a SET under their own supervisor (``--workers 2`` each) over one
     data directory: exactly one of the four workers holds the background role (the
     relay, the consumer, the resolver, the sweepers); group a SIGKILLed with its
     workers, a worker of group b holds it within about a second, and a grab made after
     is credited."""
-    with LocalCluster(tmp_path, sets=1, idcs=2, set_args=("--workers", "2")) as cluster:
+    with LocalCluster(tmp_path, sets=1, idcs=2, set_args=("--workers", "2"),
+                      nats=shared_nats) as cluster:
         a, b = cluster.groups["s1"]
         lock = a.data_dir / "run" / "background.lock"
 
@@ -492,14 +494,15 @@ def _bank_admin(target: str):
         yield bank_pb2_grpc.BankAdminServiceStub(channel)
 
 
-def test_a_group_sigkilled_under_payments_loses_and_doubles_none(tmp_path):
+def test_a_group_sigkilled_under_payments_loses_and_doubles_none(tmp_path, shared_nats):
     """Top-ups (by card, through the bank) and sends from the wallet by users of s1 run
     through the cluster client while s1's group a is SIGKILLed: the client moves each
     failed call, with the same request id, to group b. Every acknowledged payment is
     there exactly once: asked again it answers as it did, each wallet holds what its
     final top-ups and sends say, each card lost exactly its successful top-ups at the
     bank, and ``hongbao reconcile --cluster --bank`` finds the books balanced."""
-    cluster = LocalCluster(tmp_path, sets=1, idcs=2, set_args=("--resolve-delay-s", "0.5"))
+    cluster = LocalCluster(tmp_path, sets=1, idcs=2, set_args=("--resolve-delay-s", "0.5"),
+                           nats=shared_nats)
     with cluster:
         a, b = cluster.groups["s1"]
 
@@ -597,7 +600,8 @@ def _always_served(cluster: LocalCluster, prefix: str) -> str:
 
 @pytest.mark.skipif(shutil.which("h2load") is None,
                     reason="h2load missing (make test installs nghttp2-client)")
-def test_with_group_a_dead_group_b_sheds_what_it_cannot_take_and_keeps_p0(tmp_path):
+def test_with_group_a_dead_group_b_sheds_what_it_cannot_take_and_keeps_p0(tmp_path,
+                                                                          shared_nats):
     """s1's group a SIGKILLed; group b alone gets s1's P0 traffic (the cluster client
     fails over) and an h2load flood of the wallet home and notification streams, more
     than its one worker can take: b's admission level drops below full and P2/P3 are
@@ -605,7 +609,7 @@ def test_with_group_a_dead_group_b_sheds_what_it_cannot_take_and_keeps_p0(tmp_pa
     half of P0) are served; after the flood the level is back at full admission."""
     frame = tmp_path / "empty.bin"
     frame.write_bytes(EMPTY_FRAME)
-    with LocalCluster(tmp_path / "c", sets=1, idcs=2) as cluster:
+    with LocalCluster(tmp_path / "c", sets=1, idcs=2, nats=shared_nats) as cluster:
         a, b = cluster.groups["s1"]
         sender, flooder = _always_served(cluster, "p0-"), user_on(cluster, "s1", "flood-")
 

@@ -23,9 +23,9 @@ def _metrics_port(log_text: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, shared_nats):
     c = LocalCluster(tmp_path_factory.mktemp("metrics"), sets=2,
-                     set_args=("--metrics-port", "0"))
+                     set_args=("--metrics-port", "0"), nats=shared_nats)
     with c:
         yield c
         assert_sets_balanced(c)

@@ -51,9 +51,9 @@ SETS = ("a", "b", "c")
 # -- parts ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def nats_cluster(tmp_path_factory):
-    with NatsCluster(tmp_path_factory.mktemp("nats")) as cluster:
-        yield cluster
+def nats_cluster(shared_nats):
+    shared_nats.clear()
+    return shared_nats
 
 
 def home_of(user: bytes) -> bytes:
@@ -559,11 +559,11 @@ def test_reconcile_cluster_cli_refuses_what_it_cannot_start_with(tmp_path, nats_
                    "no slot map")
 
 
-def test_reconcile_cluster_cli_over_running_sets(tmp_path):
+def test_reconcile_cluster_cli_over_running_sets(tmp_path, shared_nats):
     """Two ``hongbao serve --cluster`` SETs, one bank: a cross-SET grab landed, then
     ``hongbao reconcile --cluster FILE --key-file K --bank B`` is BALANCED (the bank's
     merchant balance is the sum over the SETs); with a SET killed it names it and exits 1."""
-    with LocalCluster(tmp_path / "cluster", sets=2) as cluster:
+    with LocalCluster(tmp_path / "cluster", sets=2, nats=shared_nats) as cluster:
         alice, bob = user_on(cluster, "s1", "alice"), user_on(cluster, "s2", "bob")
         grabbed = run(_cross_set_grab(cluster, alice, bob))
         s1 = str(cluster.sets["s1"].cluster_file)

@@ -62,8 +62,8 @@ def assert_sets_balanced(cluster: LocalCluster) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("cluster"), sets=3)
+def cluster(tmp_path_factory, shared_nats):
+    c = LocalCluster(tmp_path_factory.mktemp("cluster"), sets=3, nats=shared_nats)
     with c:
         yield c
         assert_sets_balanced(c)

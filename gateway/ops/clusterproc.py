@@ -62,9 +62,17 @@ class SetProc:
         return cmd + (["--bank", self.bank] if self.bank else [])
 
     def start(self, timeout_s: float = 60.0) -> SetProc:
+        return self.spawn().wait_ready(timeout_s)
+
+    def spawn(self) -> SetProc:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = Proc(self.command(), self.port_file, self.log)
-        self.proc.start(timeout_s)
+        self.proc.spawn()
+        return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> SetProc:
+        assert self.proc is not None
+        self.proc.wait_ready(timeout_s)
         return self
 
     def stop(self) -> None:
@@ -89,11 +97,16 @@ class LocalCluster:
     each SET as ``idcs`` gateway groups (a, b, ...) over its one data directory."""
 
     def __init__(self, root: Path, sets: int = 3, *, bank: bool = True, idcs: int = 1,
-                 set_args: tuple[str, ...] = (), bank_args: tuple[str, ...] = ()) -> None:
+                 set_args: tuple[str, ...] = (), bank_args: tuple[str, ...] = (),
+                 nats: NatsCluster | None = None) -> None:
+        """``nats``: a running NATS cluster to use instead of starting one. It is cleared
+        of every stream and bucket at start and left running at stop (the tests share one:
+        a JetStream cluster takes seconds to elect its meta leader)."""
         assert 1 <= idcs <= len(IDC_NAMES)
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
-        self.nats = NatsCluster(root / "nats")
+        self._own_nats = nats is None
+        self.nats = NatsCluster(root / "nats") if nats is None else nats
         self.bank = banksim_proc(root / "bank", *bank_args, log_path=root / "banksim.log") \
             if bank else None
         ring = tickets.KeyRing.load_or_create(root / "keys")
@@ -107,9 +120,14 @@ class LocalCluster:
 
     def start(self) -> LocalCluster:
         try:
-            self.nats.start()
             if self.bank is not None:
-                self.bank.start()
+                self.bank.spawn()
+            if self._own_nats:
+                self.nats.start()
+            else:
+                self.nats.clear()
+            if self.bank is not None:
+                self.bank.wait_ready()
             bank = self.bank.target if self.bank is not None else None
             for i in range(self._count):
                 name = f"s{i + 1}"
@@ -118,8 +136,14 @@ class LocalCluster:
                                              bank, self._set_args, idc) for idc in idcs]
                 self.sets[name] = self.groups[name][0]
             self.init_map()
-            for group in self.all_groups():
-                group.start()
+            # Every SET's group a together, then the other groups: a second group opens a
+            # ledger its SET's first group has finished creating.
+            for wave in (list(self.sets.values()),
+                         [g for groups in self.groups.values() for g in groups[1:]]):
+                for group in wave:
+                    group.spawn()
+                for group in wave:
+                    group.wait_ready()
         except BaseException:
             self.stop()
             raise
@@ -167,7 +191,8 @@ class LocalCluster:
             group.stop()
         if self.bank is not None:
             self.bank.stop()
-        self.nats.stop()
+        if self._own_nats:
+            self.nats.stop()
 
     def __enter__(self) -> LocalCluster:
         return self.start()

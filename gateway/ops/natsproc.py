@@ -131,6 +131,11 @@ class NatsCluster:
         for n in self.nodes:
             n.stop()
 
+    def clear(self) -> int:
+        """Deletes every stream (key-value buckets included): a cluster used again starts
+        empty, as a new one would. Returns how many were deleted."""
+        return asyncio.run(clear_jetstream(self.urls))
+
     def __enter__(self) -> NatsCluster:
         return self.start()
 
@@ -157,3 +162,19 @@ async def wait_for_jetstream(urls: list[str], timeout_s: float = READY_TIMEOUT_S
             last = exc
             await asyncio.sleep(0.2)
     raise TimeoutError(f"JetStream did not become ready at {urls} in {timeout_s} s: {last!r}")
+
+
+async def clear_jetstream(urls: list[str]) -> int:
+    """Deletes every stream of the account behind ``urls``; waits for the cluster first."""
+    import nats
+
+    await wait_for_jetstream(urls)
+    nc = await nats.connect(servers=urls, connect_timeout=2)
+    try:
+        js = nc.jetstream()
+        names = [info.config.name for info in await js.streams_info() if info.config.name]
+        for name in names:
+            await js.delete_stream(name)
+        return len(names)
+    finally:
+        await nc.close()

@@ -53,6 +53,10 @@ class Proc:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> Proc:
+        return self.spawn().wait_ready(timeout_s)
+
+    def spawn(self) -> Proc:
+        """Starts the process without waiting for its port (see :meth:`wait_ready`)."""
         self.port_file.unlink(missing_ok=True)
         log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
         try:
@@ -62,6 +66,11 @@ class Proc:
         finally:
             if log is not None:
                 log.close()  # the child has its own copy of the descriptor
+        return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> Proc:
+        """Waits until the process has written its port; kills it after ``timeout_s``."""
+        assert self.popen is not None
         deadline = time.monotonic() + timeout_s
         while True:
             if self.port_file.exists():
