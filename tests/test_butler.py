@@ -146,7 +146,6 @@ def test_a_burst_past_the_queue_fails_at_once_and_leaks_no_slot(bank):
 
     async def scenario():
         async with butler_on(bank, queue_limit=5) as (butler, link):
-            t0 = time.monotonic()
             burst = [asyncio.ensure_future(attempt(lambda i=i: butler.debit(
                 f"burst-{i}", f"{BANK}-0001", 1))) for i in range(100)]
             await asyncio.sleep(0)
@@ -159,7 +158,7 @@ def test_a_burst_past_the_queue_fails_at_once_and_leaks_no_slot(bank):
             # (a behaviour, not a timing bound, so a busy machine cannot fail it).
             assert (max(t for kind, t, _ in outcomes if kind == "BANK_BUSY")
                     < min(t for kind, t, _ in outcomes if kind == "ANSWER"))
-            assert time.monotonic() - t0 < 0.5
+            assert (await link.stats()).requests == butler.health()[0]["calls"] == 6
             # Waiters cancelled by their callers give their places back.
             waiting = [asyncio.ensure_future(butler.debit(f"gone-{i}", f"{BANK}-0002", 1))
                        for i in range(5)]
@@ -172,7 +171,10 @@ def test_a_burst_past_the_queue_fails_at_once_and_leaks_no_slot(bank):
             assert health["in_flight"] == 0 and health["queued"] == 0, health
             kind, _, answer = await attempt(lambda: butler.debit("after", f"{BANK}-0003", 1))
             assert kind == "ANSWER" and answer.settled
-            assert (await link.stats()).requests == butler.health()[0]["calls"]
+            # The cancelled one that had its slot may or may not have reached the bank
+            # before its cancel did; no refused or queued one reached it.
+            calls, requests = butler.health()[0]["calls"], (await link.stats()).requests
+            assert 7 <= requests <= calls <= 8, (requests, calls)
 
     run(scenario())
 
