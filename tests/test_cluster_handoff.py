@@ -17,7 +17,7 @@ from gateway.cluster.client import ClusterClient
 from gateway.domain.keys import SLOTS, slot_of
 from gateway.errors import reason_of
 from gateway.ops.clusterproc import LocalCluster
-from hongbao.v1 import envelope_pb2, wallet_pb2
+from hongbao.v1 import cluster_pb2, cluster_pb2_grpc, envelope_pb2, wallet_pb2
 from tests.test_cluster_serve import CARD, assert_sets_balanced, md, user_on
 
 
@@ -58,6 +58,13 @@ async def _watch(cc: ClusterClient, cluster: LocalCluster, user: str, stop: asyn
         except grpc.aio.AioRpcError as err:
             seen.append(reason_of(err) or err.code().name)
         await asyncio.sleep(0.05)
+
+
+async def _owner_by(c: Client, slot: int) -> str:
+    """The owner of ``slot`` in the map that SET (the one ``c`` calls) serves by."""
+    stub = cluster_pb2_grpc.ClusterServiceStub(c.channel)
+    m = await stub.GetClusterMap(cluster_pb2.GetClusterMapRequest(), timeout=5.0)
+    return next(s.name for s in m.sets for r in s.runs if r.first <= slot <= r.last)
 
 
 def test_a_slot_moves_with_its_wallets_envelopes_and_request_ids(cluster):
@@ -101,14 +108,13 @@ def test_a_slot_moves_with_its_wallets_envelopes_and_request_ids(cluster):
             assert "s2 owns the 1 slots" in done.stdout
             assert set(seen) <= {"OK", "SLOT_MOVING", "WRONG_SLOT"}, seen
             assert "SLOT_MOVING" in seen and balances == {before[alice]}
-            for _ in range(40):   # the SETs read the new map within a second
+            direct = Client(cluster.sets["s2"].address)   # the new owner, no forwarding
+            for _ in range(50):   # each SET reads the new map within a second or so
                 await cc.refresh()
-                if cc.owner(user=alice) == "s2":
+                if cc.owner(user=alice) == "s2" and await _owner_by(direct, slot) == "s2":
                     break
                 await asyncio.sleep(0.1)
-            assert cc.owner(user=alice) == "s2"
-
-            direct = Client(cluster.sets["s2"].address)   # the new owner, no forwarding
+            assert cc.owner(user=alice) == "s2" and await _owner_by(direct, slot) == "s2"
             for u, fen in before.items():
                 b = await direct.wallet.GetBalance(wallet_pb2.GetBalanceRequest(),
                                                    metadata=md(cluster, u))
