@@ -43,7 +43,8 @@ def test_a_short_demo_balances_and_its_report_shows_the_ledger(tmp_path):
     # The peak shed load, by the server's own counters; P0 was served all along.
     peak = record["peak"]
     assert sum(peak["server_shed"].values()) > 0, peak["server_shed"]
-    assert min(peak["level"][1:-1], default=511) < 511
+    # Sampled every POLL_S (a poll lost to the overload is skipped): any second may show it.
+    assert min((lv for lv in peak["level"] if lv is not None), default=511) < 511, peak["level"]
     assert all(ok > 0 for ok in peak["p0_goodput_per_s"][:-1])
     # The card phase: the bank failed part way, and AUTO still paid.
     card = record["card"]
