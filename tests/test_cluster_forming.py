@@ -1,6 +1,7 @@
 """Creating a replicated stream while the cluster still places its peers is retried."""
 
 import pytest
+from nats import errors as nats_errors
 from nats.js import errors as js_errors
 
 from gateway.cluster.forming import placed
@@ -37,3 +38,12 @@ def test_the_last_error_is_raised_at_the_deadline():
     with pytest.raises(js_errors.ServiceUnavailableError):
         run(placed(call, timeout_s=0.6))
     assert 2 <= len(calls) <= 5
+
+
+def test_a_timed_out_request_is_retried_and_not_found_is_raised_at_once():
+    call, calls = _failing(2, nats_errors.TimeoutError())
+    assert run(placed(call, timeout_s=5)) == 3 and len(calls) == 3
+    call, calls = _failing(5, js_errors.NotFoundError(code=404))
+    with pytest.raises(js_errors.NotFoundError):
+        run(placed(call, timeout_s=5))
+    assert len(calls) == 1

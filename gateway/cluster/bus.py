@@ -59,12 +59,13 @@ async def ensure_stream(js: Any, replicas: int) -> None:
                               retention=api.RetentionPolicy.WORK_QUEUE,
                               duplicate_window=DUPLICATE_WINDOW_S)
     try:
-        info = await js.stream_info(STREAM)
+        info = await placed(lambda: js.stream_info(STREAM))
     except js_errors.NotFoundError:
         await placed(lambda: js.add_stream(config))
         return
     if set(info.config.subjects or ()) != set(SUBJECTS):
-        await js.update_stream(dataclasses.replace(info.config, subjects=SUBJECTS))
+        await placed(lambda: js.update_stream(
+            dataclasses.replace(info.config, subjects=SUBJECTS)))
 
 
 def encode(from_set: str, c: RemoteCredit) -> bytes:

@@ -4,8 +4,11 @@ A 3-node cluster answers JetStream requests as soon as it has a meta leader, but
 second or two after that it may not yet know all its peers: creating a stream or bucket
 with 3 replicas then fails with "no suitable peers for placement" (err_code 10005), or
 with 503 while the leader changes. Seen in the suite right after the cluster started, and
-a SET started with its NATS nodes meets the same moment. :func:`placed` retries such a
-call for a bounded time; any other error, and the last one at the deadline, is raised.
+a SET started with its NATS nodes meets the same moment. A request can also time out
+while the cluster elects a leader or the machine is loaded (seen with SETs starting
+together on a busy machine). :func:`placed` retries such a call for a bounded time; any
+other error, and the last one at the deadline, is raised. Every call given to it is
+idempotent: creating a stream or bucket that exists with the same settings succeeds.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from nats import errors as nats_errors
 from nats.js import errors as js_errors
 
 T = TypeVar("T")
@@ -35,7 +39,8 @@ async def placed(call: Callable[[], Awaitable[T]], timeout_s: float = FORMING_TI
     while True:
         try:
             return await call()
-        except js_errors.APIError as exc:
-            if not _forming(exc) or time.monotonic() >= deadline:
+        except (js_errors.APIError, nats_errors.TimeoutError) as exc:
+            timed_out = isinstance(exc, nats_errors.TimeoutError)
+            if not (timed_out or _forming(exc)) or time.monotonic() >= deadline:
                 raise
         await asyncio.sleep(0.25)

@@ -26,7 +26,7 @@ _CAS_ATTEMPTS = 10
 async def bucket(js: Any, replicas: int | None = None) -> Any:
     """The bucket, created (with ``replicas``) when it does not exist yet."""
     try:
-        return await js.key_value(BUCKET)
+        return await placed(lambda: js.key_value(BUCKET))
     except js_errors.BucketNotFoundError:
         if replicas is None:
             raise MapError("the cluster has no slot map yet: run `hongbao cluster init`") from None
