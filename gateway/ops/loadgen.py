@@ -246,19 +246,27 @@ async def open_loop(load: Load, rates: list[float], t0: float) -> set[asyncio.Ta
         load.lag_ms[s] = max(load.lag_ms[s], (now - wake) * 1000.0)
         load.cpu_s[s] = time.process_time()
         due = int(cum[s] + (elapsed - s) * rates[s]) if elapsed >= 0 else 0
-        while started < due:
-            started += 1
-            if len(tasks) >= MAX_INFLIGHT:
-                load.unsent[s] += 1
-                continue
-            kind = load.pick()
-            load.tally[s][TIER_OF[kind]][0] += 1
-            task = asyncio.ensure_future(load.call(kind, s))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        started = _start(load, tasks, s, started, due)
         wake = time.monotonic() + TICK_S
         await asyncio.sleep(TICK_S)
+    # The calls that fell due between the last tick and the end (a generator that woke
+    # late): started now, in the last second, so the schedule is offered whole.
+    _start(load, tasks, len(rates) - 1, started, int(cum[-1]))
     return tasks
+
+
+def _start(load: Load, tasks: set[asyncio.Task], s: int, started: int, due: int) -> int:
+    """Starts calls ``started`` .. ``due`` (tallied in second ``s``); returns ``due``."""
+    for _ in range(started, due):
+        if len(tasks) >= MAX_INFLIGHT:
+            load.unsent[s] += 1
+            continue
+        kind = load.pick()
+        load.tally[s][TIER_OF[kind]][0] += 1
+        task = asyncio.ensure_future(load.call(kind, s))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    return max(started, due)
 
 
 async def closed_loop(load: Load, in_flight: int, seconds: int, t0: float) -> set:
