@@ -36,11 +36,20 @@ def test_kill_during_grabs_loses_no_acknowledged_grab(stack):
                     if r.outcome == GRABBED:
                         acked[f"{env_id}/{u}"] = (u, r.amount_fen)
 
-            tasks = [asyncio.create_task(one(u, envs[i % 5])) for i, u in enumerate(users)]
-            await asyncio.sleep(0.05)
+            # The grabs are started 20 at a time, 5 ms apart, so the rush is still being
+            # offered when the kill lands, however far the server runs ahead of this client.
+            tasks: list[asyncio.Task] = []
+
+            async def offer():
+                for i, u in enumerate(users):
+                    tasks.append(asyncio.create_task(one(u, envs[i % 5])))
+                    if i % 20 == 19:
+                        await asyncio.sleep(0.005)
+            offering = asyncio.create_task(offer())
             while len(acked) < 50:
                 await asyncio.sleep(0.005)
             stack.gateway.kill()  # SIGKILL while grabs are in flight
+            await offering
             await asyncio.gather(*tasks)
             return envs
 
