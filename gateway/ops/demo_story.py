@@ -22,7 +22,7 @@ import functools
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -329,33 +329,29 @@ def _card_payments(s: Story) -> list[CardPay]:
                 request_id=f"card-{i}", total_fen=1_000, count=5,
                 kind=envelope_pb2.ENVELOPE_KIND_LUCKY, card_id=card_of(u, "icbc"),
                 pay_method=envelope_pb2.PAY_METHOD_CARD, greeting="新春快乐")
-            pays.append(CardPay(f"card-{i}", "envelope", u, _sender(s, u, req)))
+            pays.append(CardPay(f"card-{i}", "envelope", u, _caller(
+                s, u, s.c.envelopes.SendEnvelope, req, ENVELOPE_STATE)))
         else:
             wreq = wallet_pb2.WithdrawRequest(request_id=f"wd-{i}", card_id=card_of(u, "ccb"),
                                               amount_fen=2_000)
-            pays.append(CardPay(f"wd-{i}", "withdraw", u, _withdrawer(s, u, wreq)))
+            pays.append(CardPay(f"wd-{i}", "withdraw", u, _caller(
+                s, u, s.c.wallet.Withdraw, wreq, PAYMENT_STATE)))
     for i, u in enumerate(s.binders):
         req = envelope_pb2.SendEnvelopeRequest(
             request_id=f"auto-{i}", total_fen=AUTO_FEN, count=10,
             kind=envelope_pb2.ENVELOPE_KIND_LUCKY, pay_method=envelope_pb2.PAY_METHOD_AUTO)
-        pays.append(CardPay(f"auto-{i}", "auto", u, _sender(s, u, req)))
+        pays.append(CardPay(f"auto-{i}", "auto", u, _caller(
+            s, u, s.c.envelopes.SendEnvelope, req, ENVELOPE_STATE)))
     s.rng.shuffle(pays)
     return pays
 
 
-def _sender(s: Story, u: str, req: envelope_pb2.SendEnvelopeRequest
-            ) -> Callable[[], Awaitable[str]]:
+def _caller(s: Story, u: str, rpc: Callable[..., Awaitable[Any]], req: Any,
+            states: Mapping[Any, str]) -> Callable[[], Awaitable[str]]:
+    """``rpc(req)`` as user ``u``, answering its status as the phase names it (``states``)."""
     async def call() -> str:
-        r = await s.c.envelopes.SendEnvelope(req, metadata=s.meta[u], timeout=10)
-        return ENVELOPE_STATE.get(r.status, "other")
-    return call
-
-
-def _withdrawer(s: Story, u: str, req: wallet_pb2.WithdrawRequest
-                ) -> Callable[[], Awaitable[str]]:
-    async def call() -> str:
-        r = await s.c.wallet.Withdraw(req, metadata=s.meta[u], timeout=10)
-        return PAYMENT_STATE.get(r.status, "other")
+        r = await rpc(req, metadata=s.meta[u], timeout=10)
+        return states.get(r.status, "other")
     return call
 
 
