@@ -52,6 +52,8 @@ from pathlib import Path
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
+from gateway.ops.loadgen import percentile
+
 MAX_MESSAGE_BYTES = 4 << 20  # the gateway's grpc.max_receive_message_length
 MAX_DURATION_S = 600  # one run; h2load is killed past duration + STOP_GRACE_S
 STOP_GRACE_S = 30.0
@@ -163,14 +165,6 @@ def parse_summary(text: str) -> dict:
             "elapsed_s": _us(fin[0], fin[1]) / 1e6, "requests_per_s": float(fin[2]),
             "min_us": _us(t[0], t[1]), "max_us": _us(t[2], t[3]),
             "mean_us": _us(t[4], t[5]), "sd_us": _us(t[6], t[7])}
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (q in [0, 1])."""
-    if not sorted_values:
-        raise ValueError("no values")
-    rank = min(len(sorted_values), max(1, round(q * len(sorted_values) + 0.5)))
-    return sorted_values[rank - 1]
 
 
 def parse_log(path: Path, max_rows: int = MAX_LOG_ROWS) -> tuple[int, float | None,

@@ -104,3 +104,13 @@ def test_a_generator_that_cannot_reach_the_gateway_fails_and_is_ended():
     with pytest.raises(RuntimeError, match="generator 3"):
         loadgen.spawn([spec], ready_timeout_s=20)
     assert multiprocessing.active_children() == []
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]   # 1 .. 100
+    assert [loadgen.percentile(values, q) for q in (0.0, 0.5, 0.99, 1.0)] == [1, 50, 99, 100]
+    assert loadgen.percentile([7.0], 0.99) == 7.0
+    assert loadgen.percentile([1.0, 2.0], 0.5) == 1.0   # rank ceil(1.0): not rounded to even
+    assert loadgen.percentile(values, 0.07) == 7.0     # 0.07 * 100 is 7.000000000000001
+    with pytest.raises(ValueError):
+        loadgen.percentile([], 0.5)

@@ -232,7 +232,7 @@ def _timeline(record: dict[str, Any]) -> dict[str, list]:
     seconds = range(min(count, default=0), max(count, default=-1) + 1)
     ordered = {t: sorted(lat[t]) for t in seconds}
     def q(t: int, p: float) -> float | None:  # a second without grabs has no latency
-        return demo_story.pct(ordered[t], p) if ordered[t] else None
+        return loadgen.percentile(ordered[t], p) if ordered[t] else None
 
     return {"t_s": [t + 0.5 for t in seconds], "grabs_per_s": [count[t] for t in seconds],
             "p50_ms": [q(t, 0.50) for t in seconds], "p99_ms": [q(t, 0.99) for t in seconds]}

@@ -40,6 +40,7 @@ from rich.text import Text
 
 from gateway.client import Client, call_patiently
 from gateway.errors import reason_of
+from gateway.ops.loadgen import percentile
 from gateway.payments.bank import BankClient
 from gateway.qos.controller import MAX_LEVEL
 from hongbao.v1 import admin_pb2, envelope_pb2, wallet_pb2
@@ -256,7 +257,7 @@ async def evening(s: Story) -> None:
         ph.result = (f"{len(plans)} envelopes ({yuan(sum(r.total_fen for _u, r in plans))}, "
                      f"paid {dict(paid_via)}), {len(attempts)} grabs raced for "
                      f"{sum(r.count for _u, r in plans)} shares: {len(won)} won "
-                     f"{yuan(sum(won))}; p99 {pct(ms, 0.99):.1f} ms")
+                     f"{yuan(sum(won))}; p99 {percentile(ms, 0.99) if ms else 0.0:.1f} ms")
 
 
 async def _grab(s: Story, u: str, env_id: str) -> int:
@@ -269,10 +270,6 @@ async def _grab(s: Story, u: str, env_id: str) -> int:
         return 0
     s.record["grabs"].append((round(s.now(), 3), round((time.perf_counter() - t) * 1000, 3)))
     return r.amount_fen
-
-
-def pct(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 # -- phase 4: card payments with a bank failing -------------------------------------------------

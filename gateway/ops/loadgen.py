@@ -65,6 +65,7 @@ offered (a list of length ``len(rates)``, or ``seconds``):
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import os
 import queue
@@ -456,6 +457,16 @@ def spawn(specs: list[dict], ready_timeout_s: float = START_TIMEOUT_S) -> Genera
         gens.close()
         raise
     return gens
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in [0, 1]): the value at rank
+    ceil(q * n); the demo's timeline and the benchmarks share it. (A tolerance keeps a
+    product like 0.07 * 100 = 7.000000000000001 at rank 7.)"""
+    if not sorted_values:
+        raise ValueError("no values")
+    rank = min(len(sorted_values), max(1, math.ceil(q * len(sorted_values) - 1e-9)))
+    return sorted_values[rank - 1]
 
 
 def merge(results: list[dict]) -> dict:
