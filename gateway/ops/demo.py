@@ -126,9 +126,8 @@ class Stack:
 
     def describe(self) -> str:
         if self.cluster is not None:
-            sets = ", ".join(f"{n} on {a} (pid {s.proc.pid if s.proc else '?'})"
-                             for n, a, s in ((n, s.address, s)
-                                             for n, s in self.cluster.sets.items()))
+            sets = ", ".join(f"{n} on {s.address} (pid {s.proc.pid if s.proc else '?'})"
+                             for n, s in self.cluster.sets.items())
             return (f"bank simulator pid {self.bank.pid}; NATS "
                     f"{', '.join(self.cluster.nats.urls)}; SETs {sets}")
         assert self.gateway is not None

@@ -115,7 +115,8 @@ async def _ramp(s: Story, specs: list[dict], ph: Any, levels: list[tuple[float, 
     if side is not None:
         marks.update(await side)
     merged = loadgen.merge(results)
-    merged["grab_ok"] = [sum(r["by_kind"][i][loadgen.KINDS.index("grab")][1] for r in results)
+    grab = loadgen.KINDS.index("grab")
+    merged["grab_ok"] = [sum(r["by_kind"][i][grab][1 + loadgen.OK] for r in results)
                          for i in range(merged["seconds"])]
     return merged, t0
 
@@ -179,7 +180,7 @@ def _summary(s: Story, capacity: float, rates: list[float], merged: dict,
     return (f"C = {capacity:,.0f} P0 calls/s, offered up to {max(rates):,.0f}/s "
             f"({max(rates) / capacity:.1f}x); shed " + ", ".join(
                 f"{t} {share[t]:.0%}" for t in loadgen.TIERS)
-            + f"; P0 goodput {goodput:,.0f}/s ({goodput / capacity:.0%} of C) at 3x; "
+            + f"; P0 goodput {goodput:,.0f}/s ({goodput / capacity:.0%} of C) at {RAMP[-1]:g}x; "
             f"level down to {low}; {served.get('balance_cache', 0)} stale balances, "
             f"{served.get('moments_free', 0)} free unlocks")
 

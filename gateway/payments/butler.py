@@ -467,15 +467,14 @@ class PaymentButler:
         """A money call, routed and moved on refusal as the module docstring says."""
         chans = self._channels(bank_id)
         if switch is None or not self.enabled:
-            s = self._steward(bank_id, channel)
-            return await self._through(s, functools.partial(call, s.channel), order_id)
+            fixed = self._steward(bank_id, channel)
+            return await self._through(fixed, functools.partial(call, fixed.channel), order_id)
         tried: set[str] = set()
         refusal: Exception | None = None
         while True:
-            picked = self._pick(chans, channel, tried)
-            if picked is None:  # every channel tried or shut: the last refusal, else the breakers'
+            s = self._pick(chans, channel, tried)
+            if s is None:  # every channel tried or shut: the last refusal, else the breakers'
                 raise refusal or self._reject_open(chans[0], all_channels=True)
-            s = picked
             if s.channel != channel:
                 await switch(s.channel)
                 s.rerouted_in += 1
